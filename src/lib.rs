@@ -1,0 +1,8 @@
+//! vrun: a Velociraptor runner.
+//!
+//! The binary (`src/main.rs`) is a thin shell over these modules: the proc.yaml model
+//! and the files it produces, the streaming fetch pipeline, the LXC hand-off, and
+//! uptests. The content-addressed store lives in its own crate, `vrun-cache`.
+
+pub mod paths;
+pub mod state;
