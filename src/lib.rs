@@ -4,5 +4,11 @@
 //! and the files it produces, the streaming fetch pipeline, the LXC hand-off, and
 //! uptests. The content-addressed store lives in its own crate, `vrun-cache`.
 
+pub mod config;
+pub mod envfiles;
+pub mod lock;
+pub mod mounts;
 pub mod paths;
+pub mod procfile;
 pub mod state;
+pub mod yaml;
