@@ -226,6 +226,17 @@ impl Keys<'_> {
             .enumerate()
             .map(|(i, item)| match item {
                 Value::Seq(pair) => match pair.as_slice() {
+                    // Both paths land in proc.lxc, one setting per line.
+                    [Value::Str(host), Value::Str(inside)]
+                        if [host, inside]
+                            .iter()
+                            .any(|p| p.contains(['\n', '\r', '\0'])) =>
+                    {
+                        Err(self.invalid(
+                            &format!("volumes[{i}]"),
+                            "paths must not contain newlines or NUL bytes",
+                        ))
+                    }
                     [Value::Str(host), Value::Str(inside)] => Ok((host.clone(), inside.clone())),
                     _ => Err(self.type_error(
                         &format!("volumes[{i}]"),
@@ -348,6 +359,12 @@ impl ProcConfig {
             Some(v) => return Err(keys.type_error("cmd", "a string", v)),
         };
 
+        let image_name = keys.string("image_name")?;
+        if let Some(name) = &image_name {
+            // A "filesystem-safe name" per the runner spec: the same rules as a name part.
+            check_name_part(name).map_err(|reason| keys.invalid("image_name", reason))?;
+        }
+
         Ok(ProcConfig {
             path: path.to_owned(),
             app_name: keys.string("app_name")?,
@@ -366,7 +383,7 @@ impl ProcConfig {
             cmd,
             build_url: keys.string("build_url")?,
             build_md5: keys.string("build_md5")?,
-            image_name: keys.string("image_name")?,
+            image_name,
             image_url: keys.string("image_url")?,
             image_md5: keys.string("image_md5")?,
             volumes: keys.volumes()?,
@@ -549,6 +566,8 @@ mod tests {
             ("settings: 3\n", "key settings"),
             ("cmd: {a: 1}\n", "key cmd"),
             ("volumes: [[a]]\n", "key volumes[0]"),
+            ("volumes: [[a, \"b\\nc\"]]\n", "key volumes[0]"),
+            ("image_name: ../x\n", "key image_name"),
             ("mem_limit: lots\n", "key mem_limit"),
             ("version: 1.5\n", "key version"),
             ("proc: a\nproc_name: b\n", "key proc"),
