@@ -61,6 +61,8 @@ pub enum EnvFilesError {
     NulInCommand,
     #[error("settings: {0}")]
     Settings(yaml::YamlError),
+    #[error("{path} is not a directory (a symlink?); refusing to write through it")]
+    NotADirectory { path: PathBuf },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -202,12 +204,22 @@ exec "$@"
 }
 
 /// Create the proc directory with `upper/`, `work/`, `rootfs/` (existing ones are kept).
+/// A symlink in place of any of them is refused: setup would write through it.
 pub fn create_proc_dirs(proc: &ProcPaths) -> Result<(), EnvFilesError> {
     for dir in [proc.upper(), proc.work(), proc.rootfs()] {
         std::fs::create_dir_all(&dir).map_err(|source| EnvFilesError::Write {
             path: dir.clone(),
             source,
         })?;
+    }
+    for dir in [proc.dir.clone(), proc.upper(), proc.work(), proc.rootfs()] {
+        let meta = std::fs::symlink_metadata(&dir).map_err(|source| EnvFilesError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(EnvFilesError::NotADirectory { path: dir });
+        }
     }
     // The overlay's work dir must not be readable by the app.
     let work = proc.work();
@@ -308,6 +320,24 @@ mod tests {
             let err = check_env_key(refused).unwrap_err();
             assert!(err.to_string().contains(refused), "{err}");
         }
+    }
+
+    #[test]
+    fn refuses_a_symlinked_proc_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::create_dir(&target).unwrap();
+        let proc = ProcPaths {
+            dir: dir.path().join("proc"),
+        };
+        std::os::unix::fs::symlink(&target, &proc.dir).unwrap();
+        let err = create_proc_dirs(&proc).unwrap_err();
+        assert!(matches!(err, EnvFilesError::NotADirectory { .. }), "{err}");
+        let real = ProcPaths {
+            dir: dir.path().join("real"),
+        };
+        create_proc_dirs(&real).unwrap();
+        create_proc_dirs(&real).unwrap();
     }
 
     #[test]

@@ -19,6 +19,15 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
     let _lock = super::lock(file)?;
     let (config, name) = super::load(file)?;
     let owner = config.owner()?;
+    let me = nix::unistd::Uid::effective();
+    if !me.is_root() && owner.uid != me.as_raw() {
+        bail!(
+            "{}: only root can set up a proc that runs as {} (uid {}); this is uid {me}",
+            file.display(),
+            owner.user,
+            owner.uid
+        );
+    }
     if let Some(url) = config.build_url.as_ref().or(config.image_url.as_ref()) {
         bail!(
             "{}: downloading builds and images ({url}) is not implemented in this build",
