@@ -630,3 +630,106 @@ fn plain_scalars_resolve_exactly_like_pyyaml() {
     }
     assert!(checked > 22_000, "{checked}");
 }
+
+#[test]
+fn any_string_survives_settings_yaml_through_pyyaml() {
+    use vrun::yaml::{emit_settings, Value};
+    let mut strings: Vec<String> = (0u32..0x800)
+        .chain([0x2028, 0x2029, 0xfeff, 0xfffe, 0xffff, 0x1f600, 0x10ffff])
+        .filter_map(char::from_u32)
+        .map(|c| format!("{c}"))
+        .collect();
+    for s in [
+        "",
+        " ",
+        "  x",
+        "x  ",
+        "a\nb",
+        "a\r\nb",
+        "\n",
+        "- a",
+        "? a",
+        ": a",
+        "a:",
+        "a #b",
+        "#",
+        "'",
+        "\"",
+        "\\",
+        "\\n",
+        "{",
+        "}",
+        "[]",
+        "*x",
+        "&x",
+        "!x",
+        "%x",
+        "@x",
+        "`x",
+        "|",
+        ">",
+        "yes",
+        "No",
+        "~",
+        "null",
+        "1:20",
+        "=",
+        "<<",
+        "0123",
+        "1_000",
+        "2001-12-14",
+        ".inf",
+        "1e3",
+        "0x1F",
+        "+1",
+        "-",
+        "---",
+        "...",
+        "--- a",
+        "@How's it going?",
+    ] {
+        strings.push(s.to_string());
+    }
+    let map = Value::Map(
+        strings
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (Value::Str(format!("k{i}")), Value::Str(s.clone())))
+            .chain(
+                strings
+                    .iter()
+                    .map(|s| (Value::Str(s.clone()), Value::Int(1))),
+            )
+            .collect(),
+    );
+    let text = emit_settings(&map).unwrap();
+    assert!(text.is_ascii());
+    let t = TestDir::new();
+    let file = t.write("settings.yaml", &text);
+    let out = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(
+            "import json, sys, yaml\n\
+             d = yaml.safe_load(open(sys.argv[1], 'rb'))\n\
+             assert all(type(k) is str for k in d)\n\
+             print(json.dumps(d))",
+        )
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    for (i, s) in strings.iter().enumerate() {
+        assert_eq!(
+            got[&format!("k{i}")],
+            serde_json::Value::from(s.as_str()),
+            "{s:?}"
+        );
+        assert_eq!(got[s], serde_json::Value::from(1), "key {s:?}");
+    }
+}
