@@ -8,7 +8,11 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-/// A temp dir with `root/` (the `VR_ROOT` under test) and room for proc.yaml files.
+/// The `VR_ROOT` dir's name: a space, so mount points under it appear `\040`-escaped in
+/// /proc/self/mountinfo and every test exercises paths that need quoting.
+const ROOT_NAME: &str = "vr root";
+
+/// A temp dir with `vr root/` (the `VR_ROOT` under test) and room for proc.yaml files.
 pub struct TestDir {
     dir: tempfile::TempDir,
 }
@@ -19,7 +23,7 @@ impl TestDir {
             .prefix("vrun-test-")
             .tempdir()
             .unwrap();
-        std::fs::create_dir(dir.path().join("root")).unwrap();
+        std::fs::create_dir(dir.path().join(ROOT_NAME)).unwrap();
         TestDir { dir }
     }
 
@@ -30,7 +34,7 @@ impl TestDir {
 
     /// The `VR_ROOT` given to vrun.
     pub fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
+        self.dir.path().join(ROOT_NAME)
     }
 
     /// Write a file in the scratch dir and return its path.
