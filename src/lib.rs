@@ -4,5 +4,7 @@
 //! and the files it produces, the streaming fetch pipeline, the LXC hand-off, and
 //! uptests. The content-addressed store lives in its own crate, `vrun-cache`.
 
+pub mod fetch;
 pub mod paths;
+pub mod serve;
 pub mod state;
