@@ -6,9 +6,11 @@
 
 pub mod config;
 pub mod envfiles;
+pub mod fetch;
 pub mod lock;
 pub mod mounts;
 pub mod paths;
 pub mod procfile;
+pub mod serve;
 pub mod state;
 pub mod yaml;
