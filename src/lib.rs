@@ -5,12 +5,14 @@
 //! uptests. The content-addressed store lives in its own crate, `vrun-cache`.
 
 pub mod config;
+pub mod demo;
 pub mod envfiles;
 pub mod fetch;
 pub mod lock;
 pub mod mounts;
 pub mod paths;
 pub mod procfile;
+pub mod sample;
 pub mod serve;
 pub mod state;
 pub mod yaml;
