@@ -107,18 +107,10 @@ pub enum DemoError {
         expected: &'static str,
         output: String,
     },
-    #[error("`vrun run` exited ({status}) before the app answered on 127.0.0.1:{port}; its output is above (log: {log})")]
-    RunExited {
-        status: String,
-        port: u16,
-        log: PathBuf,
-    },
-    #[error("the app did not answer on 127.0.0.1:{port} within {} s; the output of `vrun run` is above (log: {log})", .timeout.as_secs())]
-    NotListening {
-        port: u16,
-        timeout: Duration,
-        log: PathBuf,
-    },
+    #[error("`vrun run` exited ({status}) before the app answered on 127.0.0.1:{port}; the end of its output is above")]
+    RunExited { status: String, port: u16 },
+    #[error("the app did not answer on 127.0.0.1:{port} within {} s; the end of the output of `vrun run` is above", .timeout.as_secs())]
+    NotListening { port: u16, timeout: Duration },
     #[error("{failed} of {total} uptests failed: {names}")]
     UptestsFailed {
         failed: usize,
@@ -129,7 +121,7 @@ pub enum DemoError {
     Get { url: String, reason: String },
     #[error("`vrun run` did not exit within {} s of SIGTERM; killed it", .0.as_secs())]
     StopTimeout(Duration),
-    #[error("interrupted by {0}; the demo was stopped and torn down")]
+    #[error("interrupted by {0}")]
     Interrupted(&'static str),
     #[error("left behind after teardown: {0}")]
     Leftovers(String),
@@ -608,7 +600,6 @@ impl Deployment {
                 return Err(DemoError::RunExited {
                     status: describe(status),
                     port,
-                    log: self.log.clone(),
                 });
             }
             if Instant::now() >= deadline {
@@ -616,7 +607,6 @@ impl Deployment {
                 return Err(DemoError::NotListening {
                     port,
                     timeout: STARTUP_TIMEOUT,
-                    log: self.log.clone(),
                 });
             }
             std::thread::sleep(POLL);
@@ -653,9 +643,15 @@ impl Deployment {
         }
         detail(&format!("stdout: {}", out.trim()));
         for r in &results {
-            let verdict = if r.passed { "PASS" } else { "FAIL" };
-            let first = r.output.lines().next().unwrap_or("");
-            detail(&format!("{verdict} {}: {first}", r.name));
+            if r.passed {
+                let first = r.output.lines().next().unwrap_or("");
+                detail(&format!("PASS {}: {first}", r.name));
+            } else {
+                detail(&format!("FAIL {}:", r.name));
+                for line in r.output.lines() {
+                    detail(&format!("  {line}"));
+                }
+            }
         }
         let failed: Vec<&str> = results
             .iter()
@@ -781,7 +777,15 @@ impl Drop for Deployment {
             return;
         }
         self.done = true;
-        say("cleaning up after the failure: stopping run, tearing down, removing the temp dir");
+        let mut actions = Vec::new();
+        if self.run.is_some() {
+            actions.push("stopping vrun run".to_string());
+        }
+        if self.set_up {
+            actions.push("vrun teardown".to_string());
+        }
+        actions.push(format!("removing {}", self.work.display()));
+        say(&format!("cleaning up: {}", actions.join(", ")));
         for problem in self.cleanup(false) {
             say(&format!("cleanup: {problem}"));
         }
@@ -798,7 +802,11 @@ fn stop(run: &mut Child, narrate: bool) -> Result<(), DemoError> {
     loop {
         if let Ok(Some(status)) = run.try_wait() {
             if narrate {
-                detail(&format!("vrun run exited: {}", describe(status)));
+                let why = match status.code() {
+                    Some(143) => " (128 + SIGTERM: the app stopped on the SIGTERM)",
+                    _ => "",
+                };
+                detail(&format!("vrun run exited: {}{why}", describe(status)));
             }
             return Ok(());
         }
@@ -931,20 +939,30 @@ fn print_keep_help(opts: &DemoOptions, deploy: &Deployment, pid: u32, port: u16)
     let file = shell_quote(deploy.file.as_os_str());
     let base = format!("{vrun} --root {root}");
     say("the demo proc is still running. Inspect it with:");
-    for line in [
-        format!("curl http://127.0.0.1:{port}/"),
-        format!("{base} shell {file}                 # a shell beside the app"),
-        format!("{base} shell {file} -- id           # one command in its container"),
-        format!("{base} uptest {file}"),
-        format!("cat {}", shell_quote(deploy.log.as_os_str())),
-        format!("kill -TERM {pid}                  # stops `vrun run`; the app gets SIGTERM"),
-        format!("{base} teardown {file}              # after it has stopped"),
-        format!(
-            "rm -r {}                          # after teardown",
-            shell_quote(deploy.work.as_os_str())
+    for (what, command) in [
+        ("the app's page", format!("curl http://127.0.0.1:{port}/")),
+        ("a shell beside the app", format!("{base} shell {file}")),
+        (
+            "one command in its container",
+            format!("{base} shell {file} -- id"),
+        ),
+        ("its uptests", format!("{base} uptest {file}")),
+        (
+            "the app's output",
+            format!("cat {}", shell_quote(deploy.log.as_os_str())),
+        ),
+        (
+            "stop it: vrun run passes SIGTERM to the app",
+            format!("kill -TERM {pid}"),
+        ),
+        ("then tear it down", format!("{base} teardown {file}")),
+        (
+            "and remove the demo's files",
+            format!("rm -r {}", shell_quote(deploy.work.as_os_str())),
         ),
     ] {
-        eprintln!("    {line}");
+        eprintln!("    # {what}");
+        eprintln!("    {command}");
     }
 }
 
