@@ -76,6 +76,9 @@ pub struct DemoArgs {
     /// Leave the demo proc running and print the commands to inspect, stop and remove it
     #[arg(long)]
     pub keep: bool,
+    /// Deploy without an image: the app runs on this host's /bin /usr /lib, read-only
+    #[arg(long)]
+    pub host_rootfs: bool,
 }
 
 /// The proc.yaml every command takes.

@@ -141,6 +141,8 @@ pub struct DemoOptions {
     pub root: Option<PathBuf>,
     /// Leave the proc running and print how to inspect and stop it.
     pub keep: bool,
+    /// Deploy without an image even when busybox-static is installed.
+    pub host_rootfs: bool,
 }
 
 /// Whether this process can run the demo: root, and LXC's `lxc-execute` on PATH.
@@ -210,17 +212,25 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
     let started = Instant::now();
     let mut steps = Steps::default();
 
-    let mode = ImageMode::detect();
+    let mode = if opts.host_rootfs {
+        ImageMode::HostRootfs
+    } else {
+        ImageMode::detect()
+    };
     match mode {
         ImageMode::Busybox => say(&format!(
             "image mode: a busybox image built from the host's {} (the app runs as uid {})",
             sample::BUSYBOX,
             sample::APP_UID
         )),
+        ImageMode::HostRootfs if opts.host_rootfs => say(
+            "host-rootfs mode (--host-rootfs): no image; the app runs on this host's \
+             /bin /usr /lib read-only, as nobody",
+        ),
         ImageMode::HostRootfs => say(&format!(
-            "host-rootfs mode: {} is missing (busybox-static is not installed), so the app \
-             runs on this host's /bin /usr /lib read-only, as nobody; `{INSTALL_HINT}` gives \
-             the image mode",
+            "host-rootfs mode: {} is missing (busybox-static is not installed), so there is \
+             no image and the app runs on this host's /bin /usr /lib read-only, as nobody; \
+             `{INSTALL_HINT}` gives the image mode",
             sample::BUSYBOX
         )),
     }
@@ -1085,7 +1095,6 @@ mod tests {
         let file = dir.join("proc.yaml");
         std::fs::write(&file, &text).unwrap();
         let config = crate::config::ProcConfig::load(&file).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(
             config.container_name().unwrap(),
             container_name(&artifacts, 4242)
@@ -1098,5 +1107,16 @@ mod tests {
             Some("5289df737df57326fcdd22597afb1fac")
         );
         assert!(config.image_url.unwrap().ends_with(IMAGE_PATH));
+
+        let host_rootfs = Artifacts {
+            image: None,
+            ..artifacts
+        };
+        std::fs::write(&file, proc_yaml(&host_rootfs, &server, 4242)).unwrap();
+        let config = crate::config::ProcConfig::load(&file).unwrap();
+        assert_eq!(config.user.as_deref(), Some("nobody"));
+        assert_eq!(config.image_url, None);
+        assert_eq!(config.image_name, None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

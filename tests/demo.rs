@@ -295,6 +295,30 @@ fn demo_deploys_uptests_and_tears_down_leaving_nothing() {
     assert_nothing_left(&workspace, &container);
 }
 
+/// Without an image (what a host without busybox-static gets): the app runs as nobody on
+/// the host's system directories, read-only, and the demo still passes and cleans up.
+#[test]
+fn demo_in_host_rootfs_mode_deploys_and_leaves_nothing() {
+    let t = TestDir::new();
+    let run = t.vrun(["demo", "--host-rootfs"]).run();
+    assert_eq!(run.code, Some(0), "vrun demo failed:\n{}", run.stderr);
+    assert!(run.stderr.contains("host-rootfs mode"), "{}", run.stderr);
+    assert!(!run.stderr.contains("image_url"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("2 of 2 uptests passed"),
+        "{}",
+        run.stderr
+    );
+    let workspace = PathBuf::from(reported(&run.stderr, "workspace"));
+    let container = reported(&run.stderr, "container");
+    assert!(!workspace.exists());
+    assert!(
+        !t.proc_dir(&container).exists(),
+        "the proc dir is torn down"
+    );
+    assert_nothing_left(&t.root(), &container);
+}
+
 /// Tears a `--keep` demo down even when the test fails half-way.
 struct KeptDemo {
     t: TestDir,

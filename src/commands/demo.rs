@@ -1,4 +1,4 @@
-//! `vrun demo [--keep]`: the whole deploy of the embedded sample app; see `vrun::demo`.
+//! `vrun demo [--keep] [--host-rootfs]`: the whole deploy of the embedded sample app; see `vrun::demo`.
 
 use std::process::ExitCode;
 
@@ -14,6 +14,7 @@ pub fn demo(root: Option<Root>, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         vrun,
         root: root.map(|r| r.dir().to_path_buf()),
         keep: args.keep,
+        host_rootfs: args.host_rootfs,
     })?;
     Ok(ExitCode::SUCCESS)
 }
