@@ -428,11 +428,22 @@ fn demo_without_lxc_says_what_to_install_and_touches_nothing() {
 
 #[test]
 fn demo_as_non_root_says_it_needs_root() {
-    let t = TestDir::new();
-    let mut cmd = t.vrun(["demo"]).cmd;
-    // The test dir is root's (0700); nobody starts in /.
-    cmd.current_dir("/").uid(65534).gid(65534);
-    let out = cmd.output().unwrap();
+    // A copy of vrun that nobody can reach (a clone under /root is not), started in /.
+    let dir = tempfile::Builder::new()
+        .prefix("vrun-nonroot-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    let vrun = dir.path().join("vrun");
+    std::fs::copy(env!("CARGO_BIN_EXE_vrun"), &vrun).unwrap();
+    let out = Command::new(&vrun)
+        .arg("demo")
+        .env_remove("VR_ROOT")
+        .current_dir("/")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
