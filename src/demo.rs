@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
 
+use crate::config::{ConfigError, ProcConfig};
 use crate::mounts;
 use crate::sample::{self, ImageMode, SampleError};
 use crate::serve::{Server, ServerOptions};
@@ -90,6 +91,8 @@ pub enum DemoError {
     },
     #[error("cannot start the demo's file server on 127.0.0.1: {0}")]
     Serve(io::Error),
+    #[error("the demo's own proc.yaml is not valid: {0}")]
+    ProcYaml(ConfigError),
     #[error("cannot pick a free port on 127.0.0.1: {0}")]
     Port(io::Error),
     #[error("cannot start `{command}`: {source}")]
@@ -242,20 +245,10 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         artifacts.serve().map_err(DemoError::Serve)
     })?;
     let mut deploy = Deployment::create(opts)?;
-    let port = free_port()?;
-    let proc_yaml = proc_yaml(&artifacts, &server, port);
-    std::fs::write(&deploy.file, &proc_yaml).map_err(io_err("write", &deploy.file))?;
-    deploy.name = Some(container_name(&artifacts, port));
-    detail(&format!("workspace: {}", deploy.work.display()));
-    detail(&format!("root: {}", deploy.root.display()));
-    detail(&format!(
-        "container: {}",
-        deploy.name.as_deref().unwrap_or(APP_NAME)
-    ));
-    detail(&format!("proc.yaml: {}", deploy.file.display()));
-    for line in proc_yaml.lines().filter(|l| !l.starts_with('#')) {
-        detail(&format!("  {line}"));
-    }
+    steps.step("write proc.yaml into a fresh temp dir", || {
+        deploy.write_proc_yaml(&artifacts, &server)
+    })?;
+    let port = deploy.port;
 
     steps.step("vrun setup --timings: fetch, verify, unpack", || {
         deploy.setup()
@@ -344,15 +337,6 @@ impl Artifacts {
     }
 }
 
-/// The container name vrun will derive from the proc.yaml below (config.rs's rule).
-fn container_name(artifacts: &Artifacts, port: u16) -> String {
-    format!(
-        "{APP_NAME}-v1-sample-{}-{}-{port}",
-        artifacts.release_hash(),
-        sample::PROC_NAME
-    )
-}
-
 /// The demo's proc.yaml: every key the runner contract has, with the demo's values.
 fn proc_yaml(artifacts: &Artifacts, server: &Server, port: u16) -> String {
     use crate::yaml::quote;
@@ -438,6 +422,8 @@ struct Deployment {
     log: PathBuf,
     /// Container name, once proc.yaml is written.
     name: Option<String>,
+    /// The app's port (0 until proc.yaml is written).
+    port: u16,
     /// Whether `vrun setup` was started (so teardown is due).
     set_up: bool,
     run: Option<Child>,
@@ -466,6 +452,7 @@ impl Deployment {
             root,
             work,
             name: None,
+            port: 0,
             set_up: false,
             run: None,
             keep: opts.keep,
@@ -473,6 +460,26 @@ impl Deployment {
         };
         std::fs::create_dir_all(&deploy.root).map_err(io_err("create", &deploy.root))?;
         Ok(deploy)
+    }
+
+    /// Pick a free port, write proc.yaml, and learn the container name the way every vrun
+    /// command will: by loading it.
+    fn write_proc_yaml(&mut self, artifacts: &Artifacts, server: &Server) -> Result<(), DemoError> {
+        self.port = free_port()?;
+        let text = proc_yaml(artifacts, server, self.port);
+        std::fs::write(&self.file, &text).map_err(io_err("write", &self.file))?;
+        let name = ProcConfig::load(&self.file)
+            .and_then(|config| config.container_name())
+            .map_err(DemoError::ProcYaml)?;
+        detail(&format!("workspace: {}", self.work.display()));
+        detail(&format!("root: {}", self.root.display()));
+        detail(&format!("container: {name}"));
+        detail(&format!("proc.yaml: {}", self.file.display()));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            detail(&format!("  {line}"));
+        }
+        self.name = Some(name);
+        Ok(())
     }
 
     /// `vrun --root ROOT ARGS… FILE`, in its own process group (see the module note).
@@ -1097,7 +1104,7 @@ mod tests {
         let config = crate::config::ProcConfig::load(&file).unwrap();
         assert_eq!(
             config.container_name().unwrap(),
-            container_name(&artifacts, 4242)
+            "demo-v1-sample-5289df73-web-4242"
         );
         assert_eq!(config.user.as_deref(), Some("1000"));
         assert_eq!(config.port, Some(4242));
