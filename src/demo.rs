@@ -630,7 +630,7 @@ impl Deployment {
         }
     }
 
-    /// Print the last lines of `vrun run`'s output.
+    /// Print the last lines of `vrun run`'s output (the app's own, mostly).
     fn show_log(&self) {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -712,6 +712,10 @@ impl Deployment {
         if let Some(mut run) = self.run.take() {
             if let Err(e) = stop(&mut run, narrate) {
                 problems.push(e);
+            }
+            if narrate {
+                detail("the output of vrun run (the app's stderr):");
+                self.show_log();
             }
         }
         if self.set_up {

@@ -293,7 +293,9 @@ pub const SERVE_SCRIPT: &str = r#"#!/bin/sh
 # busybox image, python3's http.server when the proc runs on the host's root.
 set -e
 addr="${BIND_ADDR:-0.0.0.0}"
-echo "demo app: serving /app/www on $addr:$PORT as uid $(id -u), greeting: ${GREETING:-none}" >&2
+echo "demo app: serving /app/www on $addr:$PORT as uid $(id -u) in $(pwd)" >&2
+echo "demo app: GREETING=${GREETING-unset} (from env.sh), DEMO_PROFILE=${DEMO_PROFILE-unset} (from .profile.d)" >&2
+echo "demo app: $APP_SETTINGS_YAML says: $(tr '\n' ' ' < "${APP_SETTINGS_YAML:-/dev/null}")" >&2
 if command -v busybox >/dev/null 2>&1; then
     exec busybox httpd -f -v -p "$addr:$PORT" -h /app/www
 fi
