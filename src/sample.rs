@@ -295,7 +295,7 @@ set -e
 addr="${BIND_ADDR:-0.0.0.0}"
 echo "demo app: serving /app/www on $addr:$PORT as uid $(id -u) in $(pwd)" >&2
 echo "demo app: GREETING=${GREETING-unset} (from env.sh), DEMO_PROFILE=${DEMO_PROFILE-unset} (from .profile.d)" >&2
-echo "demo app: $APP_SETTINGS_YAML says: $(tr '\n' ' ' < "${APP_SETTINGS_YAML:-/dev/null}")" >&2
+echo "demo app: $APP_SETTINGS_YAML says: $(sed '/^#/d' "${APP_SETTINGS_YAML:-/dev/null}" | tr '\n' ' ')" >&2
 if command -v busybox >/dev/null 2>&1; then
     exec busybox httpd -f -v -p "$addr:$PORT" -h /app/www
 fi
