@@ -305,7 +305,7 @@ impl Artifacts {
                 let image = sample::busybox_image_tar_gz()?;
                 let md5 = sample::md5_hex(&image);
                 detail(&format!(
-                    "image: {} (busybox + {} applets, app user {}), md5 {md5}",
+                    "busybox image: {} ({} applets, app user {}), md5 {md5}",
                     human_bytes(image.len() as u64),
                     sample::APPLETS.len(),
                     sample::APP_UID

@@ -295,6 +295,32 @@ fn demo_deploys_uptests_and_tears_down_leaving_nothing() {
     assert_nothing_left(&workspace, &container);
 }
 
+/// The README's promise for `--root`: the cache stays, and the sample tarballs are
+/// reproducible, so a second demo on the same root downloads and unpacks nothing (the
+/// server's port, hence the URLs, differ; the md5s do not).
+#[test]
+fn a_second_demo_on_the_same_root_reuses_the_cached_layers() {
+    let t = TestDir::new();
+    let first = t.vrun(["demo"]).run();
+    assert_eq!(first.code, Some(0), "first demo failed:\n{}", first.stderr);
+    let second = t.vrun(["demo"]).run();
+    assert_eq!(
+        second.code,
+        Some(0),
+        "second demo failed:\n{}",
+        second.stderr
+    );
+    for artifact in ["build", "image"] {
+        let line = reported(&second.stderr, artifact);
+        assert!(
+            line.starts_with("cache layer"),
+            "second demo's {artifact} should come from the layer cache: {line}\n{}",
+            second.stderr
+        );
+    }
+    assert_nothing_left(&t.root(), &reported(&second.stderr, "container"));
+}
+
 /// Without an image (what a host without busybox-static gets): the app runs as nobody on
 /// the host's system directories, read-only, and the demo still passes and cleans up.
 #[test]
@@ -403,6 +429,18 @@ fn demo_keep_leaves_the_proc_running_and_prints_how_to_stop_it() {
     let uptest = kept.t.vrun([Path::new("uptest"), &file]).run();
     uptest.assert_ok();
     assert!(uptest.stdout.contains("\"Passed\":true"), "{uptest:#?}");
+    let id = kept
+        .t
+        .vrun([
+            Path::new("shell"),
+            &file,
+            Path::new("--"),
+            Path::new("id"),
+            Path::new("-u"),
+        ])
+        .run();
+    id.assert_ok();
+    assert_eq!(id.stdout.trim(), "1000", "{id:#?}");
 
     // Teardown refuses while it runs, then works once run is stopped.
     let refused = kept.t.vrun([Path::new("teardown"), &file]).run();
