@@ -20,10 +20,12 @@
 //! - **Children run in their own process groups**, so a Ctrl-C reaches only the demo,
 //!   which then tears down in order; a second Ctrl-C cannot cut the teardown short.
 //!   With `--keep`, `run` gets its own session too, so it outlives the demo's terminal.
-//! - **Humans read stderr.** Every step prints its title, what it saw and its duration;
-//!   the children's stderr (progress bars, `ERROR:` lines) passes straight through. The
-//!   machine output of `setup --timings` and `uptest` is captured, checked, and shown
-//!   formatted.
+//! - **Humans read stderr; stdout stays empty.** Every step prints its title, what it saw
+//!   and its duration. The children's stderr is relayed line by line, indented under the
+//!   step (so their progress shows as it happens), and the text of a child's `ERROR:` line
+//!   becomes part of the demo's own single `ERROR:` line. The machine output of
+//!   `setup --timings` and `uptest` is captured, checked and shown formatted; `run`'s
+//!   output goes to `run.log`, shown when the app fails to come up and after it stops.
 //! - **Prerequisites are checked first**: without root or `lxc-execute` the demo says
 //!   exactly what to install before touching anything.
 
@@ -441,8 +443,7 @@ impl Deployment {
             .mode(0o755)
             .create(&work)
             .map_err(io_err("create", &work))?;
-        // The umask may have narrowed the mode; the app's user must reach nothing here,
-        // but humans inspecting a --keep demo should not need root to read run.log.
+        // 0755 whatever the umask: whoever inspects a --keep demo can read run.log.
         let _ = std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755));
         let root = opts.root.clone().unwrap_or_else(|| work.join("root"));
         let deploy = Deployment {
