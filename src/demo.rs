@@ -11,7 +11,7 @@
 //! working is what a deploy script gets, flags, exit codes and stdout contract included.
 //!
 //! Why it is shaped so:
-//! - **Nothing is left behind, whatever fails.** A [`Deployment`] guard owns the temp dir,
+//! - **Nothing is left behind, whatever fails.** A `Deployment` guard owns the temp dir,
 //!   the background `run` and the set-up proc; on any error (or Ctrl-C, SIGTERM, SIGHUP)
 //!   its Drop stops `run` (SIGTERM, bounded wait, then SIGKILL), calls `vrun teardown`,
 //!   unmounts anything of ours that teardown left, and removes the temp dir without
