@@ -23,7 +23,8 @@ const EXAMPLES: &str = "\
 Examples:
   vrun setup /home/dave/myproc.yaml
   VR_ROOT=/tmp/vr vrun run myproc.yaml
-  vrun --root /tmp/vr teardown myproc.yaml";
+  vrun --root /tmp/vr teardown myproc.yaml
+  sudo vrun demo                     # deploy a sample app end to end, then tear it down";
 
 #[derive(Debug, Parser)]
 #[command(
