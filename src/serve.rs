@@ -129,6 +129,9 @@ pub struct Fault {
     /// requests (a server that accepts but does not answer; time-to-first-byte).
     pub delay_head: Duration,
     pub delay_head_first: u32,
+    /// Serve ranges this many bytes later than asked (a broken server or cache), with a
+    /// truthful `Content-Range` for what is actually sent.
+    pub shift_range: u64,
 }
 
 impl Fault {
@@ -168,6 +171,11 @@ impl Fault {
     pub fn delay_head(mut self, duration: Duration, n: u32) -> Self {
         self.delay_head = duration;
         self.delay_head_first = n;
+        self
+    }
+    /// Answer `Range: bytes=N-` with bytes from `N + by`.
+    pub fn shift_range(mut self, by: u64) -> Self {
+        self.shift_range = by;
         self
     }
     /// Limit the body to `bytes_per_sec`.
@@ -662,7 +670,9 @@ fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> (Plan, Opt
         }
     } else if let Some(res) = st.files.get(path).cloned() {
         let range = if opts.ranges && !fault.ignore_range {
-            req.header("range").and_then(parse_range)
+            req.header("range")
+                .and_then(parse_range)
+                .map(|(a, b)| (a + fault.shift_range, b))
         } else {
             None
         };
@@ -680,7 +690,7 @@ fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> (Plan, Opt
                 extra: Some(format!("Content-Range: bytes */{}\r\n", res.len)),
             },
             Some((start, end)) => {
-                let end = end.map_or(res.len, |e| (e + 1).min(res.len));
+                let end = end.map_or(res.len, |e| (e + 1).min(res.len)).max(start + 1);
                 body_plan(st, req, path, res, (206, start, end), &fault)
             }
             None => {

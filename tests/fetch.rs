@@ -786,6 +786,21 @@ async fn loopback_throughput() {
             out.ttfb.as_secs_f64() * 1e3
         );
     }
+    // The same transfer without our layer (no hashes, no timeouts): reqwest alone.
+    let raw = reqwest::Client::new();
+    let t = Instant::now();
+    let mut resp = raw.get(&url).send().await.unwrap();
+    let mut n = 0u64;
+    while let Some(c) = resp.chunk().await.unwrap() {
+        n += c.len() as u64;
+    }
+    assert_eq!(n, TOTAL as u64);
+    let s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "reqwest alone, no hashing: {:.0} MB/s",
+        TOTAL as f64 / 1e6 / s
+    );
+
     let t = Instant::now();
     let mut h = BodyHasher::new();
     for c in data.chunks(128 * 1024) {
@@ -894,4 +909,31 @@ async fn fetch_runs_on_a_spawned_task() {
     let (out, sink) = task.await.unwrap();
     assert_eq!(out.unwrap(), data.len() as u64);
     assert!(sink.data == data);
+}
+
+#[tokio::test]
+async fn a_resume_that_does_not_continue_where_we_stopped_is_refused() {
+    let data = body(1_000_000, 22);
+    let server = serve_one("/b.tgz", data, ServerOptions::default());
+    server.set_fault(
+        "/b.tgz",
+        Fault::new().drop_after(300_000, 1).shift_range(10),
+    );
+    let url = server.url("/b.tgz");
+    let err = client(quick())
+        .fetch(&url, &mut Collect::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "GET {url}: resume answered Content-Range \"bytes 300010-999999/1000000\", \
+             expected \"bytes 300000-999999/1000000\" (gave up after 2 attempts)"
+        )
+    );
+    assert_eq!(
+        server.request_count("/b.tgz"),
+        2,
+        "a bad Content-Range is not retried"
+    );
 }
