@@ -125,6 +125,13 @@ pub struct Fault {
     pub ignore_range: bool,
     /// Send at most this many body bytes per second.
     pub throttle: Option<u64>,
+    /// Wait this long before sending the response head, for the first `delay_head_first`
+    /// requests (a server that accepts but does not answer; time-to-first-byte).
+    pub delay_head: Duration,
+    pub delay_head_first: u32,
+    /// Serve ranges this many bytes later than asked (a broken server or cache), with a
+    /// truthful `Content-Range` for what is actually sent.
+    pub shift_range: u64,
 }
 
 impl Fault {
@@ -158,6 +165,17 @@ impl Fault {
     /// Ignore `Range` headers (always 200 with the whole body).
     pub fn ignore_range(mut self) -> Self {
         self.ignore_range = true;
+        self
+    }
+    /// Wait `duration` before answering the first `n` requests.
+    pub fn delay_head(mut self, duration: Duration, n: u32) -> Self {
+        self.delay_head = duration;
+        self.delay_head_first = n;
+        self
+    }
+    /// Answer `Range: bytes=N-` with bytes from `N + by`.
+    pub fn shift_range(mut self, by: u64) -> Self {
+        self.shift_range = by;
         self
     }
     /// Limit the body to `bytes_per_sec`.
@@ -572,7 +590,12 @@ struct BodyPlan {
 /// Answer one request. `Ok(true)` keeps the connection open.
 fn respond(shared: &Shared, w: &mut TcpStream, req: &Request) -> io::Result<bool> {
     let (path, proxied) = split_target(&req.target);
-    let plan = plan(shared, req, &path, proxied);
+    let (plan, delay) = plan(shared, req, &path, proxied);
+    if let Some(d) = delay {
+        if !shared.sleep(d) {
+            return Ok(false);
+        }
+    }
     let head_only = req.method == "HEAD";
     match plan {
         Plan::Status {
@@ -612,7 +635,8 @@ fn split_target(target: &str) -> (String, bool) {
     (normalize(path), proxied)
 }
 
-fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> Plan {
+/// Decide the answer (and any delay before it) and log the request.
+fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> (Plan, Option<Duration>) {
     let opts = &shared.opts;
     let mut st = shared.lock();
     let st = &mut *st;
@@ -646,7 +670,9 @@ fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> Plan {
         }
     } else if let Some(res) = st.files.get(path).cloned() {
         let range = if opts.ranges && !fault.ignore_range {
-            req.header("range").and_then(parse_range)
+            req.header("range")
+                .and_then(parse_range)
+                .map(|(a, b)| (a + fault.shift_range, b))
         } else {
             None
         };
@@ -664,12 +690,12 @@ fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> Plan {
                 extra: Some(format!("Content-Range: bytes */{}\r\n", res.len)),
             },
             Some((start, end)) => {
-                let end = end.map_or(res.len, |e| (e + 1).min(res.len));
-                body_plan(st, path, res, 206, start, end, &fault)
+                let end = end.map_or(res.len, |e| (e + 1).min(res.len)).max(start + 1);
+                body_plan(st, req, path, res, (206, start, end), &fault)
             }
             None => {
                 let len = res.len;
-                body_plan(st, path, res, 200, 0, len, &fault)
+                body_plan(st, req, path, res, (200, 0, len), &fault)
             }
         }
     } else {
@@ -684,21 +710,25 @@ fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> Plan {
         Plan::Body(b) => b.status,
     };
     st.log.push(record);
-    plan
+    let delay = (request_no <= fault.delay_head_first).then_some(fault.delay_head);
+    (plan, delay)
 }
 
+/// `(status, start, end)`: what part of `res` to send. Only GETs count as bodies.
 fn body_plan(
     st: &mut State,
+    req: &Request,
     path: &str,
     res: Resource,
-    status: u16,
-    start: u64,
-    end: u64,
+    (status, start, end): (u16, u64, u64),
     fault: &Fault,
 ) -> Plan {
     let fs = st.faults.entry(path.to_string()).or_default();
-    fs.bodies += 1;
-    let body_no = fs.bodies;
+    if req.method == "GET" {
+        fs.bodies += 1;
+    }
+    // A HEAD before any GET is checked against body 1's plan (it sends no body anyway).
+    let body_no = fs.bodies.max(1);
     let sent = Arc::clone(st.sent.entry(path.to_string()).or_default());
     Plan::Body(BodyPlan {
         status,

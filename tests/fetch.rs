@@ -786,6 +786,21 @@ async fn loopback_throughput() {
             out.ttfb.as_secs_f64() * 1e3
         );
     }
+    // The same transfer without our layer (no hashes, no timeouts): reqwest alone.
+    let raw = reqwest::Client::new();
+    let t = Instant::now();
+    let mut resp = raw.get(&url).send().await.unwrap();
+    let mut n = 0u64;
+    while let Some(c) = resp.chunk().await.unwrap() {
+        n += c.len() as u64;
+    }
+    assert_eq!(n, TOTAL as u64);
+    let s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "reqwest alone, no hashing: {:.0} MB/s",
+        TOTAL as f64 / 1e6 / s
+    );
+
     let t = Instant::now();
     let mut h = BodyHasher::new();
     for c in data.chunks(128 * 1024) {
@@ -798,4 +813,127 @@ async fn loopback_throughput() {
         TOTAL as f64 / 1e6 / s
     );
     assert_eq!(d.bytes, TOTAL as u64);
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_hits_the_response_head_timeout() {
+    let server = serve_one("/b.tgz", body(1000, 20), ServerOptions::default());
+    server.set_fault(
+        "/b.tgz",
+        Fault::new().delay_head(Duration::from_secs(30), 10),
+    );
+    let opts = HttpOptions {
+        connect_timeout: Duration::from_millis(300),
+        read_timeout: Duration::from_millis(500),
+        retries: 0,
+        ..quick()
+    };
+    let url = server.url("/b.tgz");
+    let err = client(opts)
+        .fetch(&url, &mut Collect::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("GET {url}: response head (connect + idle read) timeout of 0.8s exceeded")
+    );
+    assert_eq!(server.request_count("/b.tgz"), 1);
+}
+
+/// A listener whose accept queue is full: further SYNs are dropped, so connecting hangs
+/// exactly as with a blackholed host. Returns the listener (closing it on drop), the
+/// fillers keeping the queue full, and the address.
+fn full_backlog_listener() -> (
+    std::net::TcpListener,
+    Vec<std::net::TcpStream>,
+    std::net::SocketAddr,
+) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a fresh fd that we own and hand to TcpListener.
+    let listener = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(
+            libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len),
+            0
+        );
+        assert_eq!(libc::listen(fd, 0), 0);
+        std::net::TcpListener::from_raw_fd(fd)
+    };
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => fillers.push(s),
+            Err(_) => return (listener, fillers, addr),
+        }
+    }
+    panic!("accept queue never filled up");
+}
+
+#[tokio::test]
+async fn a_host_that_does_not_accept_hits_the_connect_timeout() {
+    let (_listener, _fillers, addr) = full_backlog_listener();
+    let url = format!("http://{addr}/b.tgz");
+    let opts = HttpOptions {
+        connect_timeout: Duration::from_millis(300),
+        retries: 1,
+        ..quick()
+    };
+    let err = client(opts)
+        .fetch(&url, &mut Collect::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("GET {url}: connect timeout of 0.3s exceeded (gave up after 2 attempts)")
+    );
+}
+
+#[tokio::test]
+async fn fetch_runs_on_a_spawned_task() {
+    // The lead runs build and image downloads as concurrent tasks: the future must be Send.
+    let data = body(100_000, 21);
+    let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
+    let url = server.url("/b.tgz");
+    let http = client(quick());
+    let task = tokio::spawn(async move {
+        let mut sink = Collect::default();
+        let out = http.fetch(&url, &mut sink).await.map(|o| o.bytes);
+        (out, sink)
+    });
+    let (out, sink) = task.await.unwrap();
+    assert_eq!(out.unwrap(), data.len() as u64);
+    assert!(sink.data == data);
+}
+
+#[tokio::test]
+async fn a_resume_that_does_not_continue_where_we_stopped_is_refused() {
+    let data = body(1_000_000, 22);
+    let server = serve_one("/b.tgz", data, ServerOptions::default());
+    server.set_fault(
+        "/b.tgz",
+        Fault::new().drop_after(300_000, 1).shift_range(10),
+    );
+    let url = server.url("/b.tgz");
+    let err = client(quick())
+        .fetch(&url, &mut Collect::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "GET {url}: resume answered Content-Range \"bytes 300010-999999/1000000\", \
+             expected \"bytes 300000-999999/1000000\" (gave up after 2 attempts)"
+        )
+    );
+    assert_eq!(
+        server.request_count("/b.tgz"),
+        2,
+        "a bad Content-Range is not retried"
+    );
 }
