@@ -47,15 +47,7 @@ pub(crate) fn acquire(
     mode: LockMode,
     blocking: bool,
 ) -> Result<Option<KeyLock>, StoreError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| StoreError::io("cannot open lock file", path, e))?;
+    let file = open_lock_file(path)?;
     let mut op = match mode {
         LockMode::Shared => libc::LOCK_SH,
         LockMode::Exclusive => libc::LOCK_EX,
@@ -78,6 +70,27 @@ pub(crate) fn acquire(
             Some(libc::EWOULDBLOCK) if !blocking => return Ok(None),
             _ => return Err(StoreError::io("cannot lock", path, err)),
         }
+    }
+}
+
+/// Opens (creating) a lock file. An existing one we may not write to (`vrun cache ls` run
+/// by an unprivileged operator on root's cache) is opened read-only: flock needs no write
+/// access.
+fn open_lock_file(path: &Path) -> Result<std::fs::File, StoreError> {
+    let rw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path);
+    match rw {
+        Ok(f) => Ok(f),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EROFS)) => {
+            std::fs::File::open(path).map_err(|_| StoreError::io("cannot open lock file", path, e))
+        }
+        Err(e) => Err(StoreError::io("cannot open lock file", path, e)),
     }
 }
 

@@ -314,6 +314,7 @@ impl Store {
         }
         if !opts.dry_run {
             self.remove_dangling_index()?;
+            self.remove_idle_key_locks()?;
         }
         for dir in [self.layout.ingest(), self.layout.quarantine()] {
             for (_, path) in fsutil::sorted_names(&dir)? {
@@ -331,6 +332,18 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    /// Key lock files accumulate (one per URL and layer ever fetched). Every key lock is
+    /// taken through a `Store`, which holds the store lock shared, so while gc holds it
+    /// exclusively no key lock is held or awaited and the files can go.
+    fn remove_idle_key_locks(&self) -> Result<(), StoreError> {
+        for (name, path) in fsutil::sorted_names(&self.layout.locks())? {
+            if name != crate::layout::STORE_LOCK {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Ok(())
     }
 
     /// Index entries whose blob is gone are misses anyway; gc tidies them away.
@@ -485,7 +498,7 @@ fn check_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
 }
 
 /// sha256 and md5 of a file in one pass.
-fn hash_blob(path: &Path) -> Result<(String, String), StoreError> {
+pub(crate) fn hash_blob(path: &Path) -> Result<(String, String), StoreError> {
     let mut f = fs_err::File::open(path)?;
     let mut sha = Sha256::new();
     let mut md5 = Md5::new();

@@ -193,6 +193,36 @@ impl Store {
         }
     }
 
+    /// Re-hashes a published blob before reuse: `Ok(true)` when its bytes still match its
+    /// name (and `expect_md5`, when given). Otherwise the blob is quarantined, so it is
+    /// refetched, and `Ok(false)` returned; a missing blob is `Ok(false)` too. Hold the
+    /// blob's or URL's key lock while calling this.
+    pub fn rehash_blob(&self, sha256: &str, expect_md5: Option<&str>) -> Result<bool, StoreError> {
+        check_hex("sha256", sha256, 64)?;
+        let path = self.blob_path(sha256);
+        if !path.is_file() {
+            return Ok(false);
+        }
+        let (sha, md5) = crate::maint::hash_blob(&path)?;
+        let md5_ok = expect_md5.is_none_or(|m| m.eq_ignore_ascii_case(&md5));
+        if sha == sha256 && md5_ok {
+            let _ = fsutil::touch(&path);
+            return Ok(true);
+        }
+        if sha != sha256 {
+            self.quarantine(&path, &format!("blob-{sha256}"))?;
+        } else if let Some(m) = expect_md5 {
+            // The blob is intact but is not the one this md5 names: the index lied.
+            let entry = self.layout.index_md5().join(m.to_ascii_lowercase());
+            if fsutil::is_hex(&m.to_ascii_lowercase(), 32)
+                && read_md5_entry(&entry).as_deref() == Some(sha256)
+            {
+                let _ = std::fs::remove_file(entry);
+            }
+        }
+        Ok(false)
+    }
+
     /// Records a use of a blob now (also done by [`Store::blob`]).
     pub fn touch_blob(&self, sha256: &str) -> Result<(), StoreError> {
         check_hex("sha256", sha256, 64)?;

@@ -523,6 +523,8 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
     let c = publish_blob_bytes(&store, &vec![b'c'; 40_000], None);
     let (la, la_root) = publish_layer(&store, &a.sha256, LayerKind::Build, 1000);
     let (lb, _) = publish_layer(&store, &b.sha256, LayerKind::Build, 1000);
+    drop(store.lock(&lb.lock_key()).unwrap());
+    assert_eq!(names(&cache.join("locks-v1")).len(), 2);
     // Ages: blob a 9 days, layer a 8 (oldest layer, but referenced), blob b 7, layer b 6,
     // blob c 1 (newest).
     let layer_dir = |k: &LayerKey| cache.join("layers-v1").join(k.dir_name());
@@ -599,6 +601,11 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
         "index entries of removed blobs go too"
     );
     assert_eq!(names(&cache.join("ingest-v1")), ["2-new"]);
+    assert_eq!(
+        names(&cache.join("locks-v1")),
+        [".store.lock"],
+        "idle key locks go"
+    );
     assert!(report.kept_bytes <= budget);
 
     // --older-than: blob c (1 day) stays under a 2-day threshold; nothing else may go.
@@ -691,4 +698,27 @@ fn verify_finds_flipped_byte_and_deleted_file_and_quarantines_them() {
         store.lookup_md5(&good.md5).as_deref(),
         Some(good.sha256.as_str())
     );
+}
+
+#[test]
+fn rehash_before_reuse_quarantines_a_damaged_blob() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    let d = publish_blob_bytes(&store, b"reuse me", None);
+    assert!(store
+        .rehash_blob(&d.sha256, Some(&d.md5.to_uppercase()))
+        .unwrap());
+    assert!(!store.rehash_blob(&d.sha256, Some(&"1".repeat(32))).unwrap());
+    assert!(store.blob(&d.sha256).is_some(), "an intact blob stays");
+
+    let blob = store.blob(&d.sha256).unwrap();
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&blob, b"reuse mE").unwrap();
+    assert!(!store.rehash_blob(&d.sha256, Some(&d.md5)).unwrap());
+    assert_eq!(
+        store.blob(&d.sha256),
+        None,
+        "damaged blob quarantined: refetch"
+    );
+    assert!(!store.rehash_blob(&d.sha256, None).unwrap());
 }
