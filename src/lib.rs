@@ -4,5 +4,7 @@
 //! and the files it produces, the streaming fetch pipeline, the LXC hand-off, and
 //! uptests. The content-addressed store lives in its own crate, `vrun-cache`.
 
+pub mod decode;
+pub mod extract;
 pub mod paths;
 pub mod state;
