@@ -5,7 +5,9 @@
 //! uptests. The content-addressed store lives in its own crate, `vrun-cache`.
 
 pub mod config;
+pub mod decode;
 pub mod envfiles;
+pub mod extract;
 pub mod fetch;
 pub mod lock;
 pub mod mounts;
