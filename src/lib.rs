@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod lock;
 pub mod mounts;
 pub mod paths;
+pub mod pipeline;
 pub mod procfile;
 pub mod serve;
 pub mod state;
