@@ -937,3 +937,71 @@ async fn a_resume_that_does_not_continue_where_we_stopped_is_refused() {
         "a bad Content-Range is not retried"
     );
 }
+
+/// Read a pipe to the end on a plain thread, starting over on each restart.
+fn drain_pipe(
+    mut r: vrun::fetch::PipeReader,
+) -> std::thread::JoinHandle<(Vec<u8>, u32, std::io::Result<()>)> {
+    use std::io::Read;
+    std::thread::spawn(move || {
+        let (mut got, mut restarts) = (Vec::new(), 0);
+        let mut buf = vec![0u8; 10_000];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => return (got, restarts, Ok(())),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if vrun::fetch::is_restart(&e) => {
+                    got.clear();
+                    restarts += 1;
+                }
+                Err(e) => return (got, restarts, Err(e)),
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn pipe_carries_the_body_and_its_restart_to_a_blocking_reader() {
+    let data = body(2_000_000, 23);
+    let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
+    server.set_fault("/b.tgz", Fault::new().drop_after(900_000, 1).ignore_range());
+    let (mut sink, reader) = vrun::fetch::body_pipe(4);
+    let consumer = drain_pipe(reader);
+    let out = client(quick())
+        .fetch(&server.url("/b.tgz"), &mut sink)
+        .await
+        .unwrap();
+    sink.finish().await.unwrap();
+    let (got, restarts, end) = consumer.join().unwrap();
+    end.unwrap();
+    assert_eq!((restarts, out.restarts), (1, 1));
+    assert!(got == data);
+}
+
+#[tokio::test]
+async fn pipe_reader_sees_a_failed_download_as_an_error_not_eof() {
+    let server = serve_one("/b.tgz", body(10, 24), ServerOptions::default());
+    let (mut sink, reader) = vrun::fetch::body_pipe(4);
+    let consumer = drain_pipe(reader);
+    client(quick())
+        .fetch(&server.url("/nope.tgz"), &mut sink)
+        .await
+        .unwrap_err();
+    drop(sink);
+    let (_, _, end) = consumer.join().unwrap();
+    assert_eq!(end.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+}
+
+#[tokio::test]
+async fn pipe_consumer_that_stops_fails_the_fetch_without_retry() {
+    let server = serve_one("/b.tgz", body(4_000_000, 25), ServerOptions::default());
+    let (mut sink, reader) = vrun::fetch::body_pipe(2);
+    drop(reader);
+    let url = server.url("/b.tgz");
+    let err = client(quick()).fetch(&url, &mut sink).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("GET {url}: the body's consumer stopped reading")
+    );
+    assert_eq!(server.request_count("/b.tgz"), 1);
+}

@@ -32,6 +32,7 @@
 mod error;
 mod hash;
 mod http;
+mod pipe;
 
 use std::fmt;
 use std::future::Future;
@@ -47,6 +48,7 @@ pub use http::{
     DEFAULT_BACKOFF_MAX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES,
     RETRY_AFTER_CAP,
 };
+pub use pipe::{body_pipe, is_restart, BodyRestarted, PipeReader, PipeSink};
 
 /// The consumer of a body. The fetcher calls `chunk` for every piece in order and waits
 /// for it to finish before reading more from the network (that wait *is* the
