@@ -132,6 +132,9 @@ pub struct Fault {
     /// Serve ranges this many bytes later than asked (a broken server or cache), with a
     /// truthful `Content-Range` for what is actually sent.
     pub shift_range: u64,
+    /// Hold every body at this many bytes until [`Server::open_gate`] is called for the
+    /// path (deterministic "the download is not finished yet" for streaming tests).
+    pub gate_after: Option<u64>,
 }
 
 impl Fault {
@@ -171,6 +174,11 @@ impl Fault {
     pub fn delay_head(mut self, duration: Duration, n: u32) -> Self {
         self.delay_head = duration;
         self.delay_head_first = n;
+        self
+    }
+    /// Hold bodies after `bytes` until [`Server::open_gate`].
+    pub fn gate_after(mut self, bytes: u64) -> Self {
+        self.gate_after = Some(bytes);
         self
     }
     /// Answer `Range: bytes=N-` with bytes from `N + by`.
@@ -238,6 +246,7 @@ struct State {
     files: HashMap<String, Resource>,
     faults: HashMap<String, FaultState>,
     sent: HashMap<String, Arc<AtomicU64>>,
+    gates: HashMap<String, Arc<AtomicBool>>,
     log: Vec<RequestRecord>,
     generation: u64,
     last_modified_secs: u64,
@@ -292,6 +301,11 @@ impl Server {
                 .spawn(move || accept_loop(listener, accept_shared))?,
         );
         Ok(server)
+    }
+
+    /// A server with no paths yet (add them with [`Server::insert`]).
+    pub fn empty(opts: ServerOptions) -> io::Result<Server> {
+        Self::start(Vec::<(String, Body)>::new(), opts)
     }
 
     /// `http://127.0.0.1:PORT` (no trailing slash).
@@ -373,6 +387,13 @@ impl Server {
     /// Number of requests for one path (any method, any outcome).
     pub fn request_count(&self, path: &str) -> usize {
         self.requests(path).len()
+    }
+
+    /// Let bodies held by [`Fault::gate_after`] continue (now and for later requests).
+    pub fn open_gate(&self, path: &str) {
+        let mut st = self.shared.lock();
+        let gate = st.gates.entry(normalize(path)).or_default();
+        gate.store(true, Ordering::SeqCst);
     }
 
     /// Body bytes handed to the kernel for a path so far, over all requests.
@@ -583,6 +604,7 @@ struct BodyPlan {
     end: u64, // exclusive
     drop_after: Option<u64>,
     stall: Option<(u64, Duration)>,
+    gate: Option<(u64, Arc<AtomicBool>)>,
     throttle: Option<u64>,
     sent: Arc<AtomicU64>,
 }
@@ -741,6 +763,9 @@ fn body_plan(
             .filter(|_| body_no <= fault.stall_bodies)
             .map(|k| (k, fault.stall_for)),
         throttle: fault.throttle,
+        gate: fault
+            .gate_after
+            .map(|k| (k, Arc::clone(st.gates.entry(path.to_string()).or_default()))),
         sent,
     })
 }
@@ -828,12 +853,29 @@ fn write_body(
                 }
             }
         }
+        if let Some((k, gate)) = &p.gate {
+            if done >= *k && !gate.load(Ordering::SeqCst) {
+                w.flush()?;
+                while !gate.load(Ordering::SeqCst) {
+                    if !shared.sleep(STOP_POLL) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
         // Cut the piece at the next fault point so drops and stalls land on the byte.
         let mut want = (total - done).min(WRITE_PIECE as u64);
         if let Some(k) = p.drop_after.filter(|&k| k > done) {
             want = want.min(k - done);
         }
         if let Some((k, _)) = p.stall.filter(|&(k, _)| !stalled && k > done) {
+            want = want.min(k - done);
+        }
+        if let Some((k, _)) = p
+            .gate
+            .as_ref()
+            .filter(|(k, g)| *k > done && !g.load(Ordering::SeqCst))
+        {
             want = want.min(k - done);
         }
         if let Some(rate) = p.throttle {

@@ -1005,3 +1005,51 @@ async fn pipe_consumer_that_stops_fails_the_fetch_without_retry() {
     );
     assert_eq!(server.request_count("/b.tgz"), 1);
 }
+
+#[tokio::test]
+async fn the_consumer_has_the_first_bytes_while_the_server_still_holds_the_rest() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const HELD: u64 = 600_000;
+    let data = body(1_000_000, 26);
+    let server = Server::empty(ServerOptions::default()).unwrap();
+    server.insert("/b.tgz", data.clone()).unwrap();
+    server.set_fault("/b.tgz", Fault::new().gate_after(HELD));
+    let (mut sink, mut reader) = vrun::fetch::body_pipe(4);
+    let seen = Arc::new(AtomicU64::new(0));
+    let seen_by_reader = Arc::clone(&seen);
+    let consumer = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = reader.read(&mut buf).unwrap();
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&buf[..n]);
+            seen_by_reader.store(got.len() as u64, Ordering::SeqCst);
+        }
+    });
+    let http = client(quick());
+    let url = server.url("/b.tgz");
+    let download = tokio::spawn(async move {
+        let out = http.fetch(&url, &mut sink).await;
+        sink.finish().await.unwrap();
+        out
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.load(Ordering::SeqCst) < HELD {
+        assert!(
+            Instant::now() < deadline,
+            "consumer never got the first bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), HELD);
+    assert_eq!(server.bytes_sent("/b.tgz"), HELD);
+    assert!(!download.is_finished());
+    server.open_gate("/b.tgz");
+    let out = download.await.unwrap().unwrap();
+    assert_eq!(out.attempts, 1);
+    assert!(consumer.join().unwrap() == data);
+}
