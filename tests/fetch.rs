@@ -1053,3 +1053,51 @@ async fn the_consumer_has_the_first_bytes_while_the_server_still_holds_the_rest(
     assert_eq!(out.attempts, 1);
     assert!(consumer.join().unwrap() == data);
 }
+
+#[tokio::test]
+async fn resuming_a_complete_or_oversized_partial() {
+    let data = body(300_000, 27);
+    let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
+    let url = server.url("/b.tgz");
+    let etag = client(quick())
+        .fetch(&url, &mut Collect::default())
+        .await
+        .unwrap()
+        .etag;
+
+    // Everything is already here: the server says 416 */300000 and we are done.
+    let mut sink = Collect {
+        data: data.to_vec(),
+        ..Collect::default()
+    };
+    let resume = Resume {
+        hasher: BodyHasher::new().hash_reader(&data[..]).unwrap(),
+        validator: etag.clone(),
+    };
+    let out = client(quick())
+        .fetch_request(FetchRequest::new(&url).resume(resume), &mut sink)
+        .await
+        .unwrap();
+    assert_eq!((out.bytes, out.restarts, sink.resets), (300_000, 0, 0));
+    assert_eq!(out.md5_hex, md5_hex(&data));
+    assert_eq!(server.requests("/b.tgz").last().unwrap().status, 416);
+
+    // More than the body: those bytes cannot be this resource; start over.
+    let mut junk = data.to_vec();
+    junk.extend_from_slice(b"trailing");
+    let mut sink = Collect {
+        data: junk.clone(),
+        ..Collect::default()
+    };
+    let resume = Resume {
+        hasher: BodyHasher::new().hash_reader(&junk[..]).unwrap(),
+        validator: etag,
+    };
+    let out = client(quick())
+        .fetch_request(FetchRequest::new(&url).resume(resume), &mut sink)
+        .await
+        .unwrap();
+    assert!(sink.data == data);
+    assert_eq!((out.restarts, sink.resets, out.attempts), (1, 1, 2));
+    assert_eq!(out.sha256_hex, sha256_hex(&data));
+}

@@ -374,13 +374,26 @@ impl HttpClient {
             StatusCode::OK => {
                 if offset > 0 {
                     // Range ignored or If-Range failed: the whole body follows.
-                    sink.reset()
-                        .map_err(|e| Failure::fatal(FetchErrorKind::Sink(e)))?;
-                    t.hasher = BodyHasher::new();
-                    t.restarts += 1;
+                    t.restart(sink)?;
                 }
                 t.total = resp.content_length();
                 t.remember_validators(resp.headers());
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => {
+                // We hold at least the whole body: done if exactly, else start over.
+                let total = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().strip_prefix("bytes */"))
+                    .and_then(|n| n.parse::<u64>().ok());
+                if total == Some(offset) {
+                    t.total = total;
+                    t.report();
+                    return Ok(());
+                }
+                t.restart(sink)?;
+                return Err(Failure::transient(FetchErrorKind::Status { status }));
             }
             StatusCode::PARTIAL_CONTENT => {
                 if offset == 0 {
@@ -451,6 +464,16 @@ impl HttpClient {
 }
 
 impl Transfer<'_> {
+    /// Forget every byte delivered: the sink, the hashes and the progress start over.
+    fn restart<S: BodySink>(&mut self, sink: &mut S) -> Result<(), Failure> {
+        sink.reset()
+            .map_err(|e| Failure::fatal(FetchErrorKind::Sink(e)))?;
+        self.hasher = BodyHasher::new();
+        self.restarts += 1;
+        self.report();
+        Ok(())
+    }
+
     fn report(&self) {
         if let Some(p) = &self.progress {
             p.set_received(self.hasher.bytes());

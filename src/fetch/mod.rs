@@ -24,6 +24,14 @@
 //! answers that will not change (404, 403, other 4xx) and consumer failures (hash
 //! mismatch, disk full) fail at once.
 //!
+//! A download interrupted in an earlier process (kill -9 mid-setup) can be continued with
+//! [`Resume`]: the caller re-hashes the partial blob into a [`BodyHasher`], hands it over
+//! with the validator it came with, and the same rules apply (206 appends, 200 restarts;
+//! a 416 for a partial that is already whole completes at once).
+//!
+//! [`body_pipe`] is the usual sink's core: a bounded channel to the blocking decoder
+//! thread, whose reader tells a restart and a failed download apart from a clean end.
+//!
 //! Timeouts are per step, never per download: connecting has
 //! [`HttpOptions::connect_timeout`], and the body has an *idle* limit
 //! ([`HttpOptions::read_timeout`]) on each chunk, so a 2 GB image on a slow but steady
