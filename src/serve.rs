@@ -595,6 +595,8 @@ enum Plan {
         extra: Option<String>,
     },
     Body(BodyPlan),
+    /// 304 with the current validators.
+    NotModified(Resource),
 }
 
 struct BodyPlan {
@@ -645,6 +647,13 @@ fn respond(shared: &Shared, w: &mut TcpStream, req: &Request) -> io::Result<bool
             Ok(true)
         }
         Plan::Body(p) => write_body(shared, w, p, head_only),
+        Plan::NotModified(res) => {
+            let mut head = String::from("HTTP/1.1 304 Not Modified\r\n");
+            push_validators(&mut head, &shared.opts, &res);
+            head.push_str("\r\n");
+            w.write_all(head.as_bytes())?;
+            Ok(true)
+        }
     }
 }
 
@@ -690,6 +699,13 @@ fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> (Plan, Opt
             retry_after: fault.retry_after.clone(),
             extra: None,
         }
+    } else if let Some(res) = st
+        .files
+        .get(path)
+        .filter(|res| not_modified(opts, req, res))
+        .cloned()
+    {
+        Plan::NotModified(res)
     } else if let Some(res) = st.files.get(path).cloned() {
         let range = if opts.ranges && !fault.ignore_range {
             req.header("range")
@@ -730,6 +746,7 @@ fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> (Plan, Opt
     record.status = match &plan {
         Plan::Status { status, .. } => *status,
         Plan::Body(b) => b.status,
+        Plan::NotModified(_) => 304,
     };
     st.log.push(record);
     let delay = (request_no <= fault.delay_head_first).then_some(fault.delay_head);
@@ -770,6 +787,40 @@ fn body_plan(
     })
 }
 
+fn push_validators(head: &mut String, opts: &ServerOptions, res: &Resource) {
+    if opts.etag {
+        head.push_str(&format!("ETag: {}\r\n", res.etag));
+    }
+    if opts.last_modified {
+        head.push_str(&format!("Last-Modified: {}\r\n", res.last_modified));
+    }
+}
+
+/// Conditional GET (RFC 9110 §13.2.2): If-None-Match decides when present (weak
+/// comparison), else If-Modified-Since against Last-Modified.
+fn not_modified(opts: &ServerOptions, req: &Request, res: &Resource) -> bool {
+    if let Some(tags) = req.header("if-none-match") {
+        let ours = res.etag.trim_start_matches("W/");
+        return opts.etag
+            && tags
+                .split(',')
+                .map(|t| t.trim())
+                .any(|t| t == "*" || t.trim_start_matches("W/") == ours);
+    }
+    match (req.header("if-modified-since"), opts.last_modified) {
+        (Some(since), true) => {
+            match (
+                httpdate::parse_http_date(since),
+                httpdate::parse_http_date(&res.last_modified),
+            ) {
+                (Ok(since), Ok(modified)) => modified <= since,
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
 /// `bytes=N-` or `bytes=N-M` → (N, Some(M)); anything else (suffix, multi-range) → None,
 /// which serves the whole body, as RFC 9110 allows.
 fn parse_range(v: &str) -> Option<(u64, Option<u64>)> {
@@ -804,12 +855,7 @@ fn write_body(
     if opts.ranges {
         head.push_str("Accept-Ranges: bytes\r\n");
     }
-    if opts.etag {
-        head.push_str(&format!("ETag: {}\r\n", p.res.etag));
-    }
-    if opts.last_modified {
-        head.push_str(&format!("Last-Modified: {}\r\n", p.res.last_modified));
-    }
+    push_validators(&mut head, opts, &p.res);
     if p.status == 206 {
         head.push_str(&format!(
             "Content-Range: bytes {}-{}/{}\r\n",

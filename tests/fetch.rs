@@ -1115,3 +1115,53 @@ async fn resuming_a_complete_or_oversized_partial() {
     assert_eq!((out.restarts, sink.resets, out.attempts), (1, 1, 2));
     assert_eq!(out.sha256_hex, sha256_hex(&data));
 }
+
+#[tokio::test]
+async fn unchanged_resources_are_not_downloaded_again() {
+    use vrun::fetch::Validators;
+    let v1 = body(200_000, 28);
+    let server = serve_one("/b.tgz", v1.clone(), ServerOptions::default());
+    let url = server.url("/b.tgz");
+    let http = client(quick());
+    let first = http.fetch(&url, &mut Collect::default()).await.unwrap();
+    let known = Validators {
+        etag: first.etag.clone(),
+        last_modified: first.last_modified.clone(),
+    };
+
+    let mut sink = Collect::default();
+    let again = http
+        .fetch_if_changed(FetchRequest::new(&url), &known, &mut sink)
+        .await
+        .unwrap();
+    assert!(again.is_none(), "unchanged resource downloaded again");
+    assert_eq!((sink.data.len(), sink.chunks), (0, 0));
+    let last = server.requests("/b.tgz").pop().unwrap();
+    assert_eq!(last.header("if-none-match"), first.etag.as_deref());
+    assert_eq!(last.status, 304);
+
+    // By date only (a server without ETags).
+    let by_date = Validators {
+        etag: None,
+        last_modified: first.last_modified.clone(),
+    };
+    let again = http
+        .fetch_if_changed(FetchRequest::new(&url), &by_date, &mut Collect::default())
+        .await
+        .unwrap();
+    assert!(again.is_none());
+
+    // Changed: the new body arrives in the same request.
+    let v2 = body(210_000, 29);
+    server.insert("/b.tgz", v2.clone()).unwrap();
+    let before = server.request_count("/b.tgz");
+    let mut sink = Collect::default();
+    let out = http
+        .fetch_if_changed(FetchRequest::new(&url), &known, &mut sink)
+        .await
+        .unwrap()
+        .expect("changed resource must be downloaded");
+    assert!(sink.data == v2);
+    assert_eq!(out.sha256_hex, sha256_hex(&v2));
+    assert_eq!(server.request_count("/b.tgz") - before, 1);
+}

@@ -52,9 +52,9 @@ use bytes::Bytes;
 pub use error::{FetchError, FetchErrorKind, TimeoutKind};
 pub use hash::{BodyDigest, BodyHasher};
 pub use http::{
-    FetchRequest, HttpClient, HttpOptions, HttpSetupError, Resume, DEFAULT_BACKOFF_BASE,
-    DEFAULT_BACKOFF_MAX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES,
-    RETRY_AFTER_CAP,
+    FetchRequest, HttpClient, HttpOptions, HttpSetupError, Resume, Validators,
+    DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
+    DEFAULT_RETRIES, RETRY_AFTER_CAP,
 };
 pub use pipe::{body_pipe, is_restart, BodyRestarted, PipeReader, PipeSink};
 
