@@ -10,7 +10,7 @@
 //! what the client actually sent.
 //!
 //! Why hand-written HTTP/1.1 on std threads rather than a framework: it is a few
-//! hundred lines, adds no dependency, runs without a tokio runtime (the demo and the
+//! hundred lines, needs no framework, runs without a tokio runtime (the demo and the
 //! bench harness drive `vrun setup` as a child process while this serves), and every
 //! byte on the wire is under the test's control, which is the whole point of fault
 //! injection. One thread accepts; each connection gets a thread (keep-alive is
@@ -20,7 +20,13 @@
 //! Served: `GET` and `HEAD`; `Content-Length` (or chunked framing when
 //! [`ServerOptions::content_length`] is off); `ETag` and `Last-Modified` (each
 //! switchable); `Range: bytes=N-` / `bytes=N-M` with `If-Range` (strong ETag or
-//! exact Last-Modified), answering 206 with `Content-Range`, or 416 past the end.
+//! exact Last-Modified), answering 206 with `Content-Range`, or 416 past the end;
+//! conditional GETs (`If-None-Match`, `If-Modified-Since` → 304).
+//!
+//! Faults ([`Fault`], per path): fail the first N requests with a status (plus
+//! `Retry-After`), delay the response head, cut the connection after K body bytes,
+//! stall for D after K bytes, hold the body at K bytes until [`Server::open_gate`],
+//! ignore `Range`, serve a range other than the one asked for, throttle to R bytes/s.
 //! A request-target in absolute form (`GET http://host/path`) is served by its path
 //! and logged with [`RequestRecord::proxied`] set, so the same server can stand in
 //! for an HTTP proxy in proxy tests.
