@@ -4,5 +4,8 @@
 //! and the files it produces, the streaming fetch pipeline, the LXC hand-off, and
 //! uptests. The content-addressed store lives in its own crate, `vrun-cache`.
 
+pub mod commands;
+pub mod lxc;
 pub mod paths;
 pub mod state;
+pub mod uptest;
