@@ -17,6 +17,13 @@
 //!   cgroups": teardown sees the shell as soon as the dir exists. Dropping the guard kills
 //!   the container if it still runs and removes its cgroups and dir.
 //!
+//! Measured here, and the reason for [`workload_exit`]: LXC's init (`lxc-execute`'s pid 1)
+//! keeps the container alive while *any* process in it lives, not just the workload; it
+//! only cleans up (TERM to all, KILL one second later) when it is itself signalled. So vrun
+//! watches the workload through a pidfd and signals init when the workload ends: the
+//! container stops with its process, as the runner contract says, and `lxc-execute` still
+//! reports the workload's status (`exit 42` after a trap → 42).
+//!
 //! Every `lxc-execute` gets `PR_SET_PDEATHSIG = SIGTERM`: if vrun is SIGKILLed, LXC stops
 //! the container instead of leaving it orphaned. (The death signal fires when the spawning
 //! *thread* exits, so spawn from the main future or a runtime worker, never from a
@@ -172,9 +179,17 @@ pub async fn run_foreground(proc: &LxcProc, grace: Duration) -> Result<i32, LxcE
 
     let mut kill_at: Option<tokio::time::Instant> = None;
     let mut killed = false;
+    let watch = workload_exit(&proc.name, lxc_pid);
+    tokio::pin!(watch);
+    let mut stopping = false;
     let status = loop {
         let sig = tokio::select! {
             status = child.wait() => break status.map_err(io_err(&tools.execute))?,
+            init = &mut watch, if !stopping => {
+                stopping = true;
+                let _ = kill(Pid::from_raw(init), Signal::SIGTERM);
+                continue;
+            }
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
             _ = hup.recv() => "SIGHUP",
@@ -225,30 +240,103 @@ fn ppid(pid: i32) -> Option<i32> {
     after.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Signal the workload of container `name`: the children of the container's init (the
-/// payload process whose parent is `lxc-execute`). If the container is not up yet, the
-/// signal goes to `lxc-execute`, which forwards it to its init.
-fn kill_workload(name: &str, lxc_pid: Option<i32>, sig: Signal) {
+/// The container's init (the payload process whose parent is `lxc-execute`) and its
+/// children: the workload, plus any orphans of the workload that init adopted.
+fn find_workload(name: &str, lxc_pid: Option<i32>) -> Option<(i32, Vec<i32>)> {
+    let lxc_pid = lxc_pid?;
     let payload = cgroups::payload_pids(name);
     let init = payload
         .iter()
         .copied()
-        .find(|p| lxc_pid.is_some() && ppid(*p) == lxc_pid);
-    let workload: Vec<i32> = match init {
-        Some(init) => payload
-            .iter()
-            .copied()
-            .filter(|p| ppid(*p) == Some(init))
-            .collect(),
-        None => Vec::new(),
-    };
-    let targets = if workload.is_empty() {
-        lxc_pid.into_iter().collect()
-    } else {
-        workload
+        .find(|p| ppid(*p) == Some(lxc_pid))?;
+    let children: Vec<i32> = payload
+        .iter()
+        .copied()
+        .filter(|p| ppid(*p) == Some(init))
+        .collect();
+    Some((init, children))
+}
+
+/// Signal the workload of container `name`. If the container is not up yet, the signal
+/// goes to `lxc-execute`, which forwards it to its init.
+fn kill_workload(name: &str, lxc_pid: Option<i32>, sig: Signal) {
+    let targets = match find_workload(name, lxc_pid) {
+        Some((_, children)) if !children.is_empty() => children,
+        _ => lxc_pid.into_iter().collect(),
     };
     for pid in targets {
         let _ = kill(Pid::from_raw(pid), sig);
+    }
+}
+
+/// Poll interval while looking for a just-started container's workload.
+const WORKLOAD_POLL: Duration = Duration::from_millis(20);
+
+/// Resolves when the container's workload has exited, with the container's init pid.
+///
+/// LXC's init keeps the container alive while *any* process in it lives: an app that
+/// leaves a background child behind would keep `lxc-execute` (and vrun) waiting forever,
+/// although the runner contract says the container stops with the process. So the caller
+/// sends SIGTERM to init when this resolves; init then TERMs everything left, SIGKILLs
+/// after one second, and `lxc-execute` reports the workload's status.
+async fn workload_exit(name: &str, lxc_pid: Option<i32>) -> i32 {
+    loop {
+        if let Some((init, children)) = find_workload(name, lxc_pid) {
+            if let Some(&workload) = children.first() {
+                process_exit(workload).await;
+                return init;
+            }
+        }
+        tokio::time::sleep(WORKLOAD_POLL).await;
+    }
+}
+
+/// Resolves when process `pid` has exited (a pidfd becomes readable), or polls
+/// /proc where pidfds are unavailable.
+async fn process_exit(pid: i32) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd >= 0 {
+        // SAFETY: the fd was just returned by the kernel and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged until drop.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        };
+        if let Ok(afd) = registered {
+            let _ = afd.readable().await;
+            return;
+        }
+    }
+    while is_alive(pid) {
+        tokio::time::sleep(WORKLOAD_POLL * 5).await;
+    }
+}
+
+/// Alive = exists and is not a zombie.
+fn is_alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .is_some_and(|i| !stat[i + 1..].trim_start().starts_with('Z'))
+    })
+}
+
+/// Wait for `lxc-execute` to exit, stopping the container once its workload exited (see
+/// [`workload_exit`]).
+async fn wait_container(child: &mut Child, name: &str) -> std::io::Result<ExitStatus> {
+    let lxc_pid = child.id().map(|p| p as i32);
+    let watch = workload_exit(name, lxc_pid);
+    tokio::pin!(watch);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            status = child.wait() => return status,
+            init = &mut watch, if !stopping => {
+                stopping = true;
+                let _ = kill(Pid::from_raw(init), Signal::SIGTERM);
+            }
+        }
     }
 }
 
@@ -477,8 +565,11 @@ impl TmpContainer {
         self.output.take()
     }
 
+    /// Wait until the container ends (it ends with its workload; see [`workload_exit`]).
     pub async fn wait(&mut self) -> Result<ExitStatus, LxcError> {
-        let status = self.child.wait().await.map_err(io_err("lxc-execute"))?;
+        let status = wait_container(&mut self.child, &self.name)
+            .await
+            .map_err(io_err("lxc-execute"))?;
         self.reaped = true;
         Ok(status)
     }
@@ -487,7 +578,9 @@ impl TmpContainer {
     pub async fn kill(&mut self) -> Result<ExitStatus, LxcError> {
         cgroups::kill_all(&self.name)?;
         let _ = self.child.start_kill();
-        self.wait().await
+        let status = self.child.wait().await.map_err(io_err("lxc-execute"))?;
+        self.reaped = true;
+        Ok(status)
     }
 
     /// Wait, ignoring SIGINT/SIGQUIT (they belong to the program in the container, which
