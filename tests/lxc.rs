@@ -337,6 +337,15 @@ fn teardown_refuses_while_a_shell_runs_then_cleans_everything() {
     assert!(p.leftover_cgroups().is_empty());
 }
 
+#[test]
+fn shell_without_a_terminal_reads_commands_from_stdin() {
+    let mut p = TestProc::new("stdin", ProcOpts::default());
+    let spec = p.child_spec(ChildCommand::Shell { argv: vec![] });
+    let (code, out, err) = p.run_child_with_stdin(&spec, b"echo hi-$((1+1)) $FOO\nexit 3\n");
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(out, "hi-2 bar from env.sh\n");
+}
+
 /// Spawn `script` around a child `vrun shell` (interactive) and collect its output.
 struct PtySession {
     child: std::process::Child,

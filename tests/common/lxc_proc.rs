@@ -273,6 +273,34 @@ impl TestProc {
         (pid, out, err)
     }
 
+    /// Run a child vrun with `input` on its stdin: (exit code, stdout, stderr).
+    pub fn run_child_with_stdin(
+        &mut self,
+        spec: &ChildSpec,
+        input: &[u8],
+    ) -> (i32, String, String) {
+        use std::io::Write;
+        let dir = self.tmp.as_ref().unwrap().path();
+        let (out, err) = (dir.join("stdin-child.out"), dir.join("stdin-child.err"));
+        let spec = ChildSpec {
+            stdout_file: Some(out.clone()),
+            ..spec.clone()
+        };
+        let mut child = child_command(&spec)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let code = child.wait().unwrap().code().unwrap_or(-1);
+        (
+            code,
+            std::fs::read_to_string(out).unwrap(),
+            std::fs::read_to_string(err).unwrap(),
+        )
+    }
+
     /// Wait for a spawned child vrun (by pid) and return its exit code.
     pub fn wait_child(&mut self, pid: u32) -> i32 {
         let i = self.children.iter().position(|c| c.id() == pid).unwrap();
