@@ -331,9 +331,26 @@ fn teardown_refuses_while_a_shell_runs_then_cleans_everything() {
     kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
     assert_eq!(p.wait_child(pid), 143);
     assert!(!vrun::lxc::is_running(&p.proc.paths, &p.proc.lxcpath, &p.name).any());
-    vrun::lxc::teardown_containers(&p.proc.paths, &p.name).unwrap();
+    let lock = vrun::lxc::teardown_containers(&p.proc.paths, &p.name).unwrap();
+    // A shell started now waits for the lock, then finds the proc gone.
+    let late = p.child_spec(ChildCommand::Shell {
+        argv: vec!["true".into()],
+    });
+    let (late_pid, _, late_err) = p.spawn(&late);
     vrun::lxc::unmount(&p.rootfs()).unwrap();
     assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
+    std::fs::remove_dir_all(&p.proc.paths.dir).unwrap();
+    drop(lock);
+    assert_eq!(p.wait_child(late_pid), 1);
+    let late_err = std::fs::read_to_string(late_err).unwrap();
+    assert!(
+        late_err.contains("is missing (run vrun setup)"),
+        "{late_err}"
+    );
+    assert!(
+        !p.proc.paths.dir.exists(),
+        "the late shell recreated the proc dir"
+    );
     assert!(p.leftover_cgroups().is_empty());
 }
 

@@ -44,7 +44,8 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::{cgroups, check_value, io_err, mount, render_config, LxcError, LxcProc, LxcTools};
+use super::mount::{self, MountLock};
+use super::{cgroups, check_value, io_err, render_config, LxcError, LxcProc, LxcTools};
 use crate::paths::ProcPaths;
 
 /// Default time between SIGTERM to the app and SIGKILL, as in the original runner's
@@ -100,11 +101,10 @@ fn lxc_execute(
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // vrun died between fork and prctl: do not start an orphan.
+            // vrun died between fork and prctl: do not start an orphan. (No allocation
+            // after fork: a raw OS error, not a message.)
             if libc::getppid() != parent {
-                return Err(std::io::Error::other(
-                    "vrun exited before the container started",
-                ));
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
@@ -423,7 +423,11 @@ fn lxc_info_running(lxcpath: &Path, name: &str) -> bool {
 /// is live): refuse while a shell/uptest container runs; else kill what a crashed run or
 /// shell left behind and remove every cgroup of the proc. Unmounting and deleting the proc
 /// dir come after, in the command.
-pub fn teardown_containers(paths: &ProcPaths, name: &str) -> Result<(), LxcError> {
+///
+/// Returns the proc's mount lock: hold it until the proc dir is gone, so no shell or
+/// uptest can start on the proc meanwhile.
+pub fn teardown_containers(paths: &ProcPaths, name: &str) -> Result<MountLock, LxcError> {
+    let lock = mount::lock_mount(paths)?;
     let live = live_tmp_containers(paths, name);
     if !live.is_empty() {
         return Err(LxcError::Busy {
@@ -432,7 +436,8 @@ pub fn teardown_containers(paths: &ProcPaths, name: &str) -> Result<(), LxcError
         });
     }
     clean_run_leftovers(name)?;
-    remove_cgroups(name)
+    remove_cgroups(name)?;
+    Ok(lock)
 }
 
 /// Kill and remove every cgroup of proc `name` and of its temporary containers.
@@ -488,7 +493,15 @@ pub struct TmpContainer {
 /// Start a temporary container `<name>-TMP<id>` of `proc` running `cmd`.
 pub fn exec_tmp(proc: &LxcProc, cmd: &TmpCommand) -> Result<TmpContainer, LxcError> {
     let tools = LxcTools::find()?;
-    mount_rootfs(proc)?;
+    // Mounted, and registered (scratch dir + owner file) under the mount lock: teardown
+    // either sees this container or has already finished.
+    let lock = mount::lock_mount(&proc.paths)?;
+    mount::ensure_mounted_locked(
+        &lock,
+        &proc.paths,
+        &proc.state,
+        &proc.spec().host_system_dirs,
+    )?;
     let (id, dir) = loop {
         let id = format!("{:08x}", rand::random::<u32>());
         let dir = proc.paths.tmp_dir(&id);
@@ -503,14 +516,18 @@ pub fn exec_tmp(proc: &LxcProc, cmd: &TmpCommand) -> Result<TmpContainer, LxcErr
     let guard_dir = DirGuard(Some(dir.clone()));
     fs::write(dir.join(OWNER_FILE), std::process::id().to_string())
         .map_err(io_err(dir.join(OWNER_FILE)))?;
+    drop(lock);
 
     let mut config_text = render_config(&proc.spec())?;
     let mut settings: Vec<&str> = Vec::new();
     if cmd.io == TmpIo::Interactive {
         settings.push("lxc.console.path=");
+        // The terminal type, so full-screen programs work; a TERM that could not be one
+        // config line is left out rather than refused (it is not the proc's config).
         if let Ok(term) = std::env::var("TERM") {
-            check_value("TERM", &term)?;
-            config_text.push_str(&format!("lxc.environment = TERM={term}\n"));
+            if check_value("TERM", &term).is_ok() {
+                config_text.push_str(&format!("lxc.environment = TERM={term}\n"));
+            }
         }
     }
     let config = dir.join("proc.lxc");

@@ -44,7 +44,7 @@ pub use container::{
     teardown_containers, write_proc_config, Occupancy, TmpCommand, TmpContainer, TmpIo, TmpOutput,
     DEFAULT_GRACE,
 };
-pub use mount::{ensure_mounted, is_mount_point, unmount};
+pub use mount::{ensure_mounted, is_mount_point, lock_mount, unmount, MountLock};
 
 /// Where `lxc-execute` is looked up unless `VRUN_LXC_EXECUTE` says otherwise.
 ///
@@ -75,6 +75,8 @@ pub enum LxcError {
         #[source]
         source: StateError,
     },
+    #[error("proc is not set up: {} is missing (run vrun setup)", dir.display())]
+    Gone { dir: PathBuf },
     #[error("cannot mount overlay on {}: {source}", target.display())]
     Mount {
         target: PathBuf,

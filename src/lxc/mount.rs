@@ -37,13 +37,26 @@ use crate::state::ProcState;
 /// needs at least one lower layer).
 pub const EMPTY_LOWER: &str = "lower-empty";
 
-/// Mount the proc's overlay on `<proc>/rootfs` unless it already is. `system_dirs` is
-/// non-empty only for procs without an image (see [`super::config::host_system_dirs`]).
-pub fn ensure_mounted(
-    paths: &ProcPaths,
-    state: &ProcState,
-    system_dirs: &[SystemDir],
-) -> Result<(), LxcError> {
+/// The proc's mount lock (`flock` on `<proc>/.mount.lock`), held while mounting,
+/// unmounting, or registering a new temporary container, so teardown cannot unmount and
+/// delete a proc while a shell is being started on it.
+pub struct MountLock {
+    _lock: Flock<fs::File>,
+}
+
+impl std::fmt::Debug for MountLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MountLock")
+    }
+}
+
+/// Take the proc's mount lock (blocking). Fails when the proc dir is gone.
+pub fn lock_mount(paths: &ProcPaths) -> Result<MountLock, LxcError> {
+    if !paths.dir.is_dir() {
+        return Err(LxcError::Gone {
+            dir: paths.dir.clone(),
+        });
+    }
     let lock_path = paths.mount_lock();
     let lock_file = fs::OpenOptions::new()
         .create(true)
@@ -51,11 +64,37 @@ pub fn ensure_mounted(
         .write(true)
         .open(&lock_path)
         .map_err(io_err(&lock_path))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| LxcError::Io {
+    let lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| LxcError::Io {
         path: lock_path.clone(),
         source: e.into(),
     })?;
+    Ok(MountLock { _lock: lock })
+}
 
+/// Mount the proc's overlay on `<proc>/rootfs` unless it already is. `system_dirs` is
+/// non-empty only for procs without an image (see [`super::config::host_system_dirs`]).
+pub fn ensure_mounted(
+    paths: &ProcPaths,
+    state: &ProcState,
+    system_dirs: &[SystemDir],
+) -> Result<(), LxcError> {
+    let lock = lock_mount(paths)?;
+    ensure_mounted_locked(&lock, paths, state, system_dirs)
+}
+
+/// [`ensure_mounted`] for a caller that already holds the mount lock.
+pub fn ensure_mounted_locked(
+    _lock: &MountLock,
+    paths: &ProcPaths,
+    state: &ProcState,
+    system_dirs: &[SystemDir],
+) -> Result<(), LxcError> {
+    // We may have waited for the lock while teardown removed the proc: never recreate it.
+    if !paths.state().is_file() {
+        return Err(LxcError::Gone {
+            dir: paths.dir.clone(),
+        });
+    }
     let rootfs = paths.rootfs();
     match is_mount_point(&rootfs)? {
         Some(fstype) if fstype == "overlay" => {}
@@ -95,7 +134,9 @@ fn mount_overlay(paths: &ProcPaths, state: &ProcState) -> Result<(), LxcError> {
     }
     let (upper, work, rootfs) = (paths.upper(), paths.work(), paths.rootfs());
     for dir in [&upper, &work, &rootfs] {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        if !dir.is_dir() {
+            return Err(LxcError::Gone { dir: dir.clone() });
+        }
     }
     for p in lowers.iter().chain([&upper, &work]) {
         check_overlay_path(p)?;
