@@ -15,22 +15,12 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lxc_proc::{wait_for, ChildCommand, ProcOpts, TestProc};
+use lxc_proc::{wait_for, ProcOpts, TestProc};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// Not a test: the entry point of child vrun processes (see `common/lxc_proc.rs`).
-#[test]
-fn vrun_child() {
-    lxc_proc::child_main();
-}
-
 /// Readiness limit for containers starting on a loaded 2-core machine.
 const READY: Duration = Duration::from_secs(30);
-
-fn run_spec(p: &TestProc, grace_ms: u64) -> lxc_proc::ChildSpec {
-    p.child_spec(ChildCommand::Run { grace_ms })
-}
 
 /// The app's main process on the host (child of the container's init), once it is up.
 fn workload_pid(p: &TestProc) -> Option<i32> {
@@ -50,7 +40,7 @@ fn workload_pid(p: &TestProc) -> Option<i32> {
 fn run_serves_http_and_shell_shares_env_user_and_rootfs() {
     let mut p = TestProc::new("http", ProcOpts::default());
     let port = p.opts.port;
-    let (pid, _out, err) = p.spawn(&run_spec(&p, 5_000));
+    let (pid, _out, err) = p.spawn_run(5);
     let page = wait_for(READY, || lxc_proc::http_get(port));
     assert_eq!(
         page.as_deref(),
@@ -59,18 +49,40 @@ fn run_serves_http_and_shell_shares_env_user_and_rootfs() {
         std::fs::read_to_string(&err).unwrap()
     );
 
-    let (code, out, e) = p.shell(&["id", "-u"]);
-    assert_eq!((code, out.as_str()), (0, "1000\n"), "{e}");
-    let (code, out, e) = p.shell(&["id", "-G"]);
-    assert_eq!(code, 0, "{e}");
-    assert!(out.split_whitespace().any(|g| g == "2000"), "{out}");
-    let (code, out, e) = p.shell(&["sh", "-c", "echo $FOO; pwd; cat $APP_SETTINGS_YAML"]);
-    assert_eq!(code, 0, "{e}");
-    assert_eq!(out, "bar from env.sh\n/app\ngreeting: hello settings\n");
+    let r = p.shell(&["id", "-u"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "1000\n"), "{}", r.stderr);
+    // Supplementary groups come from the host's group database for uid 1000.
+    let host_groups = std::process::Command::new("id")
+        .args(["-G", "1000"])
+        .output()
+        .unwrap();
+    let r = p.shell(&["id", "-G"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut want: Vec<&str> = std::str::from_utf8(&host_groups.stdout)
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let mut got: Vec<&str> = r.stdout.split_whitespace().collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    let r = p.shell(&["sh", "-c", "echo $FOO; pwd; cat $APP_SETTINGS_YAML"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.starts_with("bar from env.sh\n/app\n"),
+        "{}",
+        r.stdout
+    );
+    // settings.yaml as setup wrote it (its exact YAML is the foundation's business).
+    assert!(
+        r.stdout.contains("greeting") && r.stdout.contains("hello settings"),
+        "{}",
+        r.stdout
+    );
 
     // A file the shell writes is visible in the running app's own root (its mount ns).
-    let (code, _, e) = p.shell(&["sh", "-c", "echo note-from-shell > /tmp/shell-note"]);
-    assert_eq!(code, 0, "{e}");
+    let r = p.shell(&["sh", "-c", "echo note-from-shell > /tmp/shell-note"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     let app = workload_pid(&p).expect("app process");
     let seen = std::fs::read_to_string(format!("/proc/{app}/root/tmp/shell-note")).unwrap();
     assert_eq!(seen, "note-from-shell\n");
@@ -81,17 +93,7 @@ fn run_serves_http_and_shell_shares_env_user_and_rootfs() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(procs, vec![p.name.clone()]);
-    let tmp_dirs: Vec<_> = std::fs::read_dir(&p.proc.paths.dir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("tmp-")
-        })
-        .collect();
-    assert!(tmp_dirs.is_empty(), "{tmp_dirs:?}");
+    assert!(p.leftover_scratch_dirs().is_empty());
     assert!(p
         .leftover_cgroups()
         .iter()
@@ -118,7 +120,7 @@ fn sigterm_reaches_the_app_and_its_status_is_vruns() {
     };
     let mut p = TestProc::new("trap", opts);
     let started = p.proc.paths.upper().join("tmp/started");
-    let (pid, _, err) = p.spawn(&run_spec(&p, 60_000));
+    let (pid, _, err) = p.spawn_run(60);
     assert!(
         wait_for(READY, || started.exists().then_some(())).is_some(),
         "{}",
@@ -142,7 +144,7 @@ fn app_ignoring_term_is_killed_after_the_grace_period() {
     };
     let mut p = TestProc::new("ignore", opts);
     let started = p.proc.paths.upper().join("tmp/started");
-    let (pid, _, err) = p.spawn(&run_spec(&p, 1_500));
+    let (pid, _, err) = p.spawn_run(1);
     assert!(wait_for(READY, || started.exists().then_some(())).is_some());
     kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
     assert_eq!(p.wait_child(pid), 137);
@@ -159,11 +161,11 @@ fn exit_status_of_the_app_is_vruns() {
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("exit7", opts);
-    let (code, _, err) = p.run_child(&run_spec(&p, 1_000));
-    assert_eq!(code, 7, "{err}");
+    let r = p.vrun(["run"]);
+    assert_eq!(r.code, 7, "{}", r.stderr);
     // The same through shell.
-    let (code, _, err) = p.shell(&["sh", "-c", "exit 9"]);
-    assert_eq!(code, 9, "{err}");
+    let r = p.shell(&["sh", "-c", "exit 9"]);
+    assert_eq!(r.code, 9, "{}", r.stderr);
     assert!(p.leftover_cgroups().is_empty());
 }
 
@@ -175,7 +177,7 @@ fn orphans_of_a_killed_run_are_cleaned_by_the_next_run() {
     };
     let mut p = TestProc::new("orphan", opts);
     let second = p.proc.paths.upper().join("tmp/second");
-    let (pid, _, _) = p.spawn(&run_spec(&p, 1_000));
+    let (pid, _, _) = p.spawn_run(1);
     assert!(wait_for(READY, || second.exists().then_some(())).is_some());
     // vrun and lxc-execute die at once (an OOM kill, `kill -9 -PGID`): the payload is orphaned.
     let monitors = vrun::lxc::cgroups::monitor_pids(&p.name);
@@ -186,9 +188,9 @@ fn orphans_of_a_killed_run_are_cleaned_by_the_next_run() {
     let orphans = p.payload_pids();
     assert!(!orphans.is_empty(), "the orphaned app still runs");
 
-    let (code, _, err) = p.run_child(&run_spec(&p, 1_000));
-    assert_eq!(code, 5, "{err}");
-    assert!(err.contains("leftover process"), "{err}");
+    let r = p.vrun(["run"]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(r.stderr.contains("leftover process"), "{}", r.stderr);
     for o in orphans {
         // Dead: gone, or a zombie waiting for the host's init to reap it.
         let stat = std::fs::read_to_string(format!("/proc/{o}/stat")).unwrap_or_default();
@@ -215,7 +217,7 @@ fn kill_9_of_vrun_alone_stops_the_container() {
     };
     let mut p = TestProc::new("pdeath", opts);
     let started = p.proc.paths.upper().join("tmp/started");
-    let (pid, _, _) = p.spawn(&run_spec(&p, 1_000));
+    let (pid, _, _) = p.spawn_run(1);
     assert!(wait_for(READY, || started.exists().then_some(())).is_some());
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     p.wait_child(pid);
@@ -235,9 +237,9 @@ fn mem_limit_kills_an_app_that_allocates_more() {
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("oom", opts);
-    let (code, out, err) = p.run_child(&run_spec(&p, 1_000));
-    assert!(!out.contains("survived"), "{out}\n{err}");
-    assert_eq!(code, 137, "{err}");
+    let r = p.vrun(["run"]);
+    assert!(!r.stdout.contains("survived"), "{r:?}");
+    assert_eq!(r.code, 137, "{}", r.stderr);
     let config = std::fs::read_to_string(p.proc.paths.lxc_config()).unwrap();
     assert!(config.contains("lxc.cgroup.memory.limit_in_bytes = 67108864"));
 
@@ -249,9 +251,9 @@ fn mem_limit_kills_an_app_that_allocates_more() {
             ..p.opts.clone()
         },
     );
-    let (code, out, err) = q.run_child(&run_spec(&q, 1_000));
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("survived 200000000"), "{out}");
+    let r = q.vrun(["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("survived 200000000"), "{}", r.stdout);
 }
 
 #[test]
@@ -264,14 +266,14 @@ fn volume_is_writable_by_the_app_and_lands_on_the_host() {
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("vol", opts);
-    let (code, _, err) = p.run_child(&run_spec(&p, 1_000));
-    assert_eq!(code, 0, "{err}");
+    let r = p.vrun(["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(
         std::fs::read_to_string(host.path().join("out.txt")).unwrap(),
         "from-app\n"
     );
-    let (code, out, _) = p.shell(&["cat", "/data/out.txt"]);
-    assert_eq!((code, out.as_str()), (0, "from-app\n"));
+    let r = p.shell(&["cat", "/data/out.txt"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "from-app\n"));
 }
 
 #[test]
@@ -283,41 +285,41 @@ fn proc_without_image_runs_on_the_hosts_system_dirs_read_only() {
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("noimg", opts);
-    let (code, out, err) = p.run_child(&run_spec(&p, 1_000));
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains(image::APP_PAGE), "{out}");
-    assert!(out.contains("\n1000\n"), "{out}");
-    assert!(!out.contains("WROTE"), "{out}");
+    let r = p.vrun(["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains(image::APP_PAGE), "{}", r.stdout);
+    assert!(r.stdout.contains("\n1000\n"), "{}", r.stdout);
+    assert!(!r.stdout.contains("WROTE"), "{}", r.stdout);
     assert!(!std::path::Path::new("/usr/vrun-write-test").exists());
 }
 
 #[test]
 fn missing_lxc_is_a_clear_error() {
     let mut p = TestProc::new("nolxc", ProcOpts::default());
-    let spec = run_spec(&p, 1_000);
-    let (pid, _, err) =
-        p.spawn_with_env(&spec, &[("VRUN_LXC_EXECUTE", "/nonexistent/lxc-execute")]);
-    assert_eq!(p.wait_child(pid), 1);
-    let err = std::fs::read_to_string(err).unwrap();
-    assert!(
-        err.contains(
-            "ERROR: LXC is not installed: /nonexistent/lxc-execute not found (apt-get install lxc)"
-        ),
-        "{err}"
-    );
+    let missing = [("VRUN_LXC_EXECUTE", "/nonexistent/lxc-execute")];
+    for args in [vec!["run"], vec!["shell", "--", "true"]] {
+        let r = p.vrun_env(args, &missing);
+        assert_eq!(r.code, 1);
+        assert_eq!(
+            r.stderr,
+            "ERROR: LXC is not installed: /nonexistent/lxc-execute not found (apt-get install lxc)\n"
+        );
+    }
 }
 
 #[test]
 fn teardown_refuses_while_a_shell_runs_then_cleans_everything() {
     let mut p = TestProc::new("busy", ProcOpts::default());
-    let spec = p.child_spec(ChildCommand::Shell {
-        argv: vec![
-            "sh".into(),
-            "-c".into(),
-            "echo up > /tmp/shell-up; exec sleep 1000".into(),
+    let (pid, _, _) = p.spawn(
+        [
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo up > /tmp/shell-up; exec sleep 1000",
         ],
-    });
-    let (pid, _, _) = p.spawn(&spec);
+        &[],
+    );
     let up = p.proc.paths.upper().join("tmp/shell-up");
     assert!(wait_for(READY, || up.exists().then_some(())).is_some());
 
@@ -333,20 +335,14 @@ fn teardown_refuses_while_a_shell_runs_then_cleans_everything() {
     assert!(!vrun::lxc::is_running(&p.proc.paths, &p.proc.lxcpath, &p.name).any());
     let lock = vrun::lxc::teardown_containers(&p.proc.paths, &p.name).unwrap();
     // A shell started now waits for the lock, then finds the proc gone.
-    let late = p.child_spec(ChildCommand::Shell {
-        argv: vec!["true".into()],
-    });
-    let (late_pid, _, late_err) = p.spawn(&late);
+    let (late_pid, _, late_err) = p.spawn(["shell", "--", "true"], &[]);
     vrun::lxc::unmount(&p.rootfs()).unwrap();
     assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
     std::fs::remove_dir_all(&p.proc.paths.dir).unwrap();
     drop(lock);
     assert_eq!(p.wait_child(late_pid), 1);
     let late_err = std::fs::read_to_string(late_err).unwrap();
-    assert!(
-        late_err.contains("is missing (run vrun setup)"),
-        "{late_err}"
-    );
+    assert!(late_err.contains("proc is not set up"), "{late_err}");
     assert!(
         !p.proc.paths.dir.exists(),
         "the late shell recreated the proc dir"
@@ -356,11 +352,27 @@ fn teardown_refuses_while_a_shell_runs_then_cleans_everything() {
 
 #[test]
 fn shell_without_a_terminal_reads_commands_from_stdin() {
-    let mut p = TestProc::new("stdin", ProcOpts::default());
-    let spec = p.child_spec(ChildCommand::Shell { argv: vec![] });
-    let (code, out, err) = p.run_child_with_stdin(&spec, b"echo hi-$((1+1)) $FOO\nexit 3\n");
-    assert_eq!(code, 3, "{err}");
-    assert_eq!(out, "hi-2 bar from env.sh\n");
+    let p = TestProc::new("stdin", ProcOpts::default());
+    let mut child = p
+        .command(["shell"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo hi-$((1+1)) $FOO\nexit 3\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hi-2 bar from env.sh\n"
+    );
 }
 
 /// Spawn `script` around a child `vrun shell` (interactive) and collect its output.
@@ -372,10 +384,14 @@ struct PtySession {
 
 impl PtySession {
     fn start(p: &TestProc) -> Self {
-        let spec = p.child_spec(ChildCommand::Shell { argv: vec![] });
+        let line = format!(
+            "{} shell {}",
+            lxc_proc::sq(env!("CARGO_BIN_EXE_vrun")),
+            lxc_proc::sq(&p.file.to_string_lossy())
+        );
         let mut child = std::process::Command::new("script")
-            .args(["-qefc", &lxc_proc::child_command_line(), "/dev/null"])
-            .env(lxc_proc::CHILD_ENV, serde_json::to_string(&spec).unwrap())
+            .args(["-qefc", &line, "/dev/null"])
+            .env("VR_ROOT", p.root.dir())
             .env("TERM", "xterm")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -9,16 +9,10 @@ mod lxc_proc;
 use std::time::Duration;
 
 use image::Entry;
-use lxc_proc::{wait_for, ChildCommand, ProcOpts, TestProc};
+use lxc_proc::{wait_for, ProcOpts, TestProc};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use vrun::uptest::{to_json_line, UptestResult};
-
-/// Not a test: the entry point of child vrun processes (see `common/lxc_proc.rs`).
-#[test]
-fn vrun_child() {
-    lxc_proc::child_main();
-}
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -30,16 +24,11 @@ fn script(name: &str, body: &str) -> Entry {
     )
 }
 
-/// Run `vrun uptest` as a child: (exit code, stdout, stderr).
-fn uptest(p: &mut TestProc, proc_name: &str, port: u16, timeout_ms: u64) -> (i32, String, String) {
-    let spec = p.child_spec(ChildCommand::Uptest {
-        proc_name: proc_name.into(),
-        host: "localhost".into(),
-        port: port.to_string(),
-        jobs: 8,
-        timeout_ms,
-    });
-    p.run_child(&spec)
+/// `vrun uptest FILE --timeout SECS`: (exit code, stdout, stderr).
+fn uptest(p: &mut TestProc, timeout_secs: u64) -> (i32, String, String) {
+    let t = timeout_secs.to_string();
+    let r = p.vrun(["uptest", "--timeout", t.as_str()]);
+    (r.code, r.stdout, r.stderr)
 }
 
 /// stdout must be exactly one JSON array and a newline.
@@ -75,7 +64,7 @@ fn uptests_run_in_parallel_in_name_order_with_the_original_json() {
     std::fs::set_permissions(&stamps, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
 
     let port = p.opts.port;
-    let (code, out, err) = uptest(&mut p, "web", port, 60_000);
+    let (code, out, err) = uptest(&mut p, 60);
     assert_eq!(code, 0, "{err}");
     let results = parse_exact(&out);
     let names: Vec<&str> = results.iter().map(|r| r.name.as_str()).collect();
@@ -153,8 +142,7 @@ fn hanging_uptest_is_killed_at_the_timeout_and_leaves_nothing() {
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("hang", opts);
-    let port = p.opts.port;
-    let (code, out, err) = uptest(&mut p, "web", port, 2_000);
+    let (code, out, err) = uptest(&mut p, 2);
     assert_eq!(code, 0, "{err}");
     let results = parse_exact(&out);
     assert_eq!(results.len(), 1);
@@ -166,12 +154,7 @@ fn hanging_uptest_is_killed_at_the_timeout_and_leaves_nothing() {
         "{:?}",
         p.leftover_cgroups()
     );
-    let scratch: Vec<_> = std::fs::read_dir(&p.proc.paths.dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .filter(|f| f.to_string_lossy().starts_with("tmp-"))
-        .collect();
-    assert!(scratch.is_empty(), "{scratch:?}");
+    assert!(p.leftover_scratch_dirs().is_empty());
     let sleepers = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -184,7 +167,7 @@ fn hanging_uptest_is_killed_at_the_timeout_and_leaves_nothing() {
 
 #[test]
 fn uptests_reach_the_running_app_and_fail_on_a_wrong_port() {
-    let opts = ProcOpts {
+    let http_uptest = || ProcOpts {
         app_files: vec![
             Entry::dir("uptests", 0o755),
             Entry::dir("uptests/web", 0o755),
@@ -192,23 +175,24 @@ fn uptests_reach_the_running_app_and_fail_on_a_wrong_port() {
         ],
         ..ProcOpts::default()
     };
-    let mut p = TestProc::new("reach", opts);
+    let mut p = TestProc::new("reach", http_uptest());
     let port = p.opts.port;
-    let (pid, _, err) = p.spawn(&p.child_spec(ChildCommand::Run { grace_ms: 2_000 }));
+    let (pid, _, err) = p.spawn_run(2);
     assert!(
         wait_for(READY, || lxc_proc::http_get(port)).is_some(),
         "{}",
         std::fs::read_to_string(err).unwrap()
     );
 
-    let (code, out, err) = uptest(&mut p, "web", port, 30_000);
+    let (code, out, err) = uptest(&mut p, 30);
     assert_eq!(code, 0, "{err}");
     let results = parse_exact(&out);
     assert!(results[0].passed, "{out}");
     assert_eq!(results[0].output, image::APP_PAGE);
 
-    let wrong = lxc_proc::free_port();
-    let (code, out, _) = uptest(&mut p, "web", wrong, 30_000);
+    // Another proc.yaml whose port nothing listens on (set up, not running).
+    let mut q = TestProc::new("wrongport", http_uptest());
+    let (code, out, _) = uptest(&mut q, 30);
     assert_eq!(code, 0);
     let results = parse_exact(&out);
     assert!(!results[0].passed, "{out}");
@@ -220,25 +204,22 @@ fn uptests_reach_the_running_app_and_fail_on_a_wrong_port() {
 #[test]
 fn no_uptests_dir_is_an_empty_array() {
     let mut p = TestProc::new("none", ProcOpts::default());
-    let port = p.opts.port;
-    let (code, out, err) = uptest(&mut p, "worker", port, 5_000);
+    let (code, out, err) = uptest(&mut p, 5);
     assert_eq!((code, out.as_str()), (0, "[]\n"), "{err}");
 }
 
 #[test]
 fn uptest_that_cannot_run_at_all_leaves_stdout_empty() {
     let mut p = TestProc::new("upnolxc", ProcOpts::default());
-    let spec = p.child_spec(ChildCommand::Uptest {
-        proc_name: "web".into(),
-        host: "localhost".into(),
-        port: "80".into(),
-        jobs: 8,
-        timeout_ms: 5_000,
-    });
-    let (pid, out, err) =
-        p.spawn_with_env(&spec, &[("VRUN_LXC_EXECUTE", "/nonexistent/lxc-execute")]);
-    assert_eq!(p.wait_child(pid), 1);
-    assert_eq!(std::fs::read_to_string(out).unwrap(), "");
-    let err = std::fs::read_to_string(err).unwrap();
-    assert!(err.contains("ERROR: LXC is not installed"), "{err}");
+    let r = p.vrun_env(
+        ["uptest"],
+        &[("VRUN_LXC_EXECUTE", "/nonexistent/lxc-execute")],
+    );
+    assert_eq!(r.code, 1);
+    assert_eq!(r.stdout, "");
+    assert!(
+        r.stderr.starts_with("ERROR: LXC is not installed"),
+        "{}",
+        r.stderr
+    );
 }

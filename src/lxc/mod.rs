@@ -35,6 +35,7 @@ pub mod mount;
 
 use std::path::{Path, PathBuf};
 
+use crate::config::{Owner, ProcConfig};
 use crate::paths::{ProcPaths, Root};
 use crate::state::{ProcState, StateError};
 
@@ -175,6 +176,35 @@ impl LxcProc {
             mem_limit,
             memsw_limit,
         })
+    }
+
+    /// Build from proc.yaml (already loaded, with its container name and resolved owner)
+    /// and the proc's `state.json`.
+    pub fn from_config(
+        root: &Root,
+        name: &str,
+        config: &ProcConfig,
+        owner: &Owner,
+    ) -> Result<Self, LxcError> {
+        let user = ProcUser {
+            uid: owner.uid,
+            gid: owner.gid,
+            groups: owner.groups.clone(),
+            is_root: owner.uid == 0,
+        };
+        let volumes = config
+            .volumes
+            .iter()
+            .map(|(host, container)| Volume::new(host, container.clone()))
+            .collect();
+        Self::load(
+            root,
+            name,
+            user,
+            volumes,
+            config.mem_limit,
+            config.memsw_limit,
+        )
     }
 
     /// The container spec shared by all containers of this proc (`run`, and the

@@ -1,39 +1,30 @@
-//! A set-up proc for LXC tests, and a way to run vrun commands as separate processes.
+//! A set-up proc for LXC tests, driven through the real `vrun` binary.
 //!
-//! [`TestProc`] builds what `vrun setup` leaves behind — layers, `upper/{env.sh,proc.sh,
-//! settings.yaml}`, `state.json` — in a fresh temp `VR_ROOT`, under a container name no
-//! other test uses (LXC names are global). Its `Drop` kills every container of that name,
-//! removes their cgroups, unmounts the rootfs and only then deletes the temp dir (never
-//! through a mount), so a failing test leaves nothing behind.
-//!
-//! Signals, `kill -9` and a pty need vrun as its own process. Until `main.rs` wires the
-//! commands, the test binary re-executes itself: the `vrun_child` test of each test file
-//! runs [`child_main`] when `VRUN_TEST_CHILD` holds a [`ChildSpec`], calling the same
-//! `vrun::commands::*` functions the binary will, and exits with their code.
+//! [`TestProc::new`] writes a proc.yaml (as JSON, which is YAML), runs `vrun setup` on it
+//! in a fresh temp `VR_ROOT` (named with a space, so every LXC path needs quoting), then
+//! points the proc's `state.json` at a busybox image layer and an app build layer the test
+//! built and extracted itself — what setup will do once the fetch pipeline is wired into
+//! it. Container names are unique per test (LXC names are global). `Drop` kills every
+//! container of the proc, removes their cgroups, unmounts the rootfs and only then deletes
+//! the temp dir (never through a mount), so a failing test leaves nothing behind.
 #![allow(dead_code)]
 
-use std::ffi::OsString;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use vrun::lxc::{LxcProc, ProcUser, Volume};
+use vrun::lxc::LxcProc;
 use vrun::paths::Root;
-use vrun::state::{ProcState, STATE_VERSION};
+use vrun::state::ProcState;
 
 use super::image;
 
-pub const CHILD_ENV: &str = "VRUN_TEST_CHILD";
-pub const CHILD_STDOUT_ENV: &str = "VRUN_TEST_STDOUT";
-
-/// A unique container name: LXC names are global across lxcpaths.
-pub fn unique_name(tag: &str) -> String {
+/// A unique tag for the proc's `version` (hence its container name).
+pub fn unique(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!(
-        "vrt-{tag}-{}-{}-{:04x}",
+        "{tag}{}x{}x{:04x}",
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst),
         rand::random::<u16>()
@@ -65,7 +56,7 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
 
 /// `GET /` on 127.0.0.1:port; the body on a 200.
 pub fn http_get(port: u16) -> Option<String> {
-    use std::io::Write;
+    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
@@ -77,21 +68,23 @@ pub fn http_get(port: u16) -> Option<String> {
     head.contains(" 200 ").then(|| body.to_owned())
 }
 
+/// Shell single quotes.
+pub fn sq(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
 /// How to set up the test proc.
 #[derive(Debug, Clone)]
 pub struct ProcOpts {
     /// The proc's command (`cmd` in proc.yaml). Default: the Procfile's web line.
     pub cmd: String,
     pub port: u16,
-    pub env: Vec<(String, String)>,
-    /// settings.yaml text.
-    pub settings: String,
     /// Extra entries of the app build (uptests, …).
     pub app_files: Vec<image::Entry>,
     pub with_image: bool,
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
+    /// `user`/`group` in proc.yaml (numeric: uid 1000 need not be named `app` here).
+    pub user: u32,
+    pub group: u32,
     pub volumes: Vec<(PathBuf, String)>,
     pub mem_limit: Option<u64>,
 }
@@ -101,31 +94,34 @@ impl Default for ProcOpts {
         Self {
             cmd: "busybox httpd -f -p $PORT -h /app/www".into(),
             port: free_port(),
-            env: vec![("FOO".into(), "bar from env.sh".into())],
-            settings: "greeting: hello settings\n".into(),
             app_files: Vec::new(),
             with_image: true,
-            uid: 1000,
-            gid: 1000,
-            groups: vec![2000],
+            user: 1000,
+            group: 1000,
             volumes: Vec::new(),
             mem_limit: None,
         }
     }
 }
 
-fn sq(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
+/// Output of a finished `vrun` child.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// A set-up proc in its own VR_ROOT.
 pub struct TestProc {
-    pub tmp: Option<tempfile::TempDir>,
+    tmp: Option<tempfile::TempDir>,
     pub root: Root,
+    pub file: PathBuf,
     pub name: String,
     pub opts: ProcOpts,
     pub proc: LxcProc,
     children: Vec<Child>,
+    n_outputs: u32,
 }
 
 impl TestProc {
@@ -134,137 +130,108 @@ impl TestProc {
             .prefix("vrun-lxc-")
             .tempdir()
             .unwrap();
-        let root = Root::new(tmp.path().join("root"));
-        let name = unique_name(tag);
-        let layers = tmp.path().join("layers");
+        let root = Root::new(tmp.path().join("vr root"));
+        let file = tmp.path().join("proc.yaml");
+        let mut yaml = serde_json::json!({
+            "app_name": "vrt",
+            "version": unique(tag),
+            "config_name": "cfg",
+            "release_hash": "abc123",
+            "proc_name": "web",
+            "port": opts.port,
+            "user": opts.user.to_string(),
+            "group": opts.group.to_string(),
+            "cmd": opts.cmd,
+            "env": {"FOO": "bar from env.sh"},
+            "settings": {"greeting": "hello settings"},
+            "volumes": opts.volumes.iter()
+                .map(|(h, c)| vec![h.to_string_lossy().into_owned(), c.clone()])
+                .collect::<Vec<_>>(),
+        });
+        if let Some(m) = opts.mem_limit {
+            yaml["mem_limit"] = m.into();
+        }
+        std::fs::write(&file, serde_json::to_string_pretty(&yaml).unwrap()).unwrap();
 
+        let mut this = Self {
+            tmp: Some(tmp),
+            root: root.clone(),
+            file: file.clone(),
+            name: String::new(),
+            opts: opts.clone(),
+            proc: placeholder_proc(&root),
+            children: Vec::new(),
+            n_outputs: 0,
+        };
+        let setup = this.vrun(["setup"]);
+        assert_eq!(setup.code, 0, "vrun setup: {}", setup.stderr);
+
+        let config = vrun::config::ProcConfig::load(&file).unwrap();
+        this.name = config.container_name().unwrap();
+        let paths = root.proc(&this.name);
+
+        // The layers setup will fetch once the pipeline is wired: built and extracted here.
+        let layers = this.dir().join("layers");
         let build = layers.join("build");
         image::gnu_untar(&image::app_build(&opts.app_files), &build.join("app"));
         let chown = Command::new("chown")
             .arg("-R")
-            .arg(format!("{}:{}", opts.uid, opts.gid))
+            .arg(format!("{}:{}", opts.user, opts.group))
             .arg(build.join("app"))
             .status()
             .unwrap();
         assert!(chown.success());
-        let image_layer = if opts.with_image {
+        let mut state = ProcState::load(&paths.state()).unwrap();
+        state.build_layer = Some(build);
+        if opts.with_image {
             let dir = layers.join("image");
             image::gnu_untar(&image::busybox_image(), &dir);
-            Some(dir)
-        } else {
-            None
-        };
+            state.image_layer = Some(dir);
+        }
+        state.save(&paths.state()).unwrap();
 
-        let paths = root.proc(&name);
-        for d in [paths.upper(), paths.work(), paths.rootfs()] {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        let upper = paths.upper();
-        let env: String = opts
-            .env
-            .iter()
-            .map(|(k, v)| format!("export {k}={}\n", sq(v)))
-            .collect();
-        std::fs::write(upper.join("env.sh"), env).unwrap();
-        std::fs::write(upper.join("settings.yaml"), &opts.settings).unwrap();
-        let proc_sh = format!(
-            "#!/bin/sh\n\
-             export TMPDIR=/tmp HOME=/app\n\
-             if [ -d \"$HOME/.profile.d\" ]; then for f in \"$HOME\"/.profile.d/*; do [ -f \"$f\" ] && . \"$f\"; done; fi\n\
-             . /env.sh\n\
-             export APP_SETTINGS_YAML=/settings.yaml\n\
-             export PORT={}\n\
-             if [ \"$1\" = run ]; then exec /bin/sh -c {}; fi\n\
-             exec \"$@\"\n",
-            opts.port,
-            sq(&opts.cmd)
-        );
-        std::fs::write(upper.join("proc.sh"), proc_sh).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            upper.join("proc.sh"),
-            std::fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
-        ProcState {
-            version: STATE_VERSION,
-            build_layer: Some(build),
-            image_layer,
-            uid: opts.uid,
-            gid: opts.gid,
-        }
-        .save(&paths.state())
-        .unwrap();
+        this.proc =
+            LxcProc::from_config(&root, &this.name, &config, &config.owner().unwrap()).unwrap();
+        this
+    }
 
-        let proc = LxcProc::load(
-            &root,
-            &name,
-            user_of(&opts),
-            volumes_of(&opts),
-            opts.mem_limit,
-            None,
-        )
-        .unwrap();
-        Self {
-            tmp: Some(tmp),
-            root,
-            name,
-            opts,
-            proc,
-            children: Vec::new(),
-        }
+    /// The test's temp dir (proc.yaml, layers, child outputs).
+    pub fn dir(&self) -> &Path {
+        self.tmp.as_ref().unwrap().path()
     }
 
     pub fn rootfs(&self) -> PathBuf {
         self.proc.paths.rootfs()
     }
 
-    /// The spec for a child vrun running `command` on this proc.
-    pub fn child_spec(&self, command: ChildCommand) -> ChildSpec {
-        ChildSpec {
-            root: self.root.dir().to_owned(),
-            name: self.name.clone(),
-            uid: self.opts.uid,
-            gid: self.opts.gid,
-            groups: self.opts.groups.clone(),
-            volumes: self
-                .opts
-                .volumes
-                .iter()
-                .map(|(h, c)| (h.clone(), c.clone()))
-                .collect(),
-            mem_limit: self.opts.mem_limit,
-            command,
-            stdout_file: None,
-        }
+    /// `vrun CMD FILE ARGS…` with this VR_ROOT.
+    pub fn command<S: AsRef<std::ffi::OsStr>>(&self, args: impl IntoIterator<Item = S>) -> Command {
+        let mut args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        // The command first, then FILE, then the rest.
+        args.insert(1, self.file.clone().into_os_string());
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vrun"));
+        c.args(args).env("VR_ROOT", self.root.dir());
+        c
     }
 
-    /// Start a child vrun; its stdout/stderr go to files in the temp dir, returned with it.
-    pub fn spawn(&mut self, spec: &ChildSpec) -> (u32, PathBuf, PathBuf) {
-        self.spawn_with_env(spec, &[])
-    }
-
-    /// [`Self::spawn`] with extra environment variables.
-    pub fn spawn_with_env(
+    /// Start `vrun …` in the background; stdout/stderr go to files, returned with its pid.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(
         &mut self,
-        spec: &ChildSpec,
+        args: impl IntoIterator<Item = S>,
         env: &[(&str, &str)],
     ) -> (u32, PathBuf, PathBuf) {
-        let n = self.children.len();
-        let dir = self.tmp.as_ref().unwrap().path();
+        self.n_outputs += 1;
+        let n = self.n_outputs;
         let (out, err) = (
-            dir.join(format!("child{n}.out")),
-            dir.join(format!("child{n}.err")),
+            self.dir().join(format!("{n}.out")),
+            self.dir().join(format!("{n}.err")),
         );
-        let libtest_out = dir.join(format!("child{n}.libtest"));
-        let spec = ChildSpec {
-            stdout_file: Some(out.clone()),
-            ..spec.clone()
-        };
-        let child = child_command(&spec)
+        let child = self
+            .command(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&libtest_out).unwrap())
+            .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap())
             .spawn()
             .unwrap();
@@ -273,35 +240,7 @@ impl TestProc {
         (pid, out, err)
     }
 
-    /// Run a child vrun with `input` on its stdin: (exit code, stdout, stderr).
-    pub fn run_child_with_stdin(
-        &mut self,
-        spec: &ChildSpec,
-        input: &[u8],
-    ) -> (i32, String, String) {
-        use std::io::Write;
-        let dir = self.tmp.as_ref().unwrap().path();
-        let (out, err) = (dir.join("stdin-child.out"), dir.join("stdin-child.err"));
-        let spec = ChildSpec {
-            stdout_file: Some(out.clone()),
-            ..spec.clone()
-        };
-        let mut child = child_command(&spec)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input).unwrap();
-        let code = child.wait().unwrap().code().unwrap_or(-1);
-        (
-            code,
-            std::fs::read_to_string(out).unwrap(),
-            std::fs::read_to_string(err).unwrap(),
-        )
-    }
-
-    /// Wait for a spawned child vrun (by pid) and return its exit code.
+    /// Wait for a spawned `vrun` (by pid); its exit code (128+n for a signal).
     pub fn wait_child(&mut self, pid: u32) -> i32 {
         let i = self.children.iter().position(|c| c.id() == pid).unwrap();
         let mut c = self.children.remove(i);
@@ -310,23 +249,40 @@ impl TestProc {
         st.code().unwrap_or_else(|| 128 + st.signal().unwrap())
     }
 
-    /// Run a child vrun to completion: (exit code, stdout, stderr).
-    pub fn run_child(&mut self, spec: &ChildSpec) -> (i32, String, String) {
-        let (pid, out, err) = self.spawn(spec);
-        let code = self.wait_child(pid);
-        (
-            code,
-            std::fs::read_to_string(out).unwrap(),
-            std::fs::read_to_string(err).unwrap(),
-        )
+    /// Run `vrun …` to completion.
+    pub fn vrun<S: AsRef<std::ffi::OsStr>>(
+        &mut self,
+        args: impl IntoIterator<Item = S>,
+    ) -> Finished {
+        self.vrun_env(args, &[])
     }
 
-    /// `vrun shell FILE -- argv…` as a child: (exit code, stdout, stderr).
-    pub fn shell(&mut self, argv: &[&str]) -> (i32, String, String) {
-        let spec = self.child_spec(ChildCommand::Shell {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-        });
-        self.run_child(&spec)
+    /// Run `vrun …` to completion with extra environment variables.
+    pub fn vrun_env<S: AsRef<std::ffi::OsStr>>(
+        &mut self,
+        args: impl IntoIterator<Item = S>,
+        env: &[(&str, &str)],
+    ) -> Finished {
+        let (pid, out, err) = self.spawn(args, env);
+        let code = self.wait_child(pid);
+        Finished {
+            code,
+            stdout: std::fs::read_to_string(out).unwrap(),
+            stderr: std::fs::read_to_string(err).unwrap(),
+        }
+    }
+
+    /// `vrun shell FILE -- argv…`.
+    pub fn shell(&mut self, argv: &[&str]) -> Finished {
+        let mut args = vec!["shell", "--"];
+        args.extend_from_slice(argv);
+        self.vrun(args)
+    }
+
+    /// `vrun run FILE --grace SECS` in the background.
+    pub fn spawn_run(&mut self, grace_secs: u64) -> (u32, PathBuf, PathBuf) {
+        let grace = grace_secs.to_string();
+        self.spawn(["run", "--grace", grace.as_str()], &[])
     }
 
     /// Pids in the proc's own payload cgroup.
@@ -339,13 +295,49 @@ impl TestProc {
         let mut out = Vec::new();
         for h in vrun::lxc::cgroups::hierarchies() {
             for e in std::fs::read_dir(&h).into_iter().flatten().flatten() {
-                let f = e.file_name().to_string_lossy().into_owned();
-                if f.contains(&self.name) {
+                if e.file_name().to_string_lossy().contains(&self.name) {
                     out.push(e.path());
                 }
             }
         }
         out
+    }
+
+    /// `tmp-*` scratch dirs of shell/uptest containers left in the proc dir.
+    pub fn leftover_scratch_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.proc.paths.dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("tmp-"))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Stand-in until setup has run and the container name is known.
+fn placeholder_proc(root: &Root) -> LxcProc {
+    LxcProc {
+        name: String::new(),
+        lxcpath: root.procs_dir(),
+        paths: root.proc("placeholder"),
+        state: ProcState {
+            version: vrun::state::STATE_VERSION,
+            build_layer: None,
+            image_layer: None,
+            uid: 0,
+            gid: 0,
+        },
+        user: vrun::lxc::ProcUser {
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            is_root: true,
+        },
+        volumes: vec![],
+        mem_limit: None,
+        memsw_limit: None,
     }
 }
 
@@ -355,11 +347,13 @@ impl Drop for TestProc {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if let Err(e) = vrun::lxc::remove_cgroups(&self.name) {
-            eprintln!("cleanup: {e}");
-        }
-        if let Err(e) = vrun::lxc::unmount(&self.rootfs()) {
-            eprintln!("cleanup: {e}");
+        if !self.name.is_empty() {
+            if let Err(e) = vrun::lxc::remove_cgroups(&self.name) {
+                eprintln!("cleanup: {e}");
+            }
+            if let Err(e) = vrun::lxc::unmount(&self.rootfs()) {
+                eprintln!("cleanup: {e}");
+            }
         }
         // The lock dir LXC made for our lxcpath: /run/lxc/lock/<procs dir>.
         let mut lock = PathBuf::from("/run/lxc/lock");
@@ -368,7 +362,7 @@ impl Drop for TestProc {
             lock.pop();
         }
         let tmp = self.tmp.take().unwrap();
-        let still_mounted = vrun::lxc::mount::mounts_under(tmp.path()).unwrap_or_default();
+        let still_mounted = mounts_under(tmp.path());
         if still_mounted.is_empty() {
             drop(tmp);
         } else {
@@ -381,136 +375,7 @@ impl Drop for TestProc {
     }
 }
 
-fn user_of(opts: &ProcOpts) -> ProcUser {
-    ProcUser {
-        uid: opts.uid,
-        gid: opts.gid,
-        groups: opts.groups.clone(),
-        is_root: opts.uid == 0,
-    }
-}
-
-fn volumes_of(opts: &ProcOpts) -> Vec<Volume> {
-    opts.volumes
-        .iter()
-        .map(|(h, c)| Volume::new(h.clone(), c.clone()))
-        .collect()
-}
-
-/// What a child vrun does.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum ChildCommand {
-    Run {
-        grace_ms: u64,
-    },
-    Shell {
-        argv: Vec<String>,
-    },
-    Uptest {
-        proc_name: String,
-        host: String,
-        port: String,
-        jobs: usize,
-        timeout_ms: u64,
-    },
-}
-
-/// Everything a child vrun needs (what main.rs will get from proc.yaml + flags).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ChildSpec {
-    pub root: PathBuf,
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-    pub volumes: Vec<(PathBuf, String)>,
-    pub mem_limit: Option<u64>,
-    pub command: ChildCommand,
-    /// Where the command's stdout goes (libtest writes its own header to the real stdout
-    /// first; this keeps the command's stdout exact).
-    pub stdout_file: Option<PathBuf>,
-}
-
-/// The command line that re-executes this test binary as a child vrun.
-pub fn child_command(spec: &ChildSpec) -> Command {
-    let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(["--exact", "vrun_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, serde_json::to_string(spec).unwrap());
-    c
-}
-
-/// The same command line as one shell-quoted string (for `script -c`; pass the
-/// [`CHILD_ENV`] variable through the environment).
-pub fn child_command_line() -> String {
-    format!(
-        "{} --exact vrun_child --nocapture --test-threads=1",
-        sq(&std::env::current_exe().unwrap().to_string_lossy())
-    )
-}
-
-/// Body of the `vrun_child` pseudo-test: nothing unless `VRUN_TEST_CHILD` is set.
-pub fn child_main() {
-    let Ok(spec) = std::env::var(CHILD_ENV) else {
-        return;
-    };
-    let spec: ChildSpec = serde_json::from_str(&spec).unwrap();
-    if let Some(out) = &spec.stdout_file {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::create(out).unwrap();
-        // SAFETY: plain dup2 onto fd 1.
-        assert!(unsafe { libc::dup2(f.as_raw_fd(), 1) } == 1);
-    }
-    let opts = ProcOpts {
-        uid: spec.uid,
-        gid: spec.gid,
-        groups: spec.groups.clone(),
-        volumes: spec.volumes.clone(),
-        mem_limit: spec.mem_limit,
-        ..ProcOpts::default()
-    };
-    let code = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let proc = LxcProc::load(
-            &Root::new(&spec.root),
-            &spec.name,
-            user_of(&opts),
-            volumes_of(&opts),
-            spec.mem_limit,
-            None,
-        )?;
-        match &spec.command {
-            ChildCommand::Run { grace_ms } => {
-                vrun::commands::run::run(&proc, Duration::from_millis(*grace_ms)).await
-            }
-            ChildCommand::Shell { argv } => {
-                let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
-                vrun::commands::shell::shell(&proc, &argv).await
-            }
-            ChildCommand::Uptest {
-                proc_name,
-                host,
-                port,
-                jobs,
-                timeout_ms,
-            } => {
-                let opts = vrun::uptest::UptestOptions {
-                    proc_name: proc_name.clone(),
-                    host: host.clone(),
-                    port: port.clone(),
-                    jobs: *jobs,
-                    timeout: Duration::from_millis(*timeout_ms),
-                };
-                vrun::commands::uptest::uptest(&proc, &opts).await
-            }
-        }
-    });
-    let code = code.unwrap_or_else(|e| {
-        eprintln!("ERROR: {e:#}");
-        1
-    });
-    std::process::exit(code);
-}
-
-/// Is `path` below a mount point? (for "no mount left" checks)
+/// Mount points under `dir` (from /proc/self/mountinfo).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     vrun::lxc::mount::mounts_under(dir).unwrap_or_default()
 }
