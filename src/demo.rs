@@ -889,20 +889,21 @@ struct UptestResult {
     passed: bool,
 }
 
-/// setup's `--timings` JSON as a few readable lines; unknown shapes are shown raw.
+/// setup's `--timings` JSON as a few readable lines; fields it lacks are left out.
 pub fn format_timings(t: &serde_json::Value) -> Vec<String> {
     let mut lines = Vec::new();
     for artifact in ["build", "image"] {
         let Some(a) = t.get(artifact) else { continue };
         let num = |k: &str| a.get(k).and_then(serde_json::Value::as_f64);
-        let mut line = format!(
-            "{artifact}: cache {}",
-            a.get("cache").and_then(|c| c.as_str()).unwrap_or("?")
-        );
+        let text = |k: &str| a.get(k).and_then(serde_json::Value::as_str);
+        let mut line = format!("{artifact}: cache {}", text("cache").unwrap_or("?"));
+        if let Some(format) = text("format") {
+            let _ = write!(line, ", {format}");
+        }
         if let (Some(c), Some(b)) = (num("compressed_bytes"), num("bytes")) {
             let _ = write!(
                 line,
-                ", {} → {}",
+                " {} → {}",
                 human_bytes(c as u64),
                 human_bytes(b as u64)
             );
@@ -910,11 +911,17 @@ pub fn format_timings(t: &serde_json::Value) -> Vec<String> {
         if let Some(f) = num("files") {
             let _ = write!(line, " in {f} files");
         }
-        if let Some(s) = num("ttfb_s") {
-            let _ = write!(line, ", first byte {s:.3} s");
-        }
-        if let Some(s) = num("wall_s") {
-            let _ = write!(line, ", {s:.3} s");
+        let stages: Vec<String> = [
+            ("ttfb_s", "first byte"),
+            ("first_file_s", "first file"),
+            ("download_s", "downloaded"),
+            ("wall_s", "done"),
+        ]
+        .iter()
+        .filter_map(|(key, label)| num(key).map(|s| format!("{label} {s:.3} s")))
+        .collect();
+        if !stages.is_empty() {
+            let _ = write!(line, "; {}", stages.join(", "));
         }
         lines.push(line);
     }
@@ -1080,7 +1087,16 @@ mod tests {
         let lines = format_timings(&t);
         assert_eq!(
             lines[0],
-            "build: cache miss, 2.0 KiB → 10.0 KiB in 7 files, first byte 0.001 s, 0.020 s"
+            "build: cache miss 2.0 KiB → 10.0 KiB in 7 files; first byte 0.001 s, done 0.020 s"
+        );
+        let t: serde_json::Value = serde_json::from_str(
+            r#"{"total_s":1,"image":{"cache":"layer","format":"gzip","compressed_bytes":1024,
+            "bytes":2048,"files":0,"first_file_s":0.5,"wall_s":0.75}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            format_timings(&t)[0],
+            "image: cache layer, gzip 1.0 KiB → 2.0 KiB in 0 files; first file 0.500 s, done 0.750 s"
         );
         assert_eq!(lines[1], "setup total: 0.250 s");
     }

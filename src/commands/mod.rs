@@ -16,6 +16,7 @@ use vrun::paths::Root;
 use crate::cli::{Cli, Command};
 
 mod demo;
+mod progress;
 mod run;
 mod setup;
 mod shell;
