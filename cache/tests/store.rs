@@ -158,6 +158,18 @@ fn child_process_entry() {
             std::fs::write(&args[1], b"ready").unwrap();
             wait_for(Path::new(&args[2]));
         }
+        // Mid-setup: hold a key lock and a half-written ingest, then hang until killed.
+        "killed-mid-publish" => {
+            let store = Store::open(cache).unwrap();
+            let _lock = store.lock(&args[1]).unwrap();
+            let ingest = store.new_ingest().unwrap();
+            std::fs::write(ingest.blob_path(), b"half of it").unwrap();
+            fill_tree(ingest.staging_dir(), "half");
+            std::fs::write(&args[2], b"ready").unwrap();
+            loop {
+                std::thread::park();
+            }
+        }
         other => panic!("unknown child role {other}"),
     }
 }
@@ -721,4 +733,36 @@ fn rehash_before_reuse_quarantines_a_damaged_blob() {
         "damaged blob quarantined: refetch"
     );
     assert!(!store.rehash_blob(&d.sha256, None).unwrap());
+}
+
+#[test]
+fn kill_9_mid_publish_leaves_no_stale_lock_and_nothing_readable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let ready = tmp.path().join("ready");
+    let sha = vrun_cache::sha256_hex(b"half of it");
+    let key = LayerKey::new(&sha, LayerKind::Build, 1000, 1000);
+    let mut child = spawn_child(
+        "killed-mid-publish",
+        &[
+            cache.to_str().unwrap(),
+            &key.lock_key(),
+            ready.to_str().unwrap(),
+        ],
+    );
+    wait_for(&ready);
+    let store = Store::open(&cache).unwrap();
+    assert!(store.try_lock(&key.lock_key()).unwrap().is_none());
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
+
+    let _lock = store
+        .try_lock(&key.lock_key())
+        .unwrap()
+        .expect("the kernel released the dead holder's lock");
+    assert_eq!(ingest_names(&cache).len(), 1, "the leftover is there...");
+    assert_eq!(store.blob(&sha), None, "...but never read");
+    assert_eq!(store.layer(&key), None);
+    let (_, root) = publish_layer(&store, &sha, LayerKind::Build, 1000);
+    assert_eq!(store.layer(&key), Some(root));
 }
