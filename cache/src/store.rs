@@ -25,7 +25,7 @@ use crate::lock::{self, KeyLock, LockMode};
 const BLOB_MODE: u32 = 0o444;
 
 /// An open store. Holds the store-wide lock (shared, or exclusive for maintenance) until
-/// dropped; see [`crate::lock`] for why.
+/// dropped (why: see the crate docs, "Locks, then re-check").
 #[derive(Debug)]
 pub struct Store {
     pub(crate) layout: Layout,
