@@ -551,6 +551,8 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
     std::fs::write(old_ingest.join("blob"), b"partial").unwrap();
     age(&old_ingest, 2);
     std::fs::create_dir_all(cache.join("ingest-v1/2-new")).unwrap();
+    let torn_index_write = cache.join("index-v1/md5/.tmp-1-dead");
+    std::fs::write(&torn_index_write, b"3f").unwrap();
 
     let mut refs = References::new();
     refs.add(&la_root, "app-v1-prod-abc-web-5000");
@@ -613,6 +615,7 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
         "index entries of removed blobs go too"
     );
     assert_eq!(names(&cache.join("ingest-v1")), ["2-new"]);
+    assert!(!torn_index_write.exists());
     assert_eq!(
         names(&cache.join("locks-v1")),
         [".store.lock"],
