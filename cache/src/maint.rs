@@ -504,7 +504,7 @@ fn check_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
     let Some(recorded) = Manifest::parse(&text) else {
         return vec![format!("{} does not parse", manifest_path.display())];
     };
-    match Manifest::scan(&root) {
+    match Manifest::scan(&root, meta.content_hashed) {
         Ok(now) => recorded.diff(&now, MAX_DIFFS_REPORTED),
         Err(e) => vec![format!("cannot scan layer: {e}")],
     }

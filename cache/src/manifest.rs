@@ -11,8 +11,9 @@
 //!
 //! Format (`manifest-v1.tsv`): a header line, then tab-separated
 //! `kind mode uid gid size content path`, sorted by path. `kind` is `d f l c b p s`;
-//! `mode` is octal permission bits; `content` is the sha256 for `f`, the escaped link
-//! target for `l`, `-` otherwise; `path` is relative (`.` is the root itself). Bytes that
+//! `mode` is octal permission bits; `content` is the sha256 for `f` (or `-` in a
+//! shallow manifest, see [`crate::ManifestMode`]), the escaped link target for `l`, `-`
+//! otherwise; `path` is relative (`.` is the root itself). Bytes that
 //! are not printable ASCII, and `%`, are escaped as `%XX`, so any name fits on a line.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -68,11 +69,20 @@ pub(crate) struct Manifest {
 }
 
 impl Manifest {
-    /// Walks `root` without following symlinks, hashing regular files.
-    pub fn scan(root: &Path) -> Result<Manifest, StoreError> {
+    /// Walks `root` without following symlinks; hashes regular files when `hash` is set
+    /// (otherwise their content column is `-`).
+    pub fn scan(root: &Path, hash: bool) -> Result<Manifest, StoreError> {
         let mut m = Manifest::default();
         let mut walk = Walk::default();
         m.visit(root, b".".to_vec(), &mut walk)?;
+        if !hash {
+            for (rel, _) in walk.files {
+                if let Some(e) = m.entries.get_mut(&rel) {
+                    e.content = "-".to_owned();
+                }
+            }
+            return Ok(m);
+        }
         let digests = hash_all(&walk.to_hash)?;
         for (rel, inode) in walk.files {
             if let Some(e) = m.entries.get_mut(&rel) {
@@ -335,7 +345,10 @@ mod tests {
         std::fs::write(dir.path().join("sub/x\ty"), b"hello").unwrap();
         std::os::unix::fs::symlink("../elsewhere", dir.path().join("link")).unwrap();
         std::fs::hard_link(dir.path().join("sub/x\ty"), dir.path().join("hard")).unwrap();
-        let m = Manifest::scan(dir.path()).unwrap();
+        let m = Manifest::scan(dir.path(), true).unwrap();
+        let shallow = Manifest::scan(dir.path(), false).unwrap();
+        assert_eq!(shallow.entries["hard"].content, "-");
+        assert_eq!(shallow.stats, m.stats);
         let hello = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
         assert_eq!(m.entries["hard"].content, hello);
         assert_eq!(m.entries["sub/x%09y"].content, hello);

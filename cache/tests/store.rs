@@ -769,3 +769,35 @@ fn kill_9_mid_publish_leaves_no_stale_lock_and_nothing_readable() {
     let (_, root) = publish_layer(&store, &sha, LayerKind::Build, 1000);
     assert_eq!(store.layer(&key), Some(root));
 }
+
+#[test]
+fn shallow_manifest_still_catches_structural_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    let sha = vrun_cache::sha256_hex(b"shallow");
+    let key = LayerKey::new(&sha, LayerKind::Image, 0, 0);
+    let ingest = store.new_ingest().unwrap();
+    fill_tree(ingest.staging_dir(), "shallow");
+    let root = store
+        .publish_layer_with(
+            &key,
+            ingest.staging_dir(),
+            vrun_cache::ManifestMode::Shallow,
+        )
+        .unwrap();
+    assert!(!store.layer_meta(&key).unwrap().content_hashed);
+    drop(store);
+    let store = Store::open_exclusive(tmp.path()).unwrap();
+    assert!(store.verify(true).unwrap().bad.is_empty());
+    std::fs::set_permissions(
+        root.join("app/bin/run"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let report = store.verify(true).unwrap();
+    assert_eq!(report.bad.len(), 1, "{:?}", report.bad);
+    assert_eq!(
+        report.bad[0].problems,
+        ["changed app/bin/run: mode 755 → 777"]
+    );
+}
