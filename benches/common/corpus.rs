@@ -159,9 +159,9 @@ pub fn build_tar() -> Vec<u8> {
         file(&mut b, &p, &text(&mut rng, len), 0o644);
         files.push(p);
     }
-    for i in 0..900 {
+    for i in 0..600 {
         let d = &dirs[rng.below(dirs.len() as u64) as usize];
-        let len = rng.size(40_000, 600_000);
+        let len = rng.size(30_000, 300_000);
         let (p, data) = if i % 3 == 0 {
             (format!("{d}/lib_{i}.so"), binary(&mut rng, len))
         } else {
@@ -169,8 +169,8 @@ pub fn build_tar() -> Vec<u8> {
         };
         file(&mut b, &p, &data, if i % 3 == 0 { 0o755 } else { 0o644 });
     }
-    for i in 0..40 {
-        let len = rng.size(1 << 20, 6 << 20);
+    for i in 0..30 {
+        let len = rng.size(1 << 20, 4 << 20);
         file(
             &mut b,
             &format!("app/bin/tool_{i}"),
@@ -179,7 +179,7 @@ pub fn build_tar() -> Vec<u8> {
         );
     }
     for i in 0..12 {
-        let len = rng.size(1 << 20, 5 << 20);
+        let len = rng.size(1 << 20, 4 << 20);
         file(
             &mut b,
             &format!("app/static/blob_{i}.bin"),
