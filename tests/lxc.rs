@@ -336,9 +336,9 @@ fn teardown_refuses_while_a_shell_runs_then_cleans_everything() {
     let lock = vrun::lxc::teardown_containers(&p.proc.paths, &p.name).unwrap();
     // A shell started now waits for the lock, then finds the proc gone.
     let (late_pid, _, late_err) = p.spawn(["shell", "--", "true"], &[]);
-    vrun::lxc::unmount(&p.rootfs()).unwrap();
+    vrun::mounts::unmount(&p.rootfs()).unwrap();
     assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
-    std::fs::remove_dir_all(&p.proc.paths.dir).unwrap();
+    vrun::mounts::remove_dir_on_one_fs(&p.proc.paths.dir).unwrap();
     drop(lock);
     assert_eq!(p.wait_child(late_pid), 1);
     let late_err = std::fs::read_to_string(late_err).unwrap();

@@ -45,7 +45,7 @@ pub use container::{
     teardown_containers, write_proc_config, Occupancy, TmpCommand, TmpContainer, TmpIo, TmpOutput,
     DEFAULT_GRACE,
 };
-pub use mount::{ensure_mounted, is_mount_point, lock_mount, unmount, MountLock};
+pub use mount::{ensure_mounted, is_mount_point, lock_mount, MountLock};
 
 /// Where `lxc-execute` is looked up unless `VRUN_LXC_EXECUTE` says otherwise.
 ///
@@ -83,6 +83,8 @@ pub enum LxcError {
         target: PathBuf,
         source: nix::errno::Errno,
     },
+    #[error(transparent)]
+    Mounts(#[from] crate::mounts::MountError),
     #[error("{} is already mounted but as {fstype}, not the proc's overlay", target.display())]
     ForeignMount { target: PathBuf, fstype: String },
     #[error("{}: {source}", path.display())]
