@@ -488,3 +488,32 @@ fn interactive_shell_has_a_real_pty_and_job_control() {
         p.leftover_cgroups()
     );
 }
+
+#[test]
+fn a_killed_shell_is_stopped_and_its_leftovers_swept_by_the_next() {
+    let mut p = TestProc::new("shkill", ProcOpts::default());
+    let (pid, _, _) = p.spawn(
+        [
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo up > /tmp/shell-up; exec sleep 1000",
+        ],
+        &[],
+    );
+    let up = p.proc.paths.upper().join("tmp/shell-up");
+    assert!(wait_for(READY, || up.exists().then_some(())).is_some());
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    assert_eq!(p.wait_child(pid), 137);
+    // The parent-death signal stops the container; the scratch dir stays behind…
+    let stopped = wait_for(READY, || p.leftover_cgroups().is_empty().then_some(()));
+    assert!(stopped.is_some(), "{:?}", p.leftover_cgroups());
+    assert_eq!(p.leftover_scratch_dirs().len(), 1);
+    assert!(!vrun::lxc::is_running(&p.proc.paths, &p.proc.lxcpath, &p.name).any());
+    // …until the next shell (or uptest) sweeps it.
+    let r = p.shell(&["true"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("removed leftovers"), "{}", r.stderr);
+    assert!(p.leftover_scratch_dirs().is_empty());
+}

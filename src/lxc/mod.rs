@@ -165,6 +165,12 @@ impl LxcProc {
         mem_limit: Option<u64>,
         memsw_limit: Option<u64>,
     ) -> Result<Self, LxcError> {
+        if memsw_limit.is_some() && !config::v1_memsw_supported() {
+            eprintln!(
+                "vrun: warning: this host's memory cgroup has no swap accounting; \
+                 memsw_limit is applied on cgroup2 only"
+            );
+        }
         let paths = root.proc(name);
         let state =
             ProcState::load(&paths.state()).map_err(|source| LxcError::NotSetUp { source })?;
@@ -224,6 +230,7 @@ impl LxcProc {
             volumes: &self.volumes,
             mem_limit: self.mem_limit,
             memsw_limit: self.memsw_limit,
+            v1_memsw: self.memsw_limit.is_none() || config::v1_memsw_supported(),
         }
     }
 }
