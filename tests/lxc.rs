@@ -517,3 +517,41 @@ fn a_killed_shell_is_stopped_and_its_leftovers_swept_by_the_next() {
     assert!(r.stderr.contains("removed leftovers"), "{}", r.stderr);
     assert!(p.leftover_scratch_dirs().is_empty());
 }
+
+#[test]
+fn teardown_cleans_a_killed_runs_orphan_and_keeps_the_layers() {
+    let opts = ProcOpts {
+        cmd: "echo up > /tmp/started; exec sleep 1000".into(),
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("tdorphan", opts);
+    let started = p.proc.paths.upper().join("tmp/started");
+    let (pid, _, _) = p.spawn_run(1);
+    assert!(wait_for(READY, || started.exists().then_some(())).is_some());
+    let monitors = vrun::lxc::cgroups::monitor_pids(&p.name);
+    for m in monitors {
+        kill(Pid::from_raw(m), Signal::SIGKILL).unwrap();
+    }
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    p.wait_child(pid);
+    assert!(!p.payload_pids().is_empty(), "no orphan to clean");
+
+    vrun::lxc::teardown(&p.proc.paths, &p.name).unwrap();
+    assert!(p.payload_pids().is_empty());
+    assert!(
+        p.leftover_cgroups().is_empty(),
+        "{:?}",
+        p.leftover_cgroups()
+    );
+    assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
+    assert!(!p.proc.paths.dir.exists());
+    // The cached layers were lower dirs only: untouched.
+    let build = p.proc.state.build_layer.clone().unwrap();
+    let image = p.proc.state.image_layer.clone().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(build.join("app/www/index.html")).unwrap(),
+        image::APP_PAGE
+    );
+    assert!(image.join("bin/busybox").is_file());
+    assert!(!image.join("tmp/started").exists());
+}

@@ -490,6 +490,18 @@ pub fn teardown_containers(paths: &ProcPaths, name: &str) -> Result<MountLock, L
     Ok(lock)
 }
 
+/// All of `vrun teardown` below the proc.yaml lock (which the caller holds): refuse while
+/// a shell/uptest container runs, kill leftovers, remove cgroups, unmount the rootfs
+/// (lazily if a dying container still holds it) and verify, then delete the proc dir
+/// without crossing into another filesystem. Cached layers are never touched: they are
+/// only ever the overlay's read-only lower dirs.
+pub fn teardown(paths: &ProcPaths, name: &str) -> Result<(), LxcError> {
+    let _lock = teardown_containers(paths, name)?;
+    crate::mounts::unmount(&paths.rootfs())?;
+    crate::mounts::remove_dir_on_one_fs(&paths.dir)?;
+    Ok(())
+}
+
 /// Kill and remove every cgroup of proc `name` and of its temporary containers.
 pub fn remove_cgroups(name: &str) -> Result<(), LxcError> {
     for c in cgroups::containers_matching(|c| c == name || is_tmp_of(c, name)) {

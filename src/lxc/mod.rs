@@ -41,7 +41,7 @@ use crate::state::{ProcState, StateError};
 
 pub use config::{render_config, ContainerSpec, Volume};
 pub use container::{
-    clean_run_leftovers, exec_tmp, is_running, remove_cgroups, run_foreground, shell,
+    clean_run_leftovers, exec_tmp, is_running, remove_cgroups, run_foreground, shell, teardown,
     teardown_containers, write_proc_config, Occupancy, TmpCommand, TmpContainer, TmpIo, TmpOutput,
     DEFAULT_GRACE,
 };
