@@ -68,8 +68,8 @@ pub struct ProcFile {
 pub struct SetupArgs {
     #[command(flatten)]
     pub proc: ProcFile,
-    /// Print download/extract timings as JSON on stdout (arrives with the fetch pipeline)
-    #[arg(long, hide = true)]
+    /// Print one JSON object of download/extract timings on stdout at the end
+    #[arg(long)]
     pub timings: bool,
 }
 

@@ -13,6 +13,7 @@ pub mod lock;
 pub mod lxc;
 pub mod mounts;
 pub mod paths;
+pub mod pipeline;
 pub mod procfile;
 pub mod serve;
 pub mod state;

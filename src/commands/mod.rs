@@ -15,6 +15,7 @@ use vrun::paths::Root;
 
 use crate::cli::{Cli, Command};
 
+mod progress;
 mod run;
 mod setup;
 mod shell;
