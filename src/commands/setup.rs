@@ -64,6 +64,9 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
             gid: 0,
         });
     }
+    for art in &artifacts {
+        art.check_url()?;
+    }
     let prepared = if artifacts.is_empty() {
         Vec::new()
     } else {
