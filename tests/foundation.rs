@@ -151,7 +151,7 @@ fn unknown_command_exits_2_listing_the_commands() {
     assert_eq!(
         run.stderr,
         "ERROR: unknown command \"frobnicate\"; the commands are: setup, run, uptest, \
-         teardown, shell (see vrun --help)\n"
+         teardown, shell, demo (see vrun --help)\n"
     );
     let missing_file = t.vrun(["setup"]).run();
     assert_eq!(missing_file.code, Some(2), "{missing_file:?}");
