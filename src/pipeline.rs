@@ -85,6 +85,22 @@ impl Artifact {
     fn name(&self) -> &'static str {
         self.kind.as_str()
     }
+
+    /// Refuse a URL the HTTP client would refuse, with the same error, so that setup can
+    /// check every URL before it creates anything under `$VR_ROOT` (bad input leaves the
+    /// host as it was). The client checks again when it sends the request.
+    pub fn check_url(&self) -> Result<(), FetchError> {
+        let reason = match reqwest::Url::parse(&self.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => return Ok(()),
+            Ok(u) => format!("scheme {:?} is not http or https", u.scheme()),
+            Err(e) => e.to_string(),
+        };
+        Err(FetchError {
+            url: self.url.clone(),
+            attempts: 0,
+            kind: fetch::FetchErrorKind::InvalidUrl { reason },
+        })
+    }
 }
 
 /// Where a layer came from (`--timings` "cache").
