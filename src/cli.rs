@@ -215,7 +215,10 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
-        assert_eq!(command_names(), "setup, run, uptest, teardown, shell, demo");
+        assert_eq!(
+            command_names(),
+            "setup, run, uptest, teardown, shell, cache, demo"
+        );
     }
 
     #[test]
