@@ -61,7 +61,7 @@ fn oneshot(rounds: usize) {
     let files = corpus::corpus();
     let tar_len = std::fs::metadata(&files[0].1).unwrap().len();
     let only = std::env::var("VRUN_BENCH_ONLY").unwrap_or_default();
-    let mut cases: Vec<(String, Box<dyn FnMut() -> f64>)> = Vec::new();
+    let mut cases: Vec<corpus::Case<'static>> = Vec::new();
     for (ext, path) in &files {
         if *ext == "tar" || (!only.is_empty() && !ext.contains(&only)) {
             continue;

@@ -105,7 +105,7 @@ fn oneshot(rounds: usize) {
         d
     };
     let only = std::env::var("VRUN_BENCH_ONLY").unwrap_or_default();
-    let mut cases: Vec<(String, Box<dyn FnMut() -> f64 + '_>)> = Vec::new();
+    let mut cases: Vec<corpus::Case<'_>> = Vec::new();
     for (input, compressed) in [("tar", false), ("tar.gz", true)] {
         if !only.is_empty() && !input.ends_with(&only) {
             continue;

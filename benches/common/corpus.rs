@@ -256,8 +256,11 @@ pub fn oneshot_rounds() -> Option<usize> {
     std::env::var("VRUN_BENCH_ONESHOT").ok()?.parse().ok()
 }
 
-/// Run `cases` round-robin for `rounds` rounds; each returns the seconds it measured.
-pub fn oneshot(rounds: usize, bytes: u64, cases: &mut [(String, Box<dyn FnMut() -> f64 + '_>)]) {
+/// A named case of a one-shot run, returning the seconds it measured.
+pub type Case<'a> = (String, Box<dyn FnMut() -> f64 + 'a>);
+
+/// Run `cases` round-robin for `rounds` rounds.
+pub fn oneshot(rounds: usize, bytes: u64, cases: &mut [Case<'_>]) {
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for round in 0..rounds {
         for (i, (_, f)) in cases.iter_mut().enumerate() {
