@@ -248,3 +248,51 @@ fn compress(cmd: &[&str], input: &Path, output: &Path) {
     assert!(status.success(), "{cmd:?}");
     std::fs::rename(&tmp, output).unwrap();
 }
+
+/// `VRUN_BENCH_ONESHOT=N`: instead of criterion's statistics, run each case N times,
+/// interleaved with the others (so machine load hits all cases alike), and print
+/// median / min / max. For quick figures on a busy machine.
+pub fn oneshot_rounds() -> Option<usize> {
+    std::env::var("VRUN_BENCH_ONESHOT").ok()?.parse().ok()
+}
+
+/// A named case of a one-shot run, returning the seconds it measured.
+pub type Case<'a> = (String, Box<dyn FnMut() -> f64 + 'a>);
+
+/// Run `cases` round-robin for `rounds` rounds.
+pub fn oneshot(rounds: usize, bytes: u64, cases: &mut [Case<'_>]) {
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for round in 0..rounds {
+        for (i, (_, f)) in cases.iter_mut().enumerate() {
+            // Alternate direction each round so no case always follows the same one.
+            let _ = round;
+            times[i].push(f());
+        }
+        cases.reverse();
+        times.reverse();
+    }
+    if rounds % 2 == 1 {
+        cases.reverse();
+        times.reverse();
+    }
+    for ((name, _), t) in cases.iter().zip(times.iter_mut()) {
+        t.sort_by(f64::total_cmp);
+        let med = t[t.len() / 2];
+        println!(
+            "{name:<28} median {med:7.3} s  (min {:.3}, max {:.3}, n={})  median {:6.1} MiB/s, best {:6.1} MiB/s",
+            t[0],
+            t[t.len() - 1],
+            t.len(),
+            bytes as f64 / med / (1 << 20) as f64,
+            bytes as f64 / t[0] / (1 << 20) as f64
+        );
+    }
+}
+
+/// Time a shell command (the baselines).
+pub fn time_shell(cmd: &str) -> f64 {
+    let start = std::time::Instant::now();
+    let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(status.success(), "{cmd}");
+    start.elapsed().as_secs_f64()
+}

@@ -92,25 +92,31 @@ struct Done {
     result: Result<Instant, ExtractError>,
 }
 
-/// Counting semaphore of queued bytes.
+/// Counting semaphore of queued bytes. Only the parse thread waits on it, and a release
+/// wakes it only when it is waiting (a wake-up is a system call; most releases need none).
 struct Budget {
-    used: Mutex<u64>,
+    /// (bytes in use, parse thread waiting)
+    state: Mutex<(u64, bool)>,
     freed: Condvar,
 }
 
 impl Budget {
     fn acquire(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used > 0 && *used + n > BUDGET_BYTES {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.0 > 0 && st.0 + n > BUDGET_BYTES {
+            st.1 = true;
+            st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        *used += n;
+        st.1 = false;
+        st.0 += n;
     }
 
     fn release(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *used -= n;
-        self.freed.notify_all();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 -= n;
+        if st.1 {
+            self.freed.notify_one();
+        }
     }
 }
 
@@ -260,7 +266,7 @@ impl Threads {
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
         let budget = Arc::new(Budget {
-            used: Mutex::new(0),
+            state: Mutex::new((0, false)),
             freed: Condvar::new(),
         });
         let abort = Arc::new(AtomicBool::new(false));
