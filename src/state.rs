@@ -28,11 +28,20 @@ pub struct ProcState {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot read proc state {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write proc state {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("proc state {path} is not valid: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("proc state {path} has version {found}, this vrun understands {STATE_VERSION}")]
     Version { path: PathBuf, found: u32 },
 }
