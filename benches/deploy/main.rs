@@ -82,6 +82,10 @@ struct Opts {
     /// Which sides to run.
     #[arg(long, value_enum, default_value = "both")]
     only: Only,
+    /// After each cache drop, leave the tools (vrun, curl, tar, decompressors) cold too;
+    /// by default they are read back in, so only the deploy's data path is cold.
+    #[arg(long)]
+    cold_tools: bool,
     /// Skip the warm (second proc, layer reuse) setups.
     #[arg(long)]
     no_warm: bool,
@@ -291,6 +295,7 @@ fn run(opts: &Opts) -> Result<()> {
         only: opts.only,
         warm: !opts.no_warm && opts.only != Only::Baseline,
         timeout: Duration::from_secs(opts.timeout_s),
+        warm_tools: !opts.cold_tools,
     };
     let slow = SlowDisk {
         mib_per_s: opts.slow_mibps,
@@ -401,7 +406,8 @@ fn run(opts: &Opts) -> Result<()> {
         "method": {
             "pairs": opts.pairs,
             "order": "alternating: even pairs A then B, odd pairs B then A",
-            "drop_caches": "sync -f target; echo 3 > /proc/sys/vm/drop_caches before every A and every B (not before warm)",
+            "drop_caches": "syncfs(target); echo 3 > /proc/sys/vm/drop_caches before every A and every B (not before warm)",
+            "tools_rewarmed_after_drop": !opts.cold_tools,
             "durability": "baseline ends with sync -f on the target fs; vrun fsyncs before publishing",
             "slow_disk": slow,
             "vrun": vrun,

@@ -109,6 +109,19 @@ pub struct RunCtx<'a> {
     pub only: Only,
     pub warm: bool,
     pub timeout: Duration,
+    /// Re-read the tools after each cache drop (see `sys::warm_tools`).
+    pub warm_tools: bool,
+}
+
+impl RunCtx<'_> {
+    /// The same preparation before every A and every B run.
+    fn drop_caches(&self, target: &TargetFs) -> Result<()> {
+        sys::drop_caches(target.path())?;
+        if self.warm_tools {
+            sys::warm_tools(self.vrun);
+        }
+        Ok(())
+    }
 }
 
 pub fn run_set(
@@ -282,7 +295,7 @@ fn vrun_pair(
     fs_err::create_dir_all(&root)?;
     let yaml = ctx.scratch.join(format!("proc-web-{pair}.yaml"));
     fs_err::write(&yaml, proc_yaml(artifacts, "web", 8000))?;
-    sys::drop_caches(target.path())?;
+    ctx.drop_caches(target)?;
     let before = gets(ctx.server, artifacts);
     let (m, out, err) = vrun_setup(ctx, &root, &yaml, &format!("vrun-{pair}"))?;
     let timings = check_vrun(ctx, &m, &out, &err, "vrun cold")
@@ -390,7 +403,7 @@ fn baseline(
     }
     let script = baseline_script(artifacts, format, &dests, &scratch);
     let err = scratch.join("stderr");
-    sys::drop_caches(target.path())?;
+    ctx.drop_caches(target)?;
     let before = gets(ctx.server, artifacts);
     let mut cmd = Command::new("bash");
     cmd.arg("-c").arg(&script);
