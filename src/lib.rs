@@ -4,5 +4,20 @@
 //! and the files it produces, the streaming fetch pipeline, the LXC hand-off, and
 //! uptests. The content-addressed store lives in its own crate, `vrun-cache`.
 
+pub mod config;
+pub mod decode;
+pub mod demo;
+pub mod envfiles;
+pub mod extract;
+pub mod fetch;
+pub mod lock;
+pub mod lxc;
+pub mod mounts;
 pub mod paths;
+pub mod pipeline;
+pub mod procfile;
+pub mod sample;
+pub mod serve;
 pub mod state;
+pub mod uptest;
+pub mod yaml;

@@ -1,0 +1,182 @@
+//! Small filesystem primitives the store is built from: atomic small-file writes, fsync of
+//! a directory, `syncfs`, a one-syscall "touch", and a tree removal that copes with
+//! read-only directories (image layers keep their modes, e.g. 0555 dirs).
+
+use std::ffi::CString;
+use std::io::{ErrorKind, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::error::StoreError;
+
+/// A random, collision-free-enough name for temp files and ingest dirs: pid for humans
+/// reading a leftover, 64 random bits for uniqueness.
+pub(crate) fn random_name() -> String {
+    format!("{}-{:016x}", std::process::id(), rand::random::<u64>())
+}
+
+/// Writes `body` to a temp sibling (`.tmp-<random>`, never a name readers look at),
+/// fsyncs it and renames it over `path`. Readers see the old or the new file, never a
+/// torn one.
+pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().expect("store paths have a parent");
+    let tmp = dir.join(format!(".tmp-{}", random_name()));
+    let result = (|| {
+        let mut f = fs_err::File::create(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()?;
+        fs_err::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// fsync a directory, making the renames done in it durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    let f = fs_err::File::open(dir)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// `syncfs(2)` on the filesystem holding `path`: one call flushes every file written in
+/// a freshly extracted tree, instead of one fsync per file (12k fsyncs on a slow disk
+/// cost seconds; syncfs lets the filesystem batch them in one journal commit).
+pub(crate) fn syncfs(path: &Path) -> Result<(), StoreError> {
+    let f = fs_err::File::open(path)?;
+    // SAFETY: plain syscall on a valid open fd.
+    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+    if rc != 0 {
+        return Err(StoreError::io(
+            "cannot syncfs",
+            path,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Sets the modification time of `path` (not following symlinks) to now: how the store
+/// records "last used" for gc, in one syscall and without writing data.
+pub(crate) fn touch(path: &Path) -> Result<(), StoreError> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| {
+        StoreError::io(
+            "cannot touch",
+            path,
+            std::io::Error::new(ErrorKind::InvalidInput, e),
+        )
+    })?;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+    ];
+    // SAFETY: valid NUL-terminated path and a two-element timespec array.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(StoreError::io(
+            "cannot touch",
+            path,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Modification time of `path` without following symlinks (epoch when unreadable).
+pub(crate) fn mtime(path: &Path) -> SystemTime {
+    std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Removes a file or a whole tree. When plain removal is refused (a read-only directory
+/// as a non-root user), makes directories writable and tries again. Missing is success.
+pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_dir() {
+        return std::fs::remove_file(path);
+    }
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            make_dirs_writable(path);
+            std::fs::remove_dir_all(path)
+        }
+    }
+}
+
+fn make_dirs_writable(dir: &Path) {
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                make_dirs_writable(&entry.path());
+            }
+        }
+    }
+}
+
+/// Disk usage of a file or tree (allocated blocks, not following symlinks).
+pub(crate) fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for entry in entries.flatten() {
+                total += disk_usage(&entry.path());
+            }
+        }
+    }
+    total
+}
+
+/// `true` when `s` is exactly `len` lowercase hex digits (a digest we may use as a name).
+pub(crate) fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The names in a directory, sorted; a missing directory is empty.
+pub(crate) fn sorted_names(dir: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
+    let entries = match fs_err::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if let Some(name) = entry.file_name().to_str() {
+            names.push((name.to_owned(), entry.path()));
+        }
+    }
+    names.sort();
+    Ok(names)
+}

@@ -1,0 +1,292 @@
+//! Layers: extracted trees, keyed by (blob sha256, kind, uid, gid), immutable once
+//! published.
+//!
+//! A published layer is a directory `layers-v1/<key>/` holding `root/` (the tree that
+//! overlayfs mounts), `layer.json` (key, publish time, counts) and `manifest-v1.tsv`.
+//! All three are assembled in an ingest dir and appear together with one rename, so
+//! there is no state where the tree is visible but incomplete: a layer exists
+//! completely or not at all. `layer.json` is still checked on every lookup (a layer
+//! damaged by hand, or by a full disk on a filesystem without ordered renames, is a miss).
+//!
+//! Durability: one `syncfs` on the staging filesystem before the rename instead of an
+//! fsync per extracted file, then an fsync of `layers-v1/` after it.
+//!
+//! Metadata lives beside the tree, not inside it, so nothing of the store shows up in
+//! the container's filesystem.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+use crate::fsutil;
+use crate::layout::{LAYER_MANIFEST, LAYER_META, LAYER_ROOT};
+use crate::manifest::{Manifest, TreeStats};
+use crate::store::{check_hex, Store};
+
+/// Format of `layer.json`; a different number is not a layer this code can vouch for.
+pub(crate) const LAYER_META_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerKind {
+    /// An app build, owned by the proc's user (its bytes live under `app/`).
+    Build,
+    /// An OS image, numeric ownership kept as in the archive.
+    Image,
+}
+
+impl LayerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerKind::Build => "build",
+            LayerKind::Image => "image",
+        }
+    }
+}
+
+/// What a layer is made of. The same blob extracted for another owner is another layer.
+/// For images the owner is not applied; pass 0, 0.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LayerKey {
+    pub blob_sha256: String,
+    pub kind: LayerKind,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl LayerKey {
+    pub fn new(blob_sha256: impl Into<String>, kind: LayerKind, uid: u32, gid: u32) -> LayerKey {
+        LayerKey {
+            blob_sha256: blob_sha256.into(),
+            kind,
+            uid,
+            gid,
+        }
+    }
+
+    /// The directory name under `layers-v1/`: `<kind>-<sha256>-<uid>-<gid>`.
+    pub fn dir_name(&self) -> String {
+        format!(
+            "{}-{}-{}-{}",
+            self.kind.as_str(),
+            self.blob_sha256,
+            self.uid,
+            self.gid
+        )
+    }
+
+    /// The key to [`Store::lock`] while extracting this layer.
+    pub fn lock_key(&self) -> String {
+        format!("layer-{}", self.dir_name())
+    }
+
+    /// Inverse of [`LayerKey::dir_name`]; `None` for any other name.
+    pub fn parse(name: &str) -> Option<LayerKey> {
+        let mut parts = name.split('-');
+        let kind = match parts.next()? {
+            "build" => LayerKind::Build,
+            "image" => LayerKind::Image,
+            _ => return None,
+        };
+        let sha = parts.next()?;
+        let uid = parts.next()?.parse().ok()?;
+        let gid = parts.next()?.parse().ok()?;
+        if parts.next().is_some() || !fsutil::is_hex(sha, 64) {
+            return None;
+        }
+        let key = LayerKey::new(sha, kind, uid, gid);
+        (key.dir_name() == name).then_some(key)
+    }
+
+    fn validate(&self) -> Result<(), StoreError> {
+        check_hex("layer blob sha256", &self.blob_sha256, 64)
+    }
+}
+
+/// Contents of `layer.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerMeta {
+    pub format: u32,
+    pub key: LayerKey,
+    /// Unix seconds of the publishing rename.
+    pub published_at: u64,
+    #[serde(flatten)]
+    pub stats: TreeStats,
+    /// sha256 of `manifest-v1.tsv`, so a damaged manifest is detected rather than trusted.
+    pub manifest_sha256: String,
+    /// Time spent walking and hashing the staging tree for the manifest (cost accounting).
+    pub manifest_seconds: f64,
+    /// Whether the manifest holds content hashes ([`ManifestMode::Full`]).
+    #[serde(default = "yes")]
+    pub content_hashed: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How much of a layer [`Store::publish_layer_with`] records for `verify --deep`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ManifestMode {
+    /// Type, mode, owner, size and link target of every entry, and the sha256 of every
+    /// regular file: deep verify proves every byte. Costs a second read of the tree
+    /// (from the page cache) and its hashing, on several threads.
+    #[default]
+    Full,
+    /// Everything but the content hashes: one `lstat` per entry. Deep verify still
+    /// finds missing, extra, resized, re-owned or re-moded entries, not edited bytes.
+    Shallow,
+}
+
+/// Removes a directory on Drop unless disarmed: the publish path's cleanup.
+struct TempTree(Option<PathBuf>);
+
+impl Drop for TempTree {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fsutil::remove_tree(&p);
+        }
+    }
+}
+
+impl Store {
+    fn layer_dir(&self, key: &LayerKey) -> PathBuf {
+        self.layout.layers().join(key.dir_name())
+    }
+
+    /// The root of the published layer, only if completely published. Records a use.
+    pub fn layer(&self, key: &LayerKey) -> Option<PathBuf> {
+        key.validate().ok()?;
+        let dir = self.layer_dir(key);
+        let meta = read_meta(&dir)?;
+        if meta.key != *key {
+            return None;
+        }
+        let root = dir.join(LAYER_ROOT);
+        if !std::fs::symlink_metadata(&root)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+        {
+            return None;
+        }
+        let _ = fsutil::touch(&dir);
+        Some(root)
+    }
+
+    /// Records a use of a layer now (also done by [`Store::layer`]).
+    pub fn touch_layer(&self, key: &LayerKey) -> Result<(), StoreError> {
+        key.validate()?;
+        fsutil::touch(&self.layer_dir(key))
+    }
+
+    /// The metadata of a published layer.
+    pub fn layer_meta(&self, key: &LayerKey) -> Option<LayerMeta> {
+        key.validate().ok()?;
+        read_meta(&self.layer_dir(key)).filter(|m| m.key == *key)
+    }
+
+    /// Publishes `staging` (an extracted tree on the store's filesystem, normally
+    /// [`crate::Ingest::staging_dir`]) as the layer `key` and returns the layer's root.
+    /// The staging dir is consumed (moved or removed).
+    ///
+    /// If the layer already exists (another process won the race; callers normally
+    /// prevent this with [`Store::lock`]), the staging tree is discarded and the existing
+    /// layer returned. A damaged layer under the same name is quarantined and replaced.
+    pub fn publish_layer(&self, key: &LayerKey, staging: &Path) -> Result<PathBuf, StoreError> {
+        self.publish_layer_with(key, staging, ManifestMode::Full)
+    }
+
+    /// [`Store::publish_layer`] choosing how much the manifest records.
+    pub fn publish_layer_with(
+        &self,
+        key: &LayerKey,
+        staging: &Path,
+        mode: ManifestMode,
+    ) -> Result<PathBuf, StoreError> {
+        key.validate()?;
+        if !fs_err::symlink_metadata(staging)?.is_dir() {
+            return Err(StoreError::NotADirectory {
+                path: staging.to_owned(),
+            });
+        }
+        if let Some(root) = self.layer(key) {
+            let _ = fsutil::remove_tree(staging);
+            return Ok(root);
+        }
+
+        let started = Instant::now();
+        let content_hashed = mode == ManifestMode::Full;
+        let manifest = Manifest::scan(staging, content_hashed)?;
+        let manifest_text = manifest.to_text();
+        let manifest_seconds = started.elapsed().as_secs_f64();
+
+        let wrapper = self
+            .layout
+            .ingest()
+            .join(format!("{}.layer", fsutil::random_name()));
+        fs_err::create_dir(&wrapper)?;
+        let mut cleanup = TempTree(Some(wrapper.clone()));
+        fs_err::rename(staging, wrapper.join(LAYER_ROOT))?;
+        fs_err::write(wrapper.join(LAYER_MANIFEST), &manifest_text)?;
+        let meta = LayerMeta {
+            format: LAYER_META_FORMAT,
+            key: key.clone(),
+            published_at: crate::unix_now(),
+            stats: manifest.stats,
+            manifest_sha256: crate::sha256_hex(manifest_text.as_bytes()),
+            manifest_seconds,
+            content_hashed,
+        };
+        let meta_json = serde_json::to_vec_pretty(&meta).expect("layer meta serializes");
+        fs_err::write(wrapper.join(LAYER_META), meta_json)?;
+        fsutil::syncfs(&wrapper)?;
+
+        let dest = self.layer_dir(key);
+        for attempt in 0..2 {
+            match std::fs::rename(&wrapper, &dest) {
+                Ok(()) => {
+                    cleanup.0 = None;
+                    fsutil::fsync_dir(&self.layout.layers())?;
+                    return Ok(dest.join(LAYER_ROOT));
+                }
+                Err(e) if is_exists(&e) => {
+                    if let Some(root) = self.layer(key) {
+                        return Ok(root); // the other writer won; ours goes with `cleanup`
+                    }
+                    if attempt == 0 {
+                        self.quarantine(&dest, &key.dir_name())?;
+                        continue;
+                    }
+                    return Err(StoreError::io(
+                        &format!("cannot publish layer from {} to", wrapper.display()),
+                        &dest,
+                        e,
+                    ));
+                }
+                Err(e) => {
+                    return Err(StoreError::io(
+                        &format!("cannot publish layer from {} to", wrapper.display()),
+                        &dest,
+                        e,
+                    ))
+                }
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+}
+
+fn is_exists(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST))
+        || e.kind() == ErrorKind::AlreadyExists
+}
+
+/// Reads `layer.json` of a layer dir; `None` if missing, corrupt or of another format.
+pub(crate) fn read_meta(layer_dir: &Path) -> Option<LayerMeta> {
+    let bytes = std::fs::read(layer_dir.join(LAYER_META)).ok()?;
+    let meta: LayerMeta = serde_json::from_slice(&bytes).ok()?;
+    (meta.format == LAYER_META_FORMAT).then_some(meta)
+}

@@ -1,0 +1,140 @@
+//! Every on-disk name of the store, and the layout version marker, in one place.
+//!
+//! Following uv's cache, each bucket carries its own `-vN` suffix. A future change to
+//! one bucket's format bumps that bucket's suffix, so an old vrun simply never looks at
+//! the new directory and a new vrun never misreads the old one: they coexist until gc.
+//! The store-wide `VERSION` file records the newest layout that has written here; a
+//! vrun that finds a bigger number than it knows refuses to touch the store at all,
+//! because a future layout may have changed what the shared pieces (locks, CACHEDIR.TAG)
+//! mean. A smaller number is upgraded in place: older buckets have other names and are
+//! ignored.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use crate::error::StoreError;
+use crate::fsutil;
+
+/// Layout version this code writes and reads. Bump together with the suffixes below.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Name of the layout marker file at the store root (contains the version number).
+pub const VERSION_FILE: &str = "VERSION";
+
+/// Cache directory tag (<https://bford.info/cachedir/>): backup tools skip the store.
+pub const CACHEDIR_TAG: &str = "CACHEDIR.TAG";
+
+/// Contents of [`CACHEDIR_TAG`]; the first line is the standard signature.
+pub const CACHEDIR_TAG_BODY: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
+# This file is a cache directory tag created by vrun.\n\
+# For information about cache directory tags see https://bford.info/cachedir/\n";
+
+/// The buckets of layout version 1, relative to the store root.
+pub(crate) const BLOBS: &str = "blobs-v1/sha256";
+pub(crate) const INDEX_MD5: &str = "index-v1/md5";
+pub(crate) const INDEX_URL: &str = "index-v1/url";
+pub(crate) const LAYERS: &str = "layers-v1";
+pub(crate) const INGEST: &str = "ingest-v1";
+pub(crate) const LOCKS: &str = "locks-v1";
+pub(crate) const QUARANTINE: &str = "quarantine-v1";
+
+/// Every directory the layout needs, created by [`crate::Store::open`].
+pub(crate) const ALL_DIRS: [&str; 7] = [
+    BLOBS, INDEX_MD5, INDEX_URL, LAYERS, INGEST, LOCKS, QUARANTINE,
+];
+
+/// Inside a published layer directory `layers-v1/<key>/`:
+/// the extracted tree itself (what overlayfs mounts as a lower dir),
+pub(crate) const LAYER_ROOT: &str = "root";
+/// the small metadata file whose presence marks the layer complete,
+pub(crate) const LAYER_META: &str = "layer.json";
+/// and the per-entry manifest `verify --deep` re-checks.
+pub(crate) const LAYER_MANIFEST: &str = "manifest-v1.tsv";
+
+/// Name of the store-wide lock inside [`LOCKS`] (key locks never start with a dot).
+pub(crate) const STORE_LOCK: &str = ".store.lock";
+
+/// Resolved paths of one store.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub root: PathBuf,
+}
+
+impl Layout {
+    pub fn blobs(&self) -> PathBuf {
+        self.root.join(BLOBS)
+    }
+    pub fn index_md5(&self) -> PathBuf {
+        self.root.join(INDEX_MD5)
+    }
+    pub fn index_url(&self) -> PathBuf {
+        self.root.join(INDEX_URL)
+    }
+    pub fn layers(&self) -> PathBuf {
+        self.root.join(LAYERS)
+    }
+    pub fn ingest(&self) -> PathBuf {
+        self.root.join(INGEST)
+    }
+    pub fn locks(&self) -> PathBuf {
+        self.root.join(LOCKS)
+    }
+    pub fn quarantine(&self) -> PathBuf {
+        self.root.join(QUARANTINE)
+    }
+    pub fn version_file(&self) -> PathBuf {
+        self.root.join(VERSION_FILE)
+    }
+}
+
+/// Reads the layout marker: `None` when absent (a new store, or one made before markers).
+pub(crate) fn read_version(root: &Path) -> Result<Option<u32>, StoreError> {
+    let path = root.join(VERSION_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StoreError::io("cannot read", &path, source)),
+    };
+    match text.trim().parse::<u32>() {
+        Ok(v) => Ok(Some(v)),
+        Err(_) => Err(StoreError::BadLayoutMarker {
+            path,
+            content: text.chars().take(40).collect(),
+        }),
+    }
+}
+
+/// Refuses a store written by a newer layout, before anything is created in it.
+pub(crate) fn check_version(root: &Path) -> Result<Option<u32>, StoreError> {
+    let found = read_version(root)?;
+    if let Some(found) = found {
+        if found > LAYOUT_VERSION {
+            return Err(StoreError::FutureLayout {
+                path: root.join(VERSION_FILE),
+                found,
+                supported: LAYOUT_VERSION,
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Creates the directories, CACHEDIR.TAG and the marker (idempotent, race-safe: every
+/// file is written as temp + rename, so two processes opening a new store at once agree).
+pub(crate) fn create(layout: &Layout, found: Option<u32>) -> Result<(), StoreError> {
+    for dir in ALL_DIRS {
+        let path = layout.root.join(dir);
+        fs_err::create_dir_all(&path)?;
+    }
+    let tag = layout.root.join(CACHEDIR_TAG);
+    if !tag.exists() {
+        fsutil::write_atomic(&tag, CACHEDIR_TAG_BODY.as_bytes())?;
+    }
+    if found != Some(LAYOUT_VERSION) {
+        fsutil::write_atomic(
+            &layout.version_file(),
+            format!("{LAYOUT_VERSION}\n").as_bytes(),
+        )?;
+    }
+    Ok(())
+}

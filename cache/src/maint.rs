@@ -1,0 +1,540 @@
+//! Operating the store: list what it holds, collect garbage, verify it.
+//!
+//! The store cannot know which layers are in use (that is in each proc's state file and
+//! in the kernel's mount table, both vrun's business), so callers pass [`References`]:
+//! the layer paths in use and by whom. gc never removes a referenced layer; blobs are
+//! never in use once extracted, they only save a download.
+//!
+//! gc and verify require the store opened exclusively ([`Store::open_exclusive`]): they
+//! wait for running setups and setups wait for them. Deleting is rename-then-remove and
+//! quarantining is a rename, so a crash in the middle never leaves a half entry under a
+//! published name.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use md5::Md5;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::StoreError;
+use crate::fsutil;
+use crate::layer::{read_meta, LayerKey, LayerKind};
+use crate::layout::{LAYER_MANIFEST, LAYER_ROOT};
+use crate::manifest::Manifest;
+use crate::store::{read_md5_entry, read_url_entry, Store};
+
+/// Ingest and quarantine leftovers younger than this are kept by gc: a day leaves time
+/// to look at what a crashed or failed setup left behind.
+pub const LEFTOVER_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// How many manifest differences verify reports per layer (the rest are counted).
+const MAX_DIFFS_REPORTED: usize = 5;
+
+/// Read buffer for re-hashing blobs.
+const HASH_BUF: usize = 256 * 1024;
+
+/// Layer paths in use, and who uses them (proc names, "live mount", …).
+#[derive(Debug, Default, Clone)]
+pub struct References {
+    users: BTreeMap<PathBuf, BTreeSet<String>>,
+}
+
+impl References {
+    pub fn new() -> References {
+        References::default()
+    }
+
+    /// Marks `path` (a layer root or anything inside a layer dir) as used by `user`.
+    pub fn add(&mut self, path: impl AsRef<Path>, user: impl Into<String>) {
+        let path = path.as_ref();
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        self.users.entry(path).or_default().insert(user.into());
+    }
+
+    /// Who uses the layer stored in `layer_dir` (`layers-v1/<key>`).
+    pub fn users_of(&self, layer_dir: &Path) -> Vec<String> {
+        let mut out = BTreeSet::new();
+        for (path, users) in &self.users {
+            if path.starts_with(layer_dir) || layer_dir.starts_with(path) {
+                out.extend(users.iter().cloned());
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    Blob,
+    Layer,
+}
+
+/// One row of `vrun cache ls`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    pub kind: EntryKind,
+    /// Blob: its sha256. Layer: its directory name (`<kind>-<sha256>-<uid>-<gid>`).
+    pub key: String,
+    /// Blob: the file. Layer: its root (what a proc mounts).
+    pub path: PathBuf,
+    /// Bytes on disk (allocated blocks).
+    pub size: u64,
+    /// Unix seconds of the last use (publish or reuse).
+    pub last_used: u64,
+    /// The blob (for a layer: the blob it was extracted from).
+    pub blob_sha256: String,
+    /// md5s recorded for the blob.
+    pub md5: Vec<String>,
+    /// URLs recorded as serving the blob.
+    pub urls: Vec<String>,
+    /// Layers only: build or image, owner, file count.
+    pub layer_kind: Option<LayerKind>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub files: Option<u64>,
+    /// Layers only: false when its `layer.json` is missing or unreadable (gc removes it,
+    /// verify quarantines it, setup never uses it).
+    pub complete: bool,
+    /// Who uses it (from [`References`]); empty for blobs.
+    pub used_by: Vec<String>,
+}
+
+/// Options of [`Store::gc`].
+#[derive(Debug, Clone, Default)]
+pub struct GcOptions {
+    /// Remove least-recently-used unreferenced entries until the store is at most this big.
+    pub budget: Option<u64>,
+    /// Remove unreferenced entries not used for this long.
+    pub older_than: Option<Duration>,
+    /// Report what would go, remove nothing.
+    pub dry_run: bool,
+}
+
+/// A removed ingest/quarantine leftover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Leftover {
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+/// What gc freed (or, with `dry_run`, would free).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub removed: Vec<CacheEntry>,
+    pub leftovers: Vec<Leftover>,
+    pub freed_bytes: u64,
+    /// Size of the entries kept (referenced ones included).
+    pub kept_bytes: u64,
+    pub kept_entries: usize,
+    /// Size of the kept entries gc was not allowed to remove (referenced layers).
+    pub referenced_bytes: u64,
+}
+
+/// One problem found by verify.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BadEntry {
+    /// "blob", "layer", "md5-index", "url-index" or "unknown".
+    pub kind: String,
+    pub key: String,
+    pub path: PathBuf,
+    pub problems: Vec<String>,
+    /// Where it was moved (it is no longer used; the next setup refetches).
+    pub quarantined_to: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub blobs_checked: usize,
+    pub layers_checked: usize,
+    pub index_entries_checked: usize,
+    pub deep: bool,
+    pub bad: Vec<BadEntry>,
+}
+
+/// The md5 and URL indexes read backwards: sha256 → (md5s, urls), with the index files.
+#[derive(Default)]
+struct ReverseIndex {
+    md5: HashMap<String, Vec<(String, PathBuf)>>,
+    urls: HashMap<String, Vec<(String, PathBuf)>>,
+    /// Index files that do not parse (verify quarantines them).
+    corrupt: Vec<(String, PathBuf)>,
+    checked: usize,
+}
+
+impl Store {
+    fn reverse_index(&self) -> Result<ReverseIndex, StoreError> {
+        let mut rev = ReverseIndex::default();
+        for (name, path) in fsutil::sorted_names(&self.layout.index_md5())? {
+            if name.starts_with(".tmp-") {
+                continue;
+            }
+            rev.checked += 1;
+            match read_md5_entry(&path).filter(|_| fsutil::is_hex(&name, 32)) {
+                Some(sha) => rev.md5.entry(sha).or_default().push((name, path)),
+                None => rev.corrupt.push(("md5-index".into(), path)),
+            }
+        }
+        for (name, path) in fsutil::sorted_names(&self.layout.index_url())? {
+            if name.starts_with(".tmp-") {
+                continue;
+            }
+            rev.checked += 1;
+            match read_url_entry(&path).filter(|r| crate::sha256_hex(r.url.as_bytes()) == name) {
+                Some(rec) => rev
+                    .urls
+                    .entry(rec.sha256)
+                    .or_default()
+                    .push((rec.url, path)),
+                None => rev.corrupt.push(("url-index".into(), path)),
+            }
+        }
+        Ok(rev)
+    }
+
+    /// Every blob and layer, oldest use first.
+    pub fn entries(&self, refs: &References) -> Result<Vec<CacheEntry>, StoreError> {
+        let rev = self.reverse_index()?;
+        let md5_of = |sha: &str| -> Vec<String> {
+            rev.md5
+                .get(sha)
+                .map(|v| v.iter().map(|(m, _)| m.clone()).collect())
+                .unwrap_or_default()
+        };
+        let urls_of = |sha: &str| -> Vec<String> {
+            rev.urls
+                .get(sha)
+                .map(|v| v.iter().map(|(u, _)| u.clone()).collect())
+                .unwrap_or_default()
+        };
+        let mut out = Vec::new();
+        for (name, path) in fsutil::sorted_names(&self.layout.blobs())? {
+            if !fsutil::is_hex(&name, 64) {
+                continue;
+            }
+            out.push(CacheEntry {
+                kind: EntryKind::Blob,
+                size: fsutil::disk_usage(&path),
+                last_used: unix(fsutil::mtime(&path)),
+                md5: md5_of(&name),
+                urls: urls_of(&name),
+                blob_sha256: name.clone(),
+                key: name,
+                path,
+                layer_kind: None,
+                uid: None,
+                gid: None,
+                files: None,
+                complete: true,
+                used_by: Vec::new(),
+            });
+        }
+        for (name, dir) in fsutil::sorted_names(&self.layout.layers())? {
+            let Some(key) = LayerKey::parse(&name) else {
+                continue;
+            };
+            let meta = read_meta(&dir).filter(|m| m.key == key);
+            out.push(CacheEntry {
+                kind: EntryKind::Layer,
+                size: match &meta {
+                    Some(m) => m.stats.disk_bytes + fsutil::disk_usage(&dir.join(LAYER_MANIFEST)),
+                    None => fsutil::disk_usage(&dir),
+                },
+                last_used: unix(fsutil::mtime(&dir)),
+                md5: md5_of(&key.blob_sha256),
+                urls: urls_of(&key.blob_sha256),
+                blob_sha256: key.blob_sha256.clone(),
+                key: name,
+                path: dir.join(LAYER_ROOT),
+                layer_kind: Some(key.kind),
+                uid: Some(key.uid),
+                gid: Some(key.gid),
+                files: meta.as_ref().map(|m| m.stats.files),
+                complete: meta.is_some(),
+                used_by: refs.users_of(&dir),
+            });
+        }
+        out.sort_by(|a, b| (a.last_used, &a.key).cmp(&(b.last_used, &b.key)));
+        Ok(out)
+    }
+
+    /// Removes unreferenced blobs and layers, least recently used first, until the store
+    /// fits `budget` and nothing unreferenced is older than `older_than`. With neither
+    /// given, every unreferenced entry goes. Ingest and quarantine leftovers older than
+    /// [`LEFTOVER_MAX_AGE`] go too, and index entries of removed blobs.
+    pub fn gc(&self, opts: &GcOptions, refs: &References) -> Result<GcReport, StoreError> {
+        if !self.exclusive {
+            return Err(StoreError::NotExclusive { what: "gc" });
+        }
+        let entries = self.entries(refs)?;
+        let now = SystemTime::now();
+        let mut total: u64 = entries.iter().map(|e| e.size).sum();
+        let everything = opts.budget.is_none() && opts.older_than.is_none();
+        let mut report = GcReport {
+            dry_run: opts.dry_run,
+            ..GcReport::default()
+        };
+        for entry in entries {
+            let referenced = !entry.used_by.is_empty();
+            let too_old = opts.older_than.is_some_and(|age| {
+                now.duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(entry.last_used))
+                    .is_ok_and(|idle| idle >= age)
+            });
+            let over_budget = opts.budget.is_some_and(|b| total > b);
+            if referenced || !(everything || too_old || over_budget) {
+                report.kept_entries += 1;
+                report.kept_bytes += entry.size;
+                if referenced {
+                    report.referenced_bytes += entry.size;
+                }
+                continue;
+            }
+            total -= entry.size;
+            report.freed_bytes += entry.size;
+            if !opts.dry_run {
+                let target = match entry.kind {
+                    EntryKind::Blob => entry.path.clone(),
+                    EntryKind::Layer => entry
+                        .path
+                        .parent()
+                        .expect("layer root has a parent")
+                        .to_owned(),
+                };
+                self.remove_entry(&target)?;
+            }
+            report.removed.push(entry);
+        }
+        if !opts.dry_run {
+            self.remove_dangling_index()?;
+            self.remove_idle_key_locks()?;
+        }
+        for dir in [self.layout.ingest(), self.layout.quarantine()] {
+            for (_, path) in fsutil::sorted_names(&dir)? {
+                let age = now.duration_since(fsutil::mtime(&path)).unwrap_or_default();
+                if age < LEFTOVER_MAX_AGE {
+                    continue;
+                }
+                let size = fsutil::disk_usage(&path);
+                if !opts.dry_run {
+                    fsutil::remove_tree(&path)
+                        .map_err(|e| StoreError::io("cannot remove", &path, e))?;
+                }
+                report.freed_bytes += size;
+                report.leftovers.push(Leftover { path, size });
+            }
+        }
+        Ok(report)
+    }
+
+    /// Key lock files accumulate (one per URL and layer ever fetched). Every key lock is
+    /// taken through a `Store`, which holds the store lock shared, so while gc holds it
+    /// exclusively no key lock is held or awaited and the files can go.
+    fn remove_idle_key_locks(&self) -> Result<(), StoreError> {
+        for (name, path) in fsutil::sorted_names(&self.layout.locks())? {
+            if name != crate::layout::STORE_LOCK {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Index entries whose blob is gone are misses anyway; gc tidies them away, with the
+    /// temp files of index writes a killed process left (no writer is alive under the
+    /// exclusive lock).
+    fn remove_dangling_index(&self) -> Result<(), StoreError> {
+        for dir in [
+            self.layout.index_md5(),
+            self.layout.index_url(),
+            self.layout.root.clone(),
+        ] {
+            for (name, path) in fsutil::sorted_names(&dir)? {
+                if name.starts_with(".tmp-") {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        let rev = self.reverse_index()?;
+        for (sha, files) in rev.md5.iter().chain(rev.urls.iter()) {
+            if !self.blob_path(sha).is_file() {
+                for (_, path) in files {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-hashes every blob (sha256 against its name, md5 against the md5 index), checks
+    /// every layer's metadata and manifest and, when `deep`, every file of every layer
+    /// against its manifest. Bad entries are quarantined; all of them are returned.
+    pub fn verify(&self, deep: bool) -> Result<VerifyReport, StoreError> {
+        if !self.exclusive {
+            return Err(StoreError::NotExclusive { what: "verify" });
+        }
+        let rev = self.reverse_index()?;
+        let mut report = VerifyReport {
+            deep,
+            index_entries_checked: rev.checked,
+            ..VerifyReport::default()
+        };
+        for (kind, path) in &rev.corrupt {
+            let key = file_name(path);
+            report.bad.push(self.quarantined(
+                kind,
+                &key,
+                path,
+                vec!["unreadable index entry".into()],
+            )?);
+        }
+        for (name, path) in fsutil::sorted_names(&self.layout.blobs())? {
+            if name.starts_with(".tmp-") {
+                continue;
+            }
+            if !fsutil::is_hex(&name, 64) || !path.is_file() {
+                report.bad.push(self.quarantined(
+                    "unknown",
+                    &name,
+                    &path,
+                    vec!["not a blob name".into()],
+                )?);
+                continue;
+            }
+            report.blobs_checked += 1;
+            let (sha, md5) = hash_blob(&path)?;
+            if sha != name {
+                report.bad.push(self.quarantined(
+                    "blob",
+                    &name,
+                    &path,
+                    vec![format!("sha256 mismatch: expected {name}, got {sha}")],
+                )?);
+                continue;
+            }
+            for (recorded, index_path) in rev.md5.get(&name).into_iter().flatten() {
+                if *recorded != md5 {
+                    report.bad.push(self.quarantined(
+                        "md5-index",
+                        recorded,
+                        index_path,
+                        vec![format!(
+                            "md5 index maps {recorded} to blob {name}, whose md5 is {md5}"
+                        )],
+                    )?);
+                }
+            }
+        }
+        for (name, dir) in fsutil::sorted_names(&self.layout.layers())? {
+            let Some(key) = LayerKey::parse(&name) else {
+                report.bad.push(self.quarantined(
+                    "unknown",
+                    &name,
+                    &dir,
+                    vec!["not a layer name".into()],
+                )?);
+                continue;
+            };
+            report.layers_checked += 1;
+            let problems = check_layer(&dir, &key, deep);
+            if !problems.is_empty() {
+                report
+                    .bad
+                    .push(self.quarantined("layer", &name, &dir, problems)?);
+            }
+        }
+        Ok(report)
+    }
+
+    fn quarantined(
+        &self,
+        kind: &str,
+        key: &str,
+        path: &Path,
+        problems: Vec<String>,
+    ) -> Result<BadEntry, StoreError> {
+        let to = self.quarantine(path, &format!("{kind}-{key}"))?;
+        Ok(BadEntry {
+            kind: kind.to_owned(),
+            key: key.to_owned(),
+            path: path.to_owned(),
+            problems,
+            quarantined_to: Some(to),
+        })
+    }
+}
+
+/// Problems of one layer dir (empty when it is sound).
+fn check_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
+    let Some(meta) = read_meta(dir) else {
+        return vec!["layer.json missing or unreadable (incomplete layer)".into()];
+    };
+    if meta.key != *key {
+        return vec![format!(
+            "layer.json records key {}, not {}",
+            meta.key.dir_name(),
+            key.dir_name()
+        )];
+    }
+    let root = dir.join(LAYER_ROOT);
+    if !root.is_dir() {
+        return vec![format!("{} is missing", root.display())];
+    }
+    let manifest_path = dir.join(LAYER_MANIFEST);
+    let text = match std::fs::read_to_string(&manifest_path) {
+        Ok(t) => t,
+        Err(e) => return vec![format!("cannot read {}: {e}", manifest_path.display())],
+    };
+    let actual = crate::sha256_hex(text.as_bytes());
+    if actual != meta.manifest_sha256 {
+        return vec![format!(
+            "manifest sha256 mismatch: expected {}, got {actual}",
+            meta.manifest_sha256
+        )];
+    }
+    if !deep {
+        return Vec::new();
+    }
+    let Some(recorded) = Manifest::parse(&text) else {
+        return vec![format!("{} does not parse", manifest_path.display())];
+    };
+    match Manifest::scan(&root, meta.content_hashed) {
+        Ok(now) => recorded.diff(&now, MAX_DIFFS_REPORTED),
+        Err(e) => vec![format!("cannot scan layer: {e}")],
+    }
+}
+
+/// sha256 and md5 of a file in one pass.
+pub(crate) fn hash_blob(path: &Path) -> Result<(String, String), StoreError> {
+    let mut f = fs_err::File::open(path)?;
+    let mut sha = Sha256::new();
+    let mut md5 = Md5::new();
+    let mut buf = vec![0u8; HASH_BUF];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+        md5.update(&buf[..n]);
+    }
+    Ok((hex::encode(sha.finalize()), hex::encode(md5.finalize())))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,180 @@
+//! `vrun setup FILE`: validate everything, fetch the build and image into the store (both
+//! at once), then create the proc directory and its files.
+//!
+//! Order matters: lock, parse, name, owner, and render the env files in memory first;
+//! only when all of that succeeded is anything created under `$VR_ROOT`, so bad input
+//! leaves the host as it was. Downloads go through the store's ingest dir and are
+//! published only when verified, so a failed download leaves no proc dir and no cache
+//! entry. Running setup again keeps `upper/` (the app's own writes) and rewrites the
+//! three files.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use vrun::extract::Limits;
+use vrun::fetch::HttpClient;
+use vrun::paths::Root;
+use vrun::pipeline::{self, Artifact, ArtifactTimings, Prepared};
+use vrun::state::{ProcState, STATE_VERSION};
+use vrun::{envfiles, procfile};
+use vrun_cache::{LayerKind, Store};
+
+use crate::cli::SetupArgs;
+
+pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let file = &args.proc.file;
+    let _lock = super::lock(file)?;
+    let (config, name) = super::load(file)?;
+    let owner = config.owner()?;
+    let host_env = |var: &str| std::env::var_os(var);
+    if config.cmd.is_none() {
+        if config.proc_name.is_none() {
+            bail!("{}: needs either cmd or proc_name", file.display());
+        }
+        if config.build_url.is_none() {
+            bail!(
+                "{}: no cmd, and proc_name {:?} can only be resolved from a build's Procfile, but there is no build_url",
+                file.display(),
+                config.proc_name.as_deref().unwrap_or_default()
+            );
+        }
+    }
+    // Validate env and settings before anything touches the disk or the network.
+    envfiles::render(&config, config.cmd.as_deref().unwrap_or("true"), &host_env)?;
+
+    let mut artifacts = Vec::new();
+    if let Some(url) = &config.build_url {
+        artifacts.push(Artifact {
+            kind: LayerKind::Build,
+            url: url.clone(),
+            md5: config.build_md5.clone(),
+            uid: owner.uid,
+            gid: owner.gid,
+        });
+    }
+    if let Some(url) = &config.image_url {
+        artifacts.push(Artifact {
+            kind: LayerKind::Image,
+            url: url.clone(),
+            md5: config.image_md5.clone(),
+            uid: 0,
+            gid: 0,
+        });
+    }
+    for art in &artifacts {
+        art.check_url()?;
+    }
+    let prepared = if artifacts.is_empty() {
+        Vec::new()
+    } else {
+        fetch_all(root, artifacts)?
+    };
+    let layer_of = |kind: LayerKind| {
+        prepared
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, p)| p.layer.clone())
+    };
+    let build_layer = layer_of(LayerKind::Build);
+    let image_layer = layer_of(LayerKind::Image);
+
+    let command = match (&config.cmd, &build_layer) {
+        (Some(cmd), _) => cmd.clone(),
+        (None, Some(layer)) => {
+            let proc_name = config.proc_name.as_deref().unwrap_or_default();
+            procfile::resolve(&layer.join("app").join("Procfile"), proc_name)?
+        }
+        (None, None) => unreachable!("checked above: no cmd means a build_url"),
+    };
+    let files = envfiles::render(&config, &command, &host_env)?;
+    for warning in &files.warnings {
+        eprintln!("WARNING: {warning}");
+    }
+    let proc = root.proc(&name);
+    envfiles::create_proc_dirs(&proc)?;
+    envfiles::write_files(&proc.upper(), &files, &owner)?;
+    let state = ProcState {
+        version: STATE_VERSION,
+        build_layer,
+        image_layer,
+        uid: owner.uid,
+        gid: owner.gid,
+    };
+    state.save(&proc.state())?;
+    eprintln!(
+        "vrun: {name} is set up in {} ({:.2} s)",
+        proc.dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if args.timings {
+        println!("{}", timings_json(started, &prepared));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Fetch every artifact concurrently into the store.
+fn fetch_all(root: &Root, artifacts: Vec<Artifact>) -> anyhow::Result<Vec<(LayerKind, Prepared)>> {
+    let cache_dir = root.cache_dir();
+    let store = Store::open_with(&cache_dir, false, |lock| {
+        eprintln!(
+            "vrun: waiting for cache maintenance to finish ({} is locked)",
+            lock.display()
+        )
+    })
+    .with_context(|| format!("cannot open the cache in {}", cache_dir.display()))?;
+    let store = Arc::new(store);
+    let http = HttpClient::from_env()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let bars = &super::progress::Bars::new();
+        let tasks = artifacts.into_iter().map(|art| {
+            let progress = bars.add(art.kind.as_str(), &art.url);
+            let (store, http) = (store.clone(), http.clone());
+            async move {
+                let kind = art.kind;
+                let result =
+                    pipeline::prepare(store, http, art, Limits::default(), progress.clone()).await;
+                bars.finish(&progress);
+                result.map(|p| (kind, p))
+            }
+        });
+        let results = futures::future::join_all(tasks).await;
+        let mut prepared = Vec::new();
+        for r in results {
+            prepared.push(r?);
+        }
+        for (kind, p) in &prepared {
+            if p.timings.skipped_devices > 0 {
+                eprintln!(
+                    "vrun: the {} at {} holds {} device nodes or fifos; skipped (LXC creates /dev)",
+                    kind.as_str(),
+                    p.timings.url,
+                    p.timings.skipped_devices
+                );
+            }
+        }
+        Ok(prepared)
+    })
+}
+
+fn timings_json(started: Instant, prepared: &[(LayerKind, Prepared)]) -> String {
+    let mut obj = serde_json::Map::new();
+    obj.insert(
+        "total_s".into(),
+        serde_json::json!(started.elapsed().as_secs_f64()),
+    );
+    for (kind, p) in prepared {
+        let t: &ArtifactTimings = &p.timings;
+        obj.insert(
+            kind.as_str().into(),
+            serde_json::to_value(t).expect("timings serialize"),
+        );
+    }
+    serde_json::Value::Object(obj).to_string()
+}

@@ -1,0 +1,561 @@
+//! Decompression: which format a download is, and a `Read` that undoes it.
+//!
+//! The URL's extension is only a hint; the bytes decide. [`detect`] looks at the magic
+//! numbers of the four compressors we accept and, for an uncompressed archive, at the tar
+//! header itself (`ustar` at offset 257, or an old-GNU/v7 header whose checksum adds up).
+//!
+//! [`decoder`] returns a plain synchronous `Read`. It runs on the extraction thread, pulled by
+//! the tar parser, because everything after the hasher is one blocking pipeline (see
+//! `extract`): decompression is the CPU-heavy stage, and letting the parser pull from it
+//! means no extra copy and no extra hop.
+//!
+//! Why not simply the crates' `Multi*Decoder`s: we want the same three guarantees from every
+//! format, and the crates disagree on them.
+//!
+//! - **Concatenated members are decoded** (`gzip` members, `bzip2` streams as written by
+//!   pbzip2/lbzip2, `xz` streams, `zstd` frames as written by `zstd -T`).
+//! - **A truncated stream is an error**, never a silent short read; the tar layer would
+//!   otherwise see a clean end-of-file at a member boundary.
+//! - **Trailing garbage is an error**: after the last member only end-of-file or zero padding
+//!   (tape-block padding, xz stream padding) may follow. Anything else means the file is not
+//!   what it claims to be, and we refuse it rather than guess.
+//!
+//! So we drive each crate's single-member `bufread` decoder ourselves over one shared input
+//! buffer ([`Input`]), and at each member boundary look at what follows.
+//!
+//! xz uses liblzma's multithreaded decoder, which decodes the independent blocks of a
+//! multi-block file (`xz -T0`, pixz) on several cores and falls back to single-threaded
+//! decoding for single-block files. Its memory is capped by [`XZ_MEMLIMIT_THREADING`].
+
+use std::fmt;
+use std::io::{self, BufRead, Read};
+
+/// Bytes of a download [`detect`] wants to see: a whole tar header block.
+pub const HEAD_LEN: usize = 512;
+
+/// Input buffer of the decoders. Large enough that a decoder call does real work (syscall
+/// and FFI overhead vanish), small enough to stay in L2.
+const INPUT_BUFFER: usize = 128 * 1024;
+
+/// Memory liblzma may use for threaded xz decoding before it falls back to one thread.
+/// Two threads of `xz -6 -T2` output need about 2 × 3 × 8 MiB of block buffers.
+pub const XZ_MEMLIMIT_THREADING: u64 = 128 * 1024 * 1024;
+
+/// Memory above which liblzma refuses an xz stream outright (a hostile header can ask for a
+/// 1.5 GiB dictionary). `xz -9e` needs 65 MiB to decode, so this is generous.
+pub const XZ_MEMLIMIT_STOP: u64 = 512 * 1024 * 1024;
+
+/// Compression of a download, decided by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    Gzip,
+    Bzip2,
+    Xz,
+    Zstd,
+    /// An uncompressed tar archive.
+    Tar,
+}
+
+impl Format {
+    /// Short lowercase name, as in error messages and `--timings`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Gzip => "gzip",
+            Format::Bzip2 => "bzip2",
+            Format::Xz => "xz",
+            Format::Zstd => "zstd",
+            Format::Tar => "tar",
+        }
+    }
+
+    /// Whether `bytes` starts a member of this (compressed) format.
+    fn member_magic(self, bytes: &[u8]) -> bool {
+        match self {
+            Format::Gzip => bytes.starts_with(GZIP_MAGIC),
+            Format::Bzip2 => {
+                bytes.starts_with(BZIP2_MAGIC)
+                    && bytes.len() >= 4
+                    && (b'1'..=b'9').contains(&bytes[3])
+            }
+            Format::Xz => bytes.starts_with(XZ_MAGIC),
+            Format::Zstd => bytes.starts_with(ZSTD_MAGIC) || is_zstd_skippable(bytes),
+            Format::Tar => false,
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
+const BZIP2_MAGIC: &[u8] = b"BZh";
+const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0x00];
+const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+/// The longest magic above; what we need to see at a member boundary.
+const MAGIC_LEN: usize = 6;
+
+fn is_zstd_skippable(b: &[u8]) -> bool {
+    b.len() >= 4 && b[0] & 0xf0 == 0x50 && b[1..4] == [0x2a, 0x4d, 0x18]
+}
+
+/// Decide the format from the first bytes of a download (give it [`HEAD_LEN`] bytes, or
+/// all of them if the download is shorter). `None` means "not something we can unpack".
+pub fn detect(head: &[u8]) -> Option<Format> {
+    if head.starts_with(GZIP_MAGIC) {
+        Some(Format::Gzip)
+    } else if Format::Bzip2.member_magic(head) {
+        Some(Format::Bzip2)
+    } else if head.starts_with(XZ_MAGIC) {
+        Some(Format::Xz)
+    } else if Format::Zstd.member_magic(head) {
+        Some(Format::Zstd)
+    } else if is_tar_header(head) {
+        Some(Format::Tar)
+    } else {
+        None
+    }
+}
+
+/// A tar archive starts with a header block: POSIX/GNU ones say `ustar` at 257; old GNU and
+/// v7 ones say nothing, so we accept a block whose checksum field matches its contents.
+/// An empty archive (a zero block) is a tar too.
+fn is_tar_header(head: &[u8]) -> bool {
+    if head.len() < HEAD_LEN {
+        return false;
+    }
+    let block = &head[..HEAD_LEN];
+    if &block[257..262] == b"ustar" {
+        return true;
+    }
+    if block.iter().all(|&b| b == 0) {
+        return true;
+    }
+    let Some(stored) = parse_octal(&block[148..156]) else {
+        return false;
+    };
+    let sum: u64 = block
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                b as u64
+            }
+        })
+        .sum();
+    stored == sum
+}
+
+fn parse_octal(field: &[u8]) -> Option<u64> {
+    let text = field
+        .iter()
+        .copied()
+        .skip_while(|&b| b == b' ')
+        .take_while(|&b| b != 0 && b != b' ');
+    let mut value: u64 = 0;
+    let mut digits = 0;
+    for b in text {
+        if !(b'0'..=b'7').contains(&b) {
+            return None;
+        }
+        value = value.checked_mul(8)? + (b - b'0') as u64;
+        digits += 1;
+    }
+    (digits > 0).then_some(value)
+}
+
+/// The first bytes of a download, for an error message: hex and printable ASCII of at most
+/// 16 bytes, e.g. `3c 21 44 4f 43 54 59 50 "<!DOCTYP"`.
+pub fn describe_head(head: &[u8]) -> String {
+    let shown = &head[..head.len().min(16)];
+    if shown.is_empty() {
+        return "an empty body".to_string();
+    }
+    let hex: Vec<String> = shown.iter().map(|b| format!("{b:02x}")).collect();
+    let text: String = shown
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                b as char
+            } else {
+                '.'
+            }
+        })
+        .collect();
+    format!("{} {:?}", hex.join(" "), text)
+}
+
+/// What went wrong in a compressed stream. Carried inside `io::Error` (kind `InvalidData`
+/// or `UnexpectedEof`) so it passes through the tar parser; `Display` is the full message.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a gzip, bzip2, xz, zstd or tar archive (first bytes: {head})")]
+    UnknownFormat { head: String },
+    #[error("{format} stream is truncated (ends inside member {member})")]
+    Truncated { format: Format, member: u64 },
+    #[error("{format} stream has trailing garbage at compressed byte {offset}: {head}")]
+    TrailingGarbage {
+        format: Format,
+        offset: u64,
+        head: String,
+    },
+    #[error(
+        "{format} stream is corrupt in member {member} (at compressed byte {offset}): {source}"
+    )]
+    Corrupt {
+        format: Format,
+        member: u64,
+        offset: u64,
+        source: io::Error,
+    },
+}
+
+impl From<DecodeError> for io::Error {
+    fn from(e: DecodeError) -> io::Error {
+        let kind = match e {
+            DecodeError::Truncated { .. } => io::ErrorKind::UnexpectedEof,
+            _ => io::ErrorKind::InvalidData,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// Read the first [`HEAD_LEN`] bytes of `r` (fewer at end-of-file), detect the format and
+/// return a decoder over the whole stream, the head included.
+pub fn open<'a>(
+    mut r: impl Read + Send + 'a,
+) -> Result<(Format, Box<dyn Read + Send + 'a>), DecodeError> {
+    let mut head = Vec::with_capacity(HEAD_LEN);
+    (&mut r)
+        .take(HEAD_LEN as u64)
+        .read_to_end(&mut head)
+        .map_err(|source| DecodeError::Corrupt {
+            format: Format::Tar,
+            member: 0,
+            offset: 0,
+            source,
+        })?;
+    let format = detect(&head).ok_or_else(|| DecodeError::UnknownFormat {
+        head: describe_head(&head),
+    })?;
+    let whole = io::Cursor::new(head).chain(r);
+    Ok((format, decoder(format, whole)))
+}
+
+/// A reader yielding the decompressed bytes of `r`, which must be in `format`.
+/// Errors are `io::Error`s wrapping a [`DecodeError`].
+pub fn decoder<'a>(format: Format, r: impl Read + Send + 'a) -> Box<dyn Read + Send + 'a> {
+    decoder_with(format, r, DecodeOptions::default())
+}
+
+/// Tuning of the decoders (benches compare settings; callers use the default).
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeOptions {
+    /// Threads for xz decoding (only multi-block files use more than one).
+    /// Default: the number of cores.
+    pub xz_threads: u32,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            xz_threads: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
+        }
+    }
+}
+
+/// [`decoder`] with explicit options.
+pub fn decoder_with<'a>(
+    format: Format,
+    r: impl Read + Send + 'a,
+    options: DecodeOptions,
+) -> Box<dyn Read + Send + 'a> {
+    match format {
+        Format::Tar => Box::new(r),
+        _ => Box::new(Members {
+            format,
+            options,
+            member: 0,
+            state: State::Between(Input::new(r)),
+        }),
+    }
+}
+
+/// Input buffer shared by the members of a stream. Unlike `BufReader` it can be asked for
+/// *at least* n bytes, which we need to read a magic number that straddles two reads.
+struct Input<R> {
+    inner: R,
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+    /// Bytes read from `inner` so far.
+    read: u64,
+}
+
+impl<R: Read> Input<R> {
+    fn new(inner: R) -> Self {
+        Input {
+            inner,
+            buf: vec![0; INPUT_BUFFER].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+            read: 0,
+        }
+    }
+
+    /// Offset in the compressed stream of the next unconsumed byte.
+    fn offset(&self) -> u64 {
+        self.read - (self.end - self.pos) as u64
+    }
+
+    /// Buffer at least `n` bytes (fewer only at end-of-file) and return what is buffered.
+    fn fill_at_least(&mut self, n: usize) -> io::Result<&[u8]> {
+        if self.end - self.pos < n {
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
+            self.pos = 0;
+            while self.end < n {
+                match self.inner.read(&mut self.buf[self.end..]) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        self.end += k;
+                        self.read += k as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(&self.buf[self.pos..self.end])
+    }
+}
+
+impl<R: Read> Read for Input<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(out.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: Read> BufRead for Input<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.pos == self.end {
+            self.fill_at_least(1)
+        } else {
+            Ok(&self.buf[self.pos..self.end])
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.end);
+    }
+}
+
+/// A sequence of members of one format over one input.
+struct Members<R: Read> {
+    format: Format,
+    options: DecodeOptions,
+    /// 1-based number of the current (or last) member.
+    member: u64,
+    state: State<R>,
+}
+
+enum State<R: Read> {
+    Gzip(flate2::bufread::GzDecoder<Input<R>>),
+    Bzip2(bzip2::bufread::BzDecoder<Input<R>>),
+    Xz(liblzma::bufread::XzDecoder<Input<R>>),
+    Zstd(zstd::stream::read::Decoder<'static, Input<R>>),
+    /// At a member boundary (or the start).
+    Between(Input<R>),
+    Done,
+    /// Only while switching states, or after an error.
+    Failed,
+}
+
+impl<R: Read> Members<R> {
+    fn input(&self) -> Option<&Input<R>> {
+        match &self.state {
+            State::Gzip(d) => Some(d.get_ref()),
+            State::Bzip2(d) => Some(d.get_ref()),
+            State::Xz(d) => Some(d.get_ref()),
+            State::Zstd(d) => Some(d.get_ref()),
+            State::Between(i) => Some(i),
+            State::Done | State::Failed => None,
+        }
+    }
+
+    /// Map a decoder error to one that names the format, member and offset.
+    fn wrap(&self, e: io::Error) -> io::Error {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            return DecodeError::Truncated {
+                format: self.format,
+                member: self.member,
+            }
+            .into();
+        }
+        // Errors of the underlying reader (the network, the hasher) pass through as is.
+        if e.get_ref().is_some_and(|inner| inner.is::<DecodeError>()) {
+            return e;
+        }
+        DecodeError::Corrupt {
+            format: self.format,
+            member: self.member,
+            offset: self.input().map_or(0, Input::offset),
+            source: e,
+        }
+        .into()
+    }
+
+    /// At a boundary: start the next member, or finish at end-of-file (after zero padding),
+    /// or fail on anything else.
+    fn next_member(&mut self, mut input: Input<R>) -> io::Result<State<R>> {
+        let mut padded = false;
+        loop {
+            let head = input.fill_at_least(MAGIC_LEN)?;
+            if head.is_empty() {
+                if self.member == 0 {
+                    return Err(DecodeError::Truncated {
+                        format: self.format,
+                        member: 1,
+                    }
+                    .into());
+                }
+                return Ok(State::Done);
+            }
+            if self.member > 0 && head[0] == 0 {
+                let zeros = head.iter().take_while(|&&b| b == 0).count();
+                input.consume(zeros);
+                padded = true;
+                continue;
+            }
+            // Only xz defines padding *between* streams; elsewhere zeros end the file.
+            if self.format.member_magic(head) && (!padded || self.format == Format::Xz) {
+                break;
+            }
+            let head = describe_head(head);
+            return Err(DecodeError::TrailingGarbage {
+                format: self.format,
+                offset: input.offset(),
+                head,
+            }
+            .into());
+        }
+        self.member += 1;
+        Ok(match self.format {
+            Format::Gzip => State::Gzip(flate2::bufread::GzDecoder::new(input)),
+            Format::Bzip2 => State::Bzip2(bzip2::bufread::BzDecoder::new(input)),
+            Format::Xz => State::Xz(liblzma::bufread::XzDecoder::new_stream(
+                input,
+                xz_stream(self.options.xz_threads)?,
+            )),
+            Format::Zstd => {
+                let d = zstd::stream::read::Decoder::with_buffer(input)?.single_frame();
+                State::Zstd(d)
+            }
+            Format::Tar => unreachable!("tar is not decoded"),
+        })
+    }
+}
+
+/// One xz stream decoder: threaded when asked for more than one thread.
+fn xz_stream(threads: u32) -> io::Result<liblzma::stream::Stream> {
+    let stream = if threads > 1 {
+        liblzma::stream::MtStreamBuilder::new()
+            .threads(threads)
+            .memlimit_threading(XZ_MEMLIMIT_THREADING)
+            .memlimit_stop(XZ_MEMLIMIT_STOP)
+            .decoder()
+    } else {
+        liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT_STOP, 0)
+    };
+    stream.map_err(|e| io::Error::other(format!("cannot start xz decoder: {e}")))
+}
+
+impl<R: Read> Read for Members<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let got = match &mut self.state {
+                State::Gzip(d) => d.read(out),
+                State::Bzip2(d) => d.read(out),
+                State::Xz(d) => d.read(out),
+                State::Zstd(d) => d.read(out),
+                State::Between(_) => Ok(0),
+                State::Done => return Ok(0),
+                State::Failed => {
+                    return Err(io::Error::other(format!(
+                        "{} stream already failed",
+                        self.format
+                    )))
+                }
+            };
+            match got {
+                Ok(0) => {}
+                Ok(n) => return Ok(n),
+                Err(e) => {
+                    let e = self.wrap(e);
+                    self.state = State::Failed;
+                    return Err(e);
+                }
+            }
+            // The member ended (or we are between members): decide what comes next.
+            let input = match std::mem::replace(&mut self.state, State::Failed) {
+                State::Gzip(d) => d.into_inner(),
+                State::Bzip2(d) => d.into_inner(),
+                State::Xz(d) => d.into_inner(),
+                State::Zstd(d) => d.finish(),
+                State::Between(i) => i,
+                State::Done | State::Failed => unreachable!("handled above"),
+            };
+            self.state = self.next_member(input).map_err(|e| self.wrap(e))?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_head_shows_hex_and_text() {
+        assert_eq!(
+            describe_head(b"<!DOCTYPE\n"),
+            r#"3c 21 44 4f 43 54 59 50 45 0a "<!DOCTYPE.""#
+        );
+        assert_eq!(describe_head(b""), "an empty body");
+    }
+
+    #[test]
+    fn detect_by_magic() {
+        assert_eq!(detect(&[0x1f, 0x8b, 8, 0]), Some(Format::Gzip));
+        assert_eq!(detect(b"BZh91AY&SY"), Some(Format::Bzip2));
+        assert_eq!(detect(b"BZhx"), None);
+        assert_eq!(detect(&[0xfd, b'7', b'z', b'X', b'Z', 0]), Some(Format::Xz));
+        assert_eq!(detect(&[0x28, 0xb5, 0x2f, 0xfd, 0]), Some(Format::Zstd));
+        assert_eq!(detect(b"<html>"), None);
+        assert_eq!(detect(&[0u8; 512]), Some(Format::Tar));
+        assert_eq!(detect(&[0u8; 100]), None);
+    }
+
+    #[test]
+    fn detect_v7_tar_by_checksum() {
+        let mut block = [0u8; 512];
+        block[..5].copy_from_slice(b"hello");
+        block[100..107].copy_from_slice(b"0000644");
+        let sum: u32 = block.iter().map(|&b| b as u32).sum::<u32>() + 8 * 32;
+        let field = format!("{sum:06o}\0 ");
+        block[148..156].copy_from_slice(field.as_bytes());
+        assert_eq!(detect(&block), Some(Format::Tar));
+        block[0] = b'j';
+        assert_eq!(detect(&block), None);
+    }
+}

@@ -1,0 +1,133 @@
+//! Errors of the HTTP half of the pipeline.
+//!
+//! Every error names the URL (one struct, [`FetchError`], carries it once for all
+//! kinds), says how many attempts were made when there was more than one, and for
+//! each kind gives the concrete value an operator needs: the status line, which
+//! timeout and its value, the expected and actual `Content-Range`.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use super::SinkError;
+
+/// A download that failed, after whatever retries its kind allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("GET {url}: {kind}{}", attempts_note(*attempts))]
+pub struct FetchError {
+    pub url: String,
+    /// Requests sent for this download (1 when the failure was not retried).
+    pub attempts: u32,
+    pub kind: FetchErrorKind,
+}
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchErrorKind {
+    /// `StatusCode` displays as `404 Not Found`.
+    #[error("{status}")]
+    Status { status: StatusCode },
+    #[error("cannot connect: {reason}")]
+    Connect { reason: String },
+    #[error("{which} timeout of {} exceeded", secs(*limit))]
+    Timeout { which: TimeoutKind, limit: Duration },
+    /// The connection broke (reset, closed early, protocol error) after `received`
+    /// bytes of the whole body had been delivered.
+    #[error("transfer broken after {received} bytes: {reason}")]
+    Transfer { received: u64, reason: String },
+    /// The body ended cleanly but short of the announced length.
+    #[error("body ended after {got} bytes, expected {expected}")]
+    Truncated { expected: u64, got: u64 },
+    /// A resume answer whose `Content-Range` does not continue where we stopped.
+    #[error("resume answered Content-Range {got:?}, expected {expected:?}")]
+    ContentRange { expected: String, got: String },
+    #[error("206 Partial Content to a request without Range")]
+    UnexpectedPartial,
+    #[error("invalid url: {reason}")]
+    InvalidUrl { reason: String },
+    #[error("{reason}")]
+    Request { reason: String },
+    /// The consumer of the body (blob file, decoder) failed; never retried.
+    #[error("{0}")]
+    Sink(SinkError),
+}
+
+/// Which of the two timeouts fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// TCP (and TLS) connection set-up.
+    Connect,
+    /// Connect plus waiting for the response head.
+    ResponseHead,
+    /// No body bytes for this long (per chunk, not for the whole body).
+    IdleRead,
+}
+
+impl std::fmt::Display for TimeoutKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TimeoutKind::Connect => "connect",
+            TimeoutKind::ResponseHead => "response head (connect + idle read)",
+            TimeoutKind::IdleRead => "idle read",
+        })
+    }
+}
+
+impl FetchError {
+    /// The HTTP status, when the server answered with an error status.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self.kind {
+            FetchErrorKind::Status { status } => Some(status),
+            _ => None,
+        }
+    }
+}
+
+fn attempts_note(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" (gave up after {attempts} attempts)")
+    } else {
+        String::new()
+    }
+}
+
+/// `30s`, `1.5s`, `0.25s`.
+pub(crate) fn secs(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        let s = format!("{:.3}", d.as_secs_f64());
+        format!("{}s", s.trim_end_matches('0').trim_end_matches('.'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages() {
+        let e = FetchError {
+            url: "http://h/b.tar.gz".into(),
+            attempts: 1,
+            kind: FetchErrorKind::Status {
+                status: StatusCode::NOT_FOUND,
+            },
+        };
+        assert_eq!(e.to_string(), "GET http://h/b.tar.gz: 404 Not Found");
+        let e = FetchError {
+            url: "http://h/b".into(),
+            attempts: 4,
+            kind: FetchErrorKind::Timeout {
+                which: TimeoutKind::IdleRead,
+                limit: Duration::from_millis(1500),
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "GET http://h/b: idle read timeout of 1.5s exceeded (gave up after 4 attempts)"
+        );
+        assert_eq!(secs(Duration::from_secs(30)), "30s");
+        assert_eq!(secs(Duration::from_millis(250)), "0.25s");
+    }
+}

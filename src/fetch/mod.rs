@@ -1,0 +1,208 @@
+//! The download half of the streaming pipeline: HTTP body → md5 + sha256 → a sink.
+//!
+//! Why push-style. The pipeline (DESIGN §3) must overlap network, hashing, the blob
+//! tee and decompression with bounded memory. The fetcher therefore owns the network
+//! loop and *pushes* each body chunk into a [`BodySink`], awaiting the sink before it
+//! reads the next chunk. The sink applies backpressure (typically a bounded channel to
+//! the decode thread plus a blob-file write), and because the fetcher does not read
+//! while the sink is busy, a slow disk makes the TCP window close instead of memory
+//! grow. Every byte goes through [`BodyHasher`] before the sink sees it, so the digests
+//! describe exactly what was delivered.
+//!
+//! Why the sink has `reset`. Transfers break. The fetcher resumes with
+//! `Range: bytes=<received>-` and `If-Range: <validator>`; a 206 that continues exactly
+//! where we stopped is appended (the sink never notices), but a server that ignores
+//! `Range`, or whose resource changed (`If-Range` failed), answers 200 with the whole
+//! body. Then the only correct move is to start over: the sink is told to discard
+//! everything (truncate the blob, restart the decoder), the hashes restart, and bytes
+//! flow again from 0. Splicing two versions of a file is the one outcome we never allow.
+//!
+//! Why a retry budget and not "retry until it works". Operators need a deploy to fail
+//! within a bounded time with a message naming the URL and what happened. Transient
+//! faults (connect errors, resets, timeouts, 5xx, 408, 429) get [`HttpOptions::retries`]
+//! more attempts with jittered exponential backoff (honouring a capped `Retry-After`);
+//! answers that will not change (404, 403, other 4xx) and consumer failures (hash
+//! mismatch, disk full) fail at once.
+//!
+//! A download interrupted in an earlier process (kill -9 mid-setup) can be continued with
+//! [`Resume`]: the caller re-hashes the partial blob into a [`BodyHasher`], hands it over
+//! with the validator it came with, and the same rules apply (206 appends, 200 restarts;
+//! a 416 for a partial that is already whole completes at once).
+//!
+//! [`body_pipe`] is the usual sink's core: a bounded channel to the blocking decoder
+//! thread, whose reader tells a restart and a failed download apart from a clean end.
+//!
+//! Timeouts are per step, never per download: connecting has
+//! [`HttpOptions::connect_timeout`], and the body has an *idle* limit
+//! ([`HttpOptions::read_timeout`]) on each chunk, so a 2 GB image on a slow but steady
+//! link is fine and a stalled one fails in 30 s.
+
+mod error;
+mod hash;
+mod http;
+mod pipe;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub use error::{FetchError, FetchErrorKind, TimeoutKind};
+pub use hash::{BodyDigest, BodyHasher};
+pub use http::{
+    FetchRequest, HttpClient, HttpOptions, HttpSetupError, Resume, Validators,
+    DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
+    DEFAULT_RETRIES, RETRY_AFTER_CAP,
+};
+pub use pipe::{body_pipe, is_restart, BodyRestarted, PipeReader, PipeSink};
+
+/// The consumer of a body. The fetcher calls `chunk` for every piece in order and waits
+/// for it to finish before reading more from the network (that wait *is* the
+/// backpressure), and calls `reset` when the stream restarts from byte 0.
+pub trait BodySink {
+    /// Forget every byte delivered so far; the next `chunk` is byte 0 again.
+    fn reset(&mut self) -> Result<(), SinkError>;
+    /// Consume the next piece of the body.
+    fn chunk(&mut self, data: Bytes) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// Why a sink refused a chunk. Wraps the sink's own error so it reaches the caller intact.
+pub struct SinkError(Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl SinkError {
+    pub fn new(e: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        SinkError(e.into())
+    }
+    /// The sink's original error.
+    pub fn into_inner(self) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self.0
+    }
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl fmt::Display for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+impl fmt::Debug for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+impl std::error::Error for SinkError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+impl From<std::io::Error> for SinkError {
+    fn from(e: std::io::Error) -> Self {
+        SinkError::new(e)
+    }
+}
+
+/// Live byte counts of one download, shared with whoever draws the progress bar.
+/// `received` drops back to 0 when the stream restarts.
+#[derive(Debug)]
+pub struct Progress {
+    received: AtomicU64,
+    total: AtomicU64,
+}
+
+/// `total` value meaning "length not known (yet)".
+const UNKNOWN: u64 = u64::MAX;
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            received: AtomicU64::new(0),
+            total: AtomicU64::new(UNKNOWN),
+        }
+    }
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Body bytes delivered to the sink so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+    /// Length of the whole body, once a response announced it.
+    pub fn total(&self) -> Option<u64> {
+        match self.total.load(Ordering::Relaxed) {
+            UNKNOWN => None,
+            n => Some(n),
+        }
+    }
+    fn set_received(&self, n: u64) {
+        self.received.store(n, Ordering::Relaxed);
+    }
+    fn set_total(&self, n: u64) {
+        self.total.store(n, Ordering::Relaxed);
+    }
+}
+
+/// A completed download.
+#[derive(Debug, Clone)]
+pub struct FetchOutcome {
+    pub md5_hex: String,
+    pub sha256_hex: String,
+    /// Body bytes delivered (after the last restart, i.e. the blob's size).
+    pub bytes: u64,
+    /// `ETag` / `Last-Modified` of the body delivered, when the server sent them.
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    /// From the start of `fetch` to the first body byte.
+    pub ttfb: Duration,
+    /// From the start of `fetch` to the end of the body, retries included.
+    pub wall: Duration,
+    /// Requests sent.
+    pub attempts: u32,
+    /// Attempts that continued with a 206 where the previous one stopped.
+    pub resumed: u32,
+    /// Times the sink was reset because a server answered 200 to a resume.
+    pub restarts: u32,
+}
+
+/// A proc.yaml md5 that does not match the body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("md5 mismatch for {url}: expected {expected}, got {got}")]
+pub struct Md5Mismatch {
+    pub url: String,
+    pub expected: String,
+    pub got: String,
+}
+
+/// Compare the md5 proc.yaml asserts with the one computed (hex, case-insensitive).
+pub fn verify_md5(url: &str, expected: &str, got: &str) -> Result<(), Md5Mismatch> {
+    if expected.trim().eq_ignore_ascii_case(got.trim()) {
+        Ok(())
+    } else {
+        Err(Md5Mismatch {
+            url: url.to_string(),
+            expected: expected.trim().to_string(),
+            got: got.trim().to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn md5_message() {
+        assert!(verify_md5("u", "ABC", "abc").is_ok());
+        let e = verify_md5("http://h/b.tgz", "aa", "bb").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "md5 mismatch for http://h/b.tgz: expected aa, got bb"
+        );
+    }
+}

@@ -1,0 +1,254 @@
+//! Helpers shared by the integration tests: a temp dir holding a fresh `VR_ROOT` and the
+//! test's own files, a builder that runs the real `vrun` binary, and guards that undo
+//! mounts even when a test fails.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The `VR_ROOT` dir's name: a space, so mount points under it appear `\040`-escaped in
+/// /proc/self/mountinfo and every test exercises paths that need quoting.
+const ROOT_NAME: &str = "vr root";
+
+/// A temp dir with `vr root/` (the `VR_ROOT` under test) and room for proc.yaml files.
+pub struct TestDir {
+    dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix("vrun-test-")
+            .tempdir()
+            .unwrap();
+        std::fs::create_dir(dir.path().join(ROOT_NAME)).unwrap();
+        TestDir { dir }
+    }
+
+    /// The scratch dir (proc.yaml files live here).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The `VR_ROOT` given to vrun.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join(ROOT_NAME)
+    }
+
+    /// Write a file in the scratch dir and return its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Everything under `VR_ROOT`, for "nothing was created" checks.
+    pub fn root_entries(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut todo = vec![self.root()];
+        while let Some(dir) = todo.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() && !path.is_symlink() {
+                    todo.push(path.clone());
+                }
+                out.push(path);
+            }
+        }
+        out
+    }
+
+    pub fn proc_dir(&self, name: &str) -> PathBuf {
+        self.root().join("procs").join(name)
+    }
+
+    /// `vrun ARGS...` with `VR_ROOT` set to this dir's root, run from the scratch dir.
+    pub fn vrun<I, S>(&self, args: I) -> Vrun
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vrun"));
+        cmd.args(args)
+            .env("VR_ROOT", self.root())
+            .current_dir(self.path())
+            .stdin(Stdio::null());
+        Vrun { cmd }
+    }
+}
+
+/// A `vrun` invocation being built.
+pub struct Vrun {
+    pub cmd: Command,
+}
+
+impl Vrun {
+    pub fn env(mut self, key: &str, value: impl AsRef<OsStr>) -> Vrun {
+        self.cmd.env(key, value);
+        self
+    }
+
+    pub fn env_remove(mut self, key: &str) -> Vrun {
+        self.cmd.env_remove(key);
+        self
+    }
+
+    /// Start it without waiting: its own process group, stdout and stderr captured.
+    pub fn spawn(mut self) -> Running {
+        use std::os::unix::process::CommandExt;
+        let child = self
+            .cmd
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vrun starts");
+        Running { child: Some(child) }
+    }
+
+    pub fn run(mut self) -> Run {
+        let out: Output = self.cmd.output().expect("vrun starts");
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// A `vrun` started with [`Vrun::spawn`]. Dropping it SIGKILLs its process group and
+/// reaps it, so a failing test leaves no process behind.
+pub struct Running {
+    child: Option<std::process::Child>,
+}
+
+impl Running {
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().expect("not yet waited for").id()
+    }
+
+    /// Whether it is still running (reaps nothing: `try_wait` keeps the status).
+    pub fn is_running(&mut self) -> bool {
+        let child = self.child.as_mut().expect("not yet waited for");
+        matches!(child.try_wait(), Ok(None))
+    }
+
+    /// `kill -9` the process itself (not its group).
+    pub fn kill9(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill -9 vrun");
+    }
+
+    /// Wait for it to end and collect what it printed.
+    pub fn finish(mut self) -> Run {
+        let out = self
+            .child
+            .take()
+            .expect("not yet waited for")
+            .wait_with_output()
+            .expect("wait for vrun");
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Poll `cond` every few milliseconds until it holds; panic naming `what` after `limit`.
+/// A deadline against hangs, not a timed assertion: `limit` is far above the expected wait.
+pub fn wait_until(what: &str, limit: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// What a finished `vrun` did.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn assert_ok(&self) -> &Run {
+        assert_eq!(self.code, Some(0), "vrun failed: {self:#?}");
+        self
+    }
+
+    /// Failed with exactly one stderr line `ERROR: ...` containing each of `needles`.
+    pub fn assert_error(&self, needles: &[&str]) -> &Run {
+        assert_ne!(self.code, Some(0), "vrun should have failed: {self:#?}");
+        assert!(self.code.is_some(), "vrun was killed: {self:#?}");
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "want one stderr line: {self:#?}");
+        assert!(lines[0].starts_with("ERROR: "), "{self:#?}");
+        for needle in needles {
+            assert!(
+                lines[0].contains(needle),
+                "{needle:?} not in {:?}",
+                lines[0]
+            );
+        }
+        self
+    }
+}
+
+/// Unmounts (lazily, ignoring errors) on drop, so a failing test leaves no mount behind.
+pub struct MountGuard(pub PathBuf);
+
+impl MountGuard {
+    /// Mount a fresh tmpfs on `target`.
+    pub fn tmpfs(target: &Path) -> MountGuard {
+        std::fs::create_dir_all(target).unwrap();
+        nix::mount::mount(
+            Some("vrun-test"),
+            target,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .expect("mount tmpfs (tests run as root)");
+        MountGuard(target.to_owned())
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        while vrun::mounts::is_mount_point(&self.0).unwrap_or(false) {
+            if nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Kills a child started as the leader of its own process group (`process_group(0)`),
+/// with everything in that group, and reaps it on drop.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
