@@ -21,8 +21,8 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::corpus::{ArchiveInfo, Format};
-use crate::server::Server;
 use crate::sys::{self, FsKind, Measured, TargetFs};
+use vrun::serve::Server;
 
 /// What a run set deploys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -232,6 +232,12 @@ fn vrun_setup(
 /// The last stdout line that is a JSON object: vrun's `--timings`.
 fn parse_timings(stdout: &Path) -> Option<serde_json::Value> {
     let s = std::fs::read_to_string(stdout).ok()?;
+    // One object on one line is the contract; tolerate a pretty-printed one too.
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(s.trim()) {
+        if v.is_object() {
+            return Some(v);
+        }
+    }
     s.lines()
         .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
