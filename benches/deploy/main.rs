@@ -156,12 +156,19 @@ fn default_json(vrun: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/deploy-bench.json"))
 }
 
-fn artifact(server: &Server, name: &str, info: &corpus::ArchiveInfo, image: bool) -> Artifact {
+fn artifact(
+    server: &Server,
+    name: &str,
+    tree: &corpus::TreeInfo,
+    f: Format,
+    image: bool,
+) -> Artifact {
     Artifact {
         url_path: name.to_string(),
         url: server.url(name),
-        info: info.clone(),
+        info: tree.archives[&f].clone(),
         image,
+        files: tree.stats.files,
     }
 }
 
@@ -310,7 +317,8 @@ fn run(opts: &Opts) -> Result<()> {
                 let a = vec![artifact(
                     &server,
                     &url_name("build", &corpus.key, f),
-                    &corpus.build.archives[&f],
+                    &corpus.build,
+                    f,
                     false,
                 )];
                 let target = runner::target_for(fs, &work, corpus.build.stats.bytes, slow)?;
@@ -328,15 +336,11 @@ fn run(opts: &Opts) -> Result<()> {
                     artifact(
                         &server,
                         &url_name("build", &corpus.key, f),
-                        &corpus.build.archives[&f],
+                        &corpus.build,
+                        f,
                         false,
                     ),
-                    artifact(
-                        &server,
-                        &url_name("image", &corpus.key, f),
-                        &image.archives[&f],
-                        true,
-                    ),
+                    artifact(&server, &url_name("image", &corpus.key, f), image, f, true),
                 ];
                 let bytes = corpus.build.stats.bytes + image.stats.bytes;
                 let target = runner::target_for(fs, &work, bytes, slow)?;
@@ -354,7 +358,8 @@ fn run(opts: &Opts) -> Result<()> {
             let a = vec![artifact(
                 &server,
                 &url_name("build", &b.key, Format::Gz),
-                &b.build.archives[&Format::Gz],
+                &b.build,
+                Format::Gz,
                 false,
             )];
             let target = runner::target_for(fs, &work, b.build.stats.bytes, slow)?;

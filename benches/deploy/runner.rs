@@ -55,6 +55,8 @@ pub struct Artifact {
     pub info: ArchiveInfo,
     /// Image extraction keeps numeric owners (containerd rules).
     pub image: bool,
+    /// Regular files in the tree, to cross-check `--timings` `files`.
+    pub files: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -306,6 +308,20 @@ fn vrun_pair(
     let (m, out, err) = vrun_setup(ctx, &root, &yaml, &format!("vrun-{pair}"))?;
     let timings = check_vrun(ctx, &m, &out, &err, "vrun cold")
         .context("the vrun side failed (use --only baseline to measure the pipeline alone)")?;
+    for a in artifacts {
+        let k = if a.image { "image" } else { "build" };
+        if let Some(n) = timings
+            .pointer(&format!("/{k}/files"))
+            .and_then(|v| v.as_u64())
+        {
+            if n != a.files {
+                warnings.push(format!(
+                    "pair {pair}: vrun reported {k}.files = {n}, the corpus has {} regular files",
+                    a.files
+                ));
+            }
+        }
+    }
     let cold = Sample {
         pair,
         side: Side::Vrun,
