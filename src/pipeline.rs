@@ -124,7 +124,8 @@ pub struct ArtifactTimings {
     pub compressed_bytes: u64,
     /// Bytes of file content in the extracted tree.
     pub bytes: u64,
-    /// Regular files in the extracted tree.
+    /// Regular files in the extracted tree, every path counted (a hard link is a file),
+    /// as the layer's manifest counts them: a `"layer"` hit reports the same number.
     pub files: u64,
     /// Time to the first body byte; null when nothing was downloaded.
     pub ttfb_s: Option<f64>,
@@ -337,7 +338,7 @@ fn from_blob(
             cache: CacheUse::Blob,
             compressed_bytes,
             bytes: stats.bytes,
-            files: stats.files,
+            files: stats.files + stats.hardlinks,
             ttfb_s: None,
             wall_s: started.elapsed().as_secs_f64(),
             format: Some(format.name()),
@@ -597,7 +598,7 @@ async fn download(
             cache: CacheUse::Miss,
             compressed_bytes: outcome.bytes,
             bytes: stats.bytes,
-            files: stats.files,
+            files: stats.files + stats.hardlinks,
             ttfb_s: Some(outcome.ttfb.as_secs_f64()),
             wall_s: started.elapsed().as_secs_f64(),
             format: Some(format.name()),
