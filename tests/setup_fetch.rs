@@ -76,6 +76,11 @@ fn make_build_tree(dir: &Path) {
     w("bin/sgid", b"setgid", 0o2750);
     w("lib/data/empty", b"", 0o644);
     w("lib/data/small.txt", &b"a line of text\n".repeat(7), 0o644);
+    fs::hard_link(
+        dir.join("lib/data/small.txt"),
+        dir.join("lib/data/small-hard.txt"),
+    )
+    .unwrap();
     w("lib/data/medium.bin", &noise(64 * 1024, 7), 0o640);
     let mut big = noise(700_000, 11);
     big.extend((0..800_000u32).map(|i| (i % 251) as u8));
@@ -230,6 +235,8 @@ struct Node {
     uid: u32,
     gid: u32,
     size: u64,
+    /// Hard links: GNU tar makes them, so must we.
+    nlink: u64,
     sha256: String,
     link: Option<PathBuf>,
 }
@@ -262,6 +269,7 @@ fn walk(root: &Path) -> BTreeMap<String, Node> {
                     uid: m.uid(),
                     gid: m.gid(),
                     size: if kind == 'f' { m.size() } else { 0 },
+                    nlink: if kind == 'f' { m.nlink() } else { 0 },
                     sha256: if kind == 'f' {
                         hex::encode(Sha256::digest(fs::read(&p).unwrap()))
                     } else {
@@ -477,7 +485,7 @@ fn every_format_extracts_exactly_what_gnu_tar_does_with_the_build_rules() {
         assert_eq!(j["build"]["cache"], "miss");
         assert_eq!(j["build"]["format"], fmt.name());
         assert_eq!(j["build"]["compressed_bytes"], a.len());
-        assert_eq!(j["build"]["files"], 13, "{fmt:?}: regular files");
+        assert_eq!(j["build"]["files"], 14, "{fmt:?}: regular files");
         assert!(j.get("image").is_none());
         // The proc got its files, the command from the build's Procfile.
         let proc_sh = t.proc_dir(&proc_name(5000)).join("upper/proc.sh");
@@ -689,6 +697,13 @@ fn two_setups_of_one_build_download_it_once_and_a_third_reuses_the_layer() {
         timings(&r2.stdout)["build"]["cache"].clone(),
     ];
     caches.sort_by_key(|v| v.to_string());
+    for r in [&r1, &r2] {
+        assert_eq!(
+            timings(&r.stdout)["build"]["files"],
+            14,
+            "miss and layer agree"
+        );
+    }
     assert_eq!(
         caches,
         ["layer", "miss"],
@@ -704,7 +719,7 @@ fn two_setups_of_one_build_download_it_once_and_a_third_reuses_the_layer() {
     assert_eq!(gets(&server, &url).len(), 1, "no GET for the third proc");
     let j = timings(&r3.stdout);
     assert_eq!(j["build"]["cache"], "layer");
-    assert_eq!(j["build"]["files"], 13);
+    assert_eq!(j["build"]["files"], 14);
     assert_eq!(Cache::of(&t).assert_published(&t, &a, &url, 5003), app1);
 }
 
@@ -863,7 +878,7 @@ fn a_proc_of_another_user_extracts_the_cached_blob_without_a_get() {
         assert_eq!(gets(&server, &url).len(), 1, "port {port}: no new GET");
         let j = timings(&r.stdout);
         assert_eq!(j["build"]["cache"], "blob", "port {port}");
-        assert_eq!(j["build"]["files"], 13);
+        assert_eq!(j["build"]["files"], 14);
         assert_same_tree(
             &walk(&build_layer_app(&t, &a, owner, owner)),
             &expected_for(&a, owner, owner),
