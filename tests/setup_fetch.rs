@@ -627,11 +627,12 @@ fn gzip_with_trailing_garbage_fails_and_publishes_nothing() {
     let a = Archive::build(Fmt::Gzip);
     let mut body = a.bytes.clone();
     body.extend_from_slice(b"GARBAGE after the last member");
-    let (_server, url) = serve("garbage.tar.gz", &body);
+    let (server, url) = serve("garbage.tar.gz", &body);
     let file = proc_yaml(&t, 5000, &url, None);
     setup(&t, &file)
         .run()
         .assert_error(&[&url, "gzip stream has trailing garbage", "47 41 52 42"]);
+    assert_eq!(gets(&server, &url).len(), 1, "not retried");
     Cache::of(&t).assert_nothing_published(&t);
 }
 
@@ -640,7 +641,7 @@ fn gzip_with_trailing_garbage_fails_and_publishes_nothing() {
 #[test]
 fn an_unknown_format_names_the_url_and_first_bytes_and_publishes_nothing() {
     let t = TestDir::new();
-    let (_server, url) = serve(
+    let (server, url) = serve(
         "page.tar.gz",
         b"<html>this is a login page, not a build</html>\n",
     );
@@ -651,6 +652,7 @@ fn an_unknown_format_names_the_url_and_first_bytes_and_publishes_nothing() {
         "3c 68 74 6d 6c 3e",
         "<html>",
     ]);
+    assert_eq!(gets(&server, &url).len(), 1, "not retried");
     Cache::of(&t).assert_nothing_published(&t);
 }
 
@@ -1115,4 +1117,107 @@ fn measure_setup() {
         );
     }
     println!("GETs: {}", gets(&server, &url).len());
+}
+
+// ---------------------------------------------------------------- keyed by content
+
+#[test]
+fn builds_with_the_same_file_name_on_different_paths_do_not_collide() {
+    // The original runner cached by the URL's basename: these two would have been one.
+    let t = TestDir::new();
+    let (a, b) = (Archive::build(Fmt::Gzip), Archive::build(Fmt::Xz));
+    let server = Server::start(
+        [
+            ("/team-a/app.tar.gz", a.bytes.clone()),
+            ("/team-b/app.tar.gz", b.bytes.clone()),
+        ],
+        ServerOptions::default(),
+    )
+    .unwrap();
+    let (url_a, url_b) = (
+        server.url("/team-a/app.tar.gz"),
+        server.url("/team-b/app.tar.gz"),
+    );
+    setup(&t, &proc_yaml(&t, 5001, &url_a, None))
+        .run()
+        .assert_ok();
+    let r = setup(&t, &proc_yaml(&t, 5002, &url_b, None)).run();
+    r.assert_ok();
+    assert_eq!(timings(&r.stdout)["build"]["cache"], "miss");
+    assert_eq!(
+        (gets(&server, &url_a).len(), gets(&server, &url_b).len()),
+        (1, 1)
+    );
+    let mut blobs = vec![a.sha256.clone(), b.sha256.clone()];
+    blobs.sort();
+    assert_eq!(Cache::of(&t).blobs(), blobs);
+    for (port, archive) in [(5001, &a), (5002, &b)] {
+        let state: serde_json::Value = serde_json::from_slice(
+            &fs::read(t.proc_dir(&proc_name(port)).join("state.json")).unwrap(),
+        )
+        .unwrap();
+        let layer = PathBuf::from(state["build_layer"].as_str().unwrap());
+        assert!(layer.ends_with(format!("build-{}-{OWNER}-{OWNER}/root", archive.sha256)));
+    }
+}
+
+#[test]
+fn a_mirror_url_with_the_same_md5_reuses_the_layer_without_a_get() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let server = Server::start(
+        [
+            ("/primary/shop.tar.gz", a.bytes.clone()),
+            ("/mirror/shop-copy.tgz", a.bytes.clone()),
+        ],
+        ServerOptions::default(),
+    )
+    .unwrap();
+    let (primary, mirror) = (
+        server.url("/primary/shop.tar.gz"),
+        server.url("/mirror/shop-copy.tgz"),
+    );
+    setup(&t, &proc_yaml(&t, 5001, &primary, Some(&a.md5)))
+        .run()
+        .assert_ok();
+    // The md5 is given in capitals: still the same md5.
+    let upper = a.md5.to_ascii_uppercase();
+    let r = setup(&t, &proc_yaml(&t, 5002, &mirror, Some(&upper))).run();
+    r.assert_ok();
+    assert_eq!(timings(&r.stdout)["build"]["cache"], "layer");
+    assert_eq!(gets(&server, &mirror).len(), 0, "the mirror is never asked");
+    // Setting up the same proc again is idempotent and free too.
+    let again = setup(&t, &proc_yaml(&t, 5002, &mirror, Some(&upper))).run();
+    again.assert_ok();
+    assert_eq!(timings(&again.stdout)["build"]["cache"], "layer");
+    assert_eq!(gets(&server, &primary).len(), 1);
+    assert_eq!(Cache::of(&t).layers().len(), 1);
+}
+
+#[test]
+fn a_wrong_md5_for_a_build_cached_by_url_downloads_and_fails_without_harm() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let (server, url) = serve("shop.tar.gz", &a.bytes);
+    setup(&t, &proc_yaml(&t, 5001, &url, None))
+        .run()
+        .assert_ok();
+    let mut before = t.root_entries();
+    let wrong = "ffffffffffffffffffffffffffffffff";
+    let r = setup(&t, &proc_yaml(&t, 5002, &url, Some(wrong))).run();
+    r.assert_error(&[]);
+    assert_eq!(
+        r.stderr,
+        format!(
+            "ERROR: md5 mismatch for {url}: expected {wrong}, got {}\n",
+            a.md5
+        )
+    );
+    // What proc.yaml asserts wins over the URL index: the build was fetched to check it.
+    assert_eq!(gets(&server, &url).len(), 2);
+    let mut after = t.root_entries();
+    after.sort();
+    before.sort();
+    assert_eq!(after, before, "nothing created, nothing removed");
+    Cache::of(&t).assert_published(&t, &a, &url, 5001);
 }
