@@ -471,6 +471,10 @@ fn every_format_extracts_exactly_what_gnu_tar_does_with_the_build_rules() {
         let file = proc_yaml(&t, 5000, &url, Some(&a.md5));
         let r = setup(&t, &file).run();
         r.assert_ok();
+        // Humans get one line (no progress bars: stderr is not a terminal).
+        let set_up = format!("vrun: {} is set up in ", proc_name(5000));
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        assert!(lines.len() == 1 && lines[0].starts_with(&set_up), "{r:#?}");
         assert_eq!(gets(&server, &url).len(), 1, "{fmt:?}: one GET");
         let app = Cache::of(&t).assert_published(&t, &a, &url, 5000);
         // Spot checks of the rules, beyond the comparison.
@@ -1309,4 +1313,50 @@ fn two_mirrors_of_one_build_set_up_together_publish_one_blob_and_one_layer() {
             fs::canonicalize(&app).unwrap().parent().unwrap()
         );
     }
+}
+
+#[test]
+fn a_chunked_body_without_validators_cut_half_way_still_ends_correct() {
+    // No Content-Length, no ETag, no Last-Modified: the client learns the length only
+    // from the 206's Content-Range, and the md5 vouches for the spliced bytes.
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Zstd);
+    let opts = ServerOptions {
+        etag: false,
+        last_modified: false,
+        content_length: false,
+        ranges: true,
+    };
+    let server = Server::start([("/b/shop.tar.zst", a.bytes.clone())], opts).unwrap();
+    let url = server.url("/b/shop.tar.zst");
+    server.set_fault("/b/shop.tar.zst", Fault::new().drop_after(a.len() / 3, 1));
+    let file = proc_yaml(&t, 5000, &url, Some(&a.md5));
+    setup(&t, &file).run().assert_ok();
+    let log = server.requests("/b/shop.tar.zst");
+    assert_eq!(log.len(), 2, "{log:#?}");
+    assert_eq!(
+        log[1].range.as_deref(),
+        Some(&*format!("bytes={}-", a.len() / 3))
+    );
+    assert_eq!(log[1].if_range, None, "nothing to send as If-Range");
+    Cache::of(&t).assert_published(&t, &a, &url, 5000);
+}
+
+#[test]
+fn a_missing_image_fails_naming_it_and_creates_no_proc() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let (server, url) = serve("shop.tar.gz", &a.bytes);
+    let image_url = server.url("/images/gone.tar.gz");
+    let extra =
+        format!("user: nobody\ngroup: nogroup\nimage_name: gone\nimage_url: \"{image_url}\"\n");
+    let r = setup(&t, &proc_yaml_as(&t, 5000, &url, Some(&a.md5), &extra)).run();
+    r.assert_error(&[]);
+    assert_eq!(r.stderr, format!("ERROR: GET {image_url}: 404 Not Found\n"));
+    assert_eq!(server.request_count("/images/gone.tar.gz"), 1);
+    assert_eq!(names(&t.root().join("procs")), Vec::<String>::new());
+    // The build is a verified cache entry of its own; nothing of the image is.
+    let cache = Cache::of(&t);
+    assert_eq!(cache.blobs(), vec![a.sha256.clone()]);
+    assert_eq!(cache.ingest(), Vec::<String>::new());
 }
