@@ -1360,3 +1360,35 @@ fn a_missing_image_fails_naming_it_and_creates_no_proc() {
     assert_eq!(cache.blobs(), vec![a.sha256.clone()]);
     assert_eq!(cache.ingest(), Vec::<String>::new());
 }
+
+#[test]
+fn app_is_the_procs_own_even_when_the_archive_has_no_dot_entry_and_umask_is_077() {
+    // `tar -czf b.tgz Procfile bin lib` has no `./` entry to carry app/'s owner and mode;
+    // the original runner chowned app/ anyway, and the app runs with HOME=/app.
+    let t = TestDir::new();
+    let src = tempdir("vrun-src-");
+    make_build_tree(src.path());
+    let mut top = names(src.path());
+    top.retain(|n| n != "empty-dir");
+    let top: Vec<&str> = top.iter().map(String::as_str).collect();
+    let a = Archive::new(compress(Fmt::Gzip, &gnu_tar_of(src.path(), &top)), src);
+    let (_server, url) = serve("nodot.tar.gz", &a.bytes);
+    let mut vrun = setup(&t, &proc_yaml(&t, 5000, &url, Some(&a.md5)));
+    // SAFETY: umask is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        vrun.cmd.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    vrun.run().assert_ok();
+    let app = build_layer_app(&t, &a, OWNER, OWNER);
+    let m = fs::metadata(&app).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777),
+        (OWNER, OWNER, 0o755),
+        "app/ itself"
+    );
+    assert_same_tree(&walk(&app), &a.expected_build_tree());
+}
