@@ -1392,3 +1392,15 @@ fn app_is_the_procs_own_even_when_the_archive_has_no_dot_entry_and_umask_is_077(
     );
     assert_same_tree(&walk(&app), &a.expected_build_tree());
 }
+
+#[test]
+fn a_full_disk_fails_cleanly_and_publishes_nothing() {
+    let t = TestDir::new();
+    // Blob (~0.8 MB) plus tree (~1.6 MB) do not fit in 2 MB.
+    let _mount = common::MountGuard::tmpfs_sized(&t.root(), "2m");
+    let a = Archive::build(Fmt::Gzip);
+    let (_server, url) = serve("shop.tar.gz", &a.bytes);
+    let r = setup(&t, &proc_yaml(&t, 5000, &url, Some(&a.md5))).run();
+    r.assert_error(&[&url, "not enough free space in", "keeping at least"]);
+    Cache::of(&t).assert_nothing_published(&t);
+}
