@@ -366,6 +366,16 @@ fn gets(server: &Server, url: &str) -> Vec<vrun::serve::RequestRecord> {
         .collect()
 }
 
+/// Whether process `pid` waits in `flock()`: the kernel lists such a waiter in
+/// /proc/locks as `N: -> FLOCK ADVISORY WRITE PID ...`.
+fn blocked_in_flock(pid: u32) -> bool {
+    let pid = pid.to_string();
+    fs::read_to_string("/proc/locks").unwrap().lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"->") && f.get(2) == Some(&"FLOCK") && f.get(5) == Some(&&*pid)
+    })
+}
+
 /// Names in a directory, sorted; empty when it does not exist.
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = match fs::read_dir(dir) {
@@ -684,16 +694,20 @@ fn two_setups_of_one_build_download_it_once_and_a_third_reuses_the_layer() {
         proc_yaml(&t, 5001, &url, Some(&a.md5)),
         proc_yaml(&t, 5002, &url, Some(&a.md5)),
     );
-    let mut p1 = setup(&t, &f1).spawn();
-    let mut p2 = setup(&t, &f2).spawn();
+    let p1 = setup(&t, &f1).spawn();
+    let p2 = setup(&t, &f2).spawn();
     wait_until("the download to start", PATIENCE, || {
         server.bytes_sent("/builds/shop.tar.gz") > 0
     });
-    let overlapped =
-        server.bytes_sent("/builds/shop.tar.gz") < a.len() && p1.is_running() && p2.is_running();
+    let (pid1, pid2) = (p1.id(), p2.id());
+    wait_until(
+        "one setup to wait on the other's URL lock",
+        PATIENCE,
+        || blocked_in_flock(pid1) || blocked_in_flock(pid2),
+    );
     assert!(
-        overlapped,
-        "both setups must be running during the download"
+        server.bytes_sent("/builds/shop.tar.gz") < a.len(),
+        "it waits while the other downloads"
     );
     let (r1, r2) = (p1.finish(), p2.finish());
     r1.assert_ok();
@@ -1403,4 +1417,76 @@ fn a_full_disk_fails_cleanly_and_publishes_nothing() {
     let r = setup(&t, &proc_yaml(&t, 5000, &url, Some(&a.md5))).run();
     r.assert_error(&[&url, "not enough free space in", "keeping at least"]);
     Cache::of(&t).assert_nothing_published(&t);
+}
+
+#[test]
+fn a_setup_waiting_on_a_killed_downloader_takes_over() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let (server, url) = serve("shop.tar.gz", &a.bytes);
+    let path = "/builds/shop.tar.gz";
+    server.set_fault(path, Fault::new().throttle(a.len() / 4));
+    let mut first = setup(&t, &proc_yaml(&t, 5001, &url, Some(&a.md5))).spawn();
+    wait_until("the first download to start", PATIENCE, || {
+        server.bytes_sent(path) > 0
+    });
+    let second = setup(&t, &proc_yaml(&t, 5002, &url, Some(&a.md5))).spawn();
+    let pid = second.id();
+    wait_until(
+        "the second setup to block on the URL lock",
+        PATIENCE,
+        || blocked_in_flock(pid),
+    );
+    assert!(first.is_running(), "the first setup still downloads");
+    first.kill9();
+    assert_eq!(first.finish().code, None);
+    server.set_fault(path, Fault::new());
+    let r = second.finish();
+    r.assert_ok();
+    assert_eq!(timings(&r.stdout)["build"]["cache"], "miss");
+    assert_eq!(gets(&server, &url).len(), 2);
+    let cache = Cache::of(&t);
+    assert_eq!(cache.blobs(), vec![a.sha256.clone()]);
+    assert_eq!(cache.ingest().len(), 1, "only the killed run's leftovers");
+    assert_same_tree(
+        &walk(&build_layer_app(&t, &a, OWNER, OWNER)),
+        &a.expected_build_tree(),
+    );
+    assert!(!t.proc_dir(&proc_name(5001)).exists());
+}
+
+#[test]
+fn setup_goes_through_http_proxy_and_honours_no_proxy() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    // The loopback server answers absolute-form requests too: it is the proxy here.
+    let (server, _) = serve("shop.tar.gz", &a.bytes);
+    let url = "http://builds.example.invalid/builds/shop.tar.gz";
+    let file = proc_yaml(&t, 5000, url, Some(&a.md5));
+    setup(&t, &file)
+        .env("HTTP_PROXY", server.base_url())
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .run()
+        .assert_ok();
+    let log = server.requests("/builds/shop.tar.gz");
+    assert_eq!(log.len(), 1, "{log:#?}");
+    assert!(log[0].proxied, "{log:#?}");
+    assert_eq!(log[0].target, url);
+    Cache::of(&t).assert_published(&t, &a, url, 5000);
+
+    // Excluded from the proxy, the host is looked up for real, and does not exist.
+    let t2 = TestDir::new();
+    let file = proc_yaml(&t2, 5000, url, Some(&a.md5));
+    setup(&t2, &file)
+        .env("HTTP_PROXY", server.base_url())
+        .env("NO_PROXY", "example.invalid")
+        .env("VRUN_HTTP_RETRIES", "0")
+        .run()
+        .assert_error(&[url, "cannot connect"]);
+    assert_eq!(
+        server.request_count("/builds/shop.tar.gz"),
+        1,
+        "not proxied"
+    );
 }
