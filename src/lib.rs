@@ -6,14 +6,18 @@
 
 pub mod config;
 pub mod decode;
+pub mod demo;
 pub mod envfiles;
 pub mod extract;
 pub mod fetch;
 pub mod lock;
+pub mod lxc;
 pub mod mounts;
 pub mod paths;
 pub mod pipeline;
 pub mod procfile;
+pub mod sample;
 pub mod serve;
 pub mod state;
+pub mod uptest;
 pub mod yaml;

@@ -10,7 +10,7 @@
 //! what the client actually sent.
 //!
 //! Why hand-written HTTP/1.1 on std threads rather than a framework: it is a few
-//! hundred lines, adds no dependency, runs without a tokio runtime (the demo and the
+//! hundred lines, needs no framework, runs without a tokio runtime (the demo and the
 //! bench harness drive `vrun setup` as a child process while this serves), and every
 //! byte on the wire is under the test's control, which is the whole point of fault
 //! injection. One thread accepts; each connection gets a thread (keep-alive is
@@ -20,7 +20,13 @@
 //! Served: `GET` and `HEAD`; `Content-Length` (or chunked framing when
 //! [`ServerOptions::content_length`] is off); `ETag` and `Last-Modified` (each
 //! switchable); `Range: bytes=N-` / `bytes=N-M` with `If-Range` (strong ETag or
-//! exact Last-Modified), answering 206 with `Content-Range`, or 416 past the end.
+//! exact Last-Modified), answering 206 with `Content-Range`, or 416 past the end;
+//! conditional GETs (`If-None-Match`, `If-Modified-Since` → 304).
+//!
+//! Faults ([`Fault`], per path): fail the first N requests with a status (plus
+//! `Retry-After`), delay the response head, cut the connection after K body bytes,
+//! stall for D after K bytes, hold the body at K bytes until [`Server::open_gate`],
+//! ignore `Range`, serve a range other than the one asked for, throttle to R bytes/s.
 //! A request-target in absolute form (`GET http://host/path`) is served by its path
 //! and logged with [`RequestRecord::proxied`] set, so the same server can stand in
 //! for an HTTP proxy in proxy tests.
@@ -132,6 +138,9 @@ pub struct Fault {
     /// Serve ranges this many bytes later than asked (a broken server or cache), with a
     /// truthful `Content-Range` for what is actually sent.
     pub shift_range: u64,
+    /// Hold every body at this many bytes until [`Server::open_gate`] is called for the
+    /// path (deterministic "the download is not finished yet" for streaming tests).
+    pub gate_after: Option<u64>,
 }
 
 impl Fault {
@@ -171,6 +180,11 @@ impl Fault {
     pub fn delay_head(mut self, duration: Duration, n: u32) -> Self {
         self.delay_head = duration;
         self.delay_head_first = n;
+        self
+    }
+    /// Hold bodies after `bytes` until [`Server::open_gate`].
+    pub fn gate_after(mut self, bytes: u64) -> Self {
+        self.gate_after = Some(bytes);
         self
     }
     /// Answer `Range: bytes=N-` with bytes from `N + by`.
@@ -238,6 +252,7 @@ struct State {
     files: HashMap<String, Resource>,
     faults: HashMap<String, FaultState>,
     sent: HashMap<String, Arc<AtomicU64>>,
+    gates: HashMap<String, Arc<AtomicBool>>,
     log: Vec<RequestRecord>,
     generation: u64,
     last_modified_secs: u64,
@@ -292,6 +307,11 @@ impl Server {
                 .spawn(move || accept_loop(listener, accept_shared))?,
         );
         Ok(server)
+    }
+
+    /// A server with no paths yet (add them with [`Server::insert`]).
+    pub fn empty(opts: ServerOptions) -> io::Result<Server> {
+        Self::start(Vec::<(String, Body)>::new(), opts)
     }
 
     /// `http://127.0.0.1:PORT` (no trailing slash).
@@ -373,6 +393,13 @@ impl Server {
     /// Number of requests for one path (any method, any outcome).
     pub fn request_count(&self, path: &str) -> usize {
         self.requests(path).len()
+    }
+
+    /// Let bodies held by [`Fault::gate_after`] continue (now and for later requests).
+    pub fn open_gate(&self, path: &str) {
+        let mut st = self.shared.lock();
+        let gate = st.gates.entry(normalize(path)).or_default();
+        gate.store(true, Ordering::SeqCst);
     }
 
     /// Body bytes handed to the kernel for a path so far, over all requests.
@@ -574,6 +601,8 @@ enum Plan {
         extra: Option<String>,
     },
     Body(BodyPlan),
+    /// 304 with the current validators.
+    NotModified(Resource),
 }
 
 struct BodyPlan {
@@ -583,6 +612,7 @@ struct BodyPlan {
     end: u64, // exclusive
     drop_after: Option<u64>,
     stall: Option<(u64, Duration)>,
+    gate: Option<(u64, Arc<AtomicBool>)>,
     throttle: Option<u64>,
     sent: Arc<AtomicU64>,
 }
@@ -623,6 +653,13 @@ fn respond(shared: &Shared, w: &mut TcpStream, req: &Request) -> io::Result<bool
             Ok(true)
         }
         Plan::Body(p) => write_body(shared, w, p, head_only),
+        Plan::NotModified(res) => {
+            let mut head = String::from("HTTP/1.1 304 Not Modified\r\n");
+            push_validators(&mut head, &shared.opts, &res);
+            head.push_str("\r\n");
+            w.write_all(head.as_bytes())?;
+            Ok(true)
+        }
     }
 }
 
@@ -668,6 +705,13 @@ fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> (Plan, Opt
             retry_after: fault.retry_after.clone(),
             extra: None,
         }
+    } else if let Some(res) = st
+        .files
+        .get(path)
+        .filter(|res| not_modified(opts, req, res))
+        .cloned()
+    {
+        Plan::NotModified(res)
     } else if let Some(res) = st.files.get(path).cloned() {
         let range = if opts.ranges && !fault.ignore_range {
             req.header("range")
@@ -708,6 +752,7 @@ fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> (Plan, Opt
     record.status = match &plan {
         Plan::Status { status, .. } => *status,
         Plan::Body(b) => b.status,
+        Plan::NotModified(_) => 304,
     };
     st.log.push(record);
     let delay = (request_no <= fault.delay_head_first).then_some(fault.delay_head);
@@ -741,8 +786,45 @@ fn body_plan(
             .filter(|_| body_no <= fault.stall_bodies)
             .map(|k| (k, fault.stall_for)),
         throttle: fault.throttle,
+        gate: fault
+            .gate_after
+            .map(|k| (k, Arc::clone(st.gates.entry(path.to_string()).or_default()))),
         sent,
     })
+}
+
+fn push_validators(head: &mut String, opts: &ServerOptions, res: &Resource) {
+    if opts.etag {
+        head.push_str(&format!("ETag: {}\r\n", res.etag));
+    }
+    if opts.last_modified {
+        head.push_str(&format!("Last-Modified: {}\r\n", res.last_modified));
+    }
+}
+
+/// Conditional GET (RFC 9110 §13.2.2): If-None-Match decides when present (weak
+/// comparison), else If-Modified-Since against Last-Modified.
+fn not_modified(opts: &ServerOptions, req: &Request, res: &Resource) -> bool {
+    if let Some(tags) = req.header("if-none-match") {
+        let ours = res.etag.trim_start_matches("W/");
+        return opts.etag
+            && tags
+                .split(',')
+                .map(|t| t.trim())
+                .any(|t| t == "*" || t.trim_start_matches("W/") == ours);
+    }
+    match (req.header("if-modified-since"), opts.last_modified) {
+        (Some(since), true) => {
+            match (
+                httpdate::parse_http_date(since),
+                httpdate::parse_http_date(&res.last_modified),
+            ) {
+                (Ok(since), Ok(modified)) => modified <= since,
+                _ => false,
+            }
+        }
+        _ => false,
+    }
 }
 
 /// `bytes=N-` or `bytes=N-M` → (N, Some(M)); anything else (suffix, multi-range) → None,
@@ -779,12 +861,7 @@ fn write_body(
     if opts.ranges {
         head.push_str("Accept-Ranges: bytes\r\n");
     }
-    if opts.etag {
-        head.push_str(&format!("ETag: {}\r\n", p.res.etag));
-    }
-    if opts.last_modified {
-        head.push_str(&format!("Last-Modified: {}\r\n", p.res.last_modified));
-    }
+    push_validators(&mut head, opts, &p.res);
     if p.status == 206 {
         head.push_str(&format!(
             "Content-Range: bytes {}-{}/{}\r\n",
@@ -828,12 +905,29 @@ fn write_body(
                 }
             }
         }
+        if let Some((k, gate)) = &p.gate {
+            if done >= *k && !gate.load(Ordering::SeqCst) {
+                w.flush()?;
+                while !gate.load(Ordering::SeqCst) {
+                    if !shared.sleep(STOP_POLL) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
         // Cut the piece at the next fault point so drops and stalls land on the byte.
         let mut want = (total - done).min(WRITE_PIECE as u64);
         if let Some(k) = p.drop_after.filter(|&k| k > done) {
             want = want.min(k - done);
         }
         if let Some((k, _)) = p.stall.filter(|&(k, _)| !stalled && k > done) {
+            want = want.min(k - done);
+        }
+        if let Some((k, _)) = p
+            .gate
+            .as_ref()
+            .filter(|(k, g)| *k > done && !g.load(Ordering::SeqCst))
+        {
             want = want.min(k - done);
         }
         if let Some(rate) = p.throttle {

@@ -769,6 +769,25 @@ async fn loopback_throughput() {
             Ok(())
         }
     }
+    /// CPU seconds of this process (client and server threads): robust on a busy box.
+    fn cpu_s() -> f64 {
+        // SAFETY: getrusage only fills the struct we pass.
+        let ru = unsafe {
+            let mut ru: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+            ru
+        };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    }
+    fn report(what: &str, wall: Duration, cpu: f64) {
+        let mb = TOTAL as f64 / 1e6;
+        let wall = wall.as_secs_f64();
+        eprintln!(
+            "{what}: {mb:.0} MB in {wall:.3} s = {:.0} MB/s, {cpu:.2} CPU s",
+            mb / wall
+        );
+    }
     const TOTAL: usize = 256 * 1024 * 1024;
     let data = body(TOTAL, 19);
     let server = serve_one("/big.tgz", data.clone(), ServerOptions::default());
@@ -776,43 +795,38 @@ async fn loopback_throughput() {
     let http = client(HttpOptions::default());
     for round in 0..3 {
         let mut sink = Discard(0);
+        let cpu = cpu_s();
         let out = http.fetch(&url, &mut sink).await.unwrap();
         assert_eq!(sink.0, TOTAL as u64);
-        let mb = TOTAL as f64 / 1e6;
-        eprintln!(
-            "round {round}: {mb:.0} MB in {:.3} s = {:.0} MB/s (ttfb {:.1} ms), md5+sha256 included",
-            out.wall.as_secs_f64(),
-            mb / out.wall.as_secs_f64(),
-            out.ttfb.as_secs_f64() * 1e3
+        report(
+            &format!("vrun fetch (md5+sha256, server included), round {round}"),
+            out.wall,
+            cpu_s() - cpu,
         );
     }
+
     // The same transfer without our layer (no hashes, no timeouts): reqwest alone.
     let raw = reqwest::Client::new();
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_s());
     let mut resp = raw.get(&url).send().await.unwrap();
     let mut n = 0u64;
     while let Some(c) = resp.chunk().await.unwrap() {
         n += c.len() as u64;
     }
     assert_eq!(n, TOTAL as u64);
-    let s = t.elapsed().as_secs_f64();
-    eprintln!(
-        "reqwest alone, no hashing: {:.0} MB/s",
-        TOTAL as f64 / 1e6 / s
+    report(
+        "reqwest alone (server included)",
+        t.elapsed(),
+        cpu_s() - cpu,
     );
 
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_s());
     let mut h = BodyHasher::new();
     for c in data.chunks(128 * 1024) {
         h.update(c);
     }
-    let d = h.finish();
-    let s = t.elapsed().as_secs_f64();
-    eprintln!(
-        "hash only (md5+sha256, one thread): {:.0} MB/s",
-        TOTAL as f64 / 1e6 / s
-    );
-    assert_eq!(d.bytes, TOTAL as u64);
+    assert_eq!(h.finish().bytes, TOTAL as u64);
+    report("md5+sha256 alone, one thread", t.elapsed(), cpu_s() - cpu);
 }
 
 #[tokio::test]
@@ -936,4 +950,218 @@ async fn a_resume_that_does_not_continue_where_we_stopped_is_refused() {
         2,
         "a bad Content-Range is not retried"
     );
+}
+
+/// Read a pipe to the end on a plain thread, starting over on each restart.
+fn drain_pipe(
+    mut r: vrun::fetch::PipeReader,
+) -> std::thread::JoinHandle<(Vec<u8>, u32, std::io::Result<()>)> {
+    use std::io::Read;
+    std::thread::spawn(move || {
+        let (mut got, mut restarts) = (Vec::new(), 0);
+        let mut buf = vec![0u8; 10_000];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => return (got, restarts, Ok(())),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if vrun::fetch::is_restart(&e) => {
+                    got.clear();
+                    restarts += 1;
+                }
+                Err(e) => return (got, restarts, Err(e)),
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn pipe_carries_the_body_and_its_restart_to_a_blocking_reader() {
+    let data = body(2_000_000, 23);
+    let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
+    server.set_fault("/b.tgz", Fault::new().drop_after(900_000, 1).ignore_range());
+    let (mut sink, reader) = vrun::fetch::body_pipe(4);
+    let consumer = drain_pipe(reader);
+    let out = client(quick())
+        .fetch(&server.url("/b.tgz"), &mut sink)
+        .await
+        .unwrap();
+    sink.finish().await.unwrap();
+    let (got, restarts, end) = consumer.join().unwrap();
+    end.unwrap();
+    assert_eq!((restarts, out.restarts), (1, 1));
+    assert!(got == data);
+}
+
+#[tokio::test]
+async fn pipe_reader_sees_a_failed_download_as_an_error_not_eof() {
+    let server = serve_one("/b.tgz", body(10, 24), ServerOptions::default());
+    let (mut sink, reader) = vrun::fetch::body_pipe(4);
+    let consumer = drain_pipe(reader);
+    client(quick())
+        .fetch(&server.url("/nope.tgz"), &mut sink)
+        .await
+        .unwrap_err();
+    drop(sink);
+    let (_, _, end) = consumer.join().unwrap();
+    assert_eq!(end.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+}
+
+#[tokio::test]
+async fn pipe_consumer_that_stops_fails_the_fetch_without_retry() {
+    let server = serve_one("/b.tgz", body(4_000_000, 25), ServerOptions::default());
+    let (mut sink, reader) = vrun::fetch::body_pipe(2);
+    drop(reader);
+    let url = server.url("/b.tgz");
+    let err = client(quick()).fetch(&url, &mut sink).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("GET {url}: the body's consumer stopped reading")
+    );
+    assert_eq!(server.request_count("/b.tgz"), 1);
+}
+
+#[tokio::test]
+async fn the_consumer_has_the_first_bytes_while_the_server_still_holds_the_rest() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const HELD: u64 = 600_000;
+    let data = body(1_000_000, 26);
+    let server = Server::empty(ServerOptions::default()).unwrap();
+    server.insert("/b.tgz", data.clone()).unwrap();
+    server.set_fault("/b.tgz", Fault::new().gate_after(HELD));
+    let (mut sink, mut reader) = vrun::fetch::body_pipe(4);
+    let seen = Arc::new(AtomicU64::new(0));
+    let seen_by_reader = Arc::clone(&seen);
+    let consumer = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = reader.read(&mut buf).unwrap();
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&buf[..n]);
+            seen_by_reader.store(got.len() as u64, Ordering::SeqCst);
+        }
+    });
+    let http = client(quick());
+    let url = server.url("/b.tgz");
+    let download = tokio::spawn(async move {
+        let out = http.fetch(&url, &mut sink).await;
+        sink.finish().await.unwrap();
+        out
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.load(Ordering::SeqCst) < HELD {
+        assert!(
+            Instant::now() < deadline,
+            "consumer never got the first bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), HELD);
+    assert_eq!(server.bytes_sent("/b.tgz"), HELD);
+    assert!(!download.is_finished());
+    server.open_gate("/b.tgz");
+    let out = download.await.unwrap().unwrap();
+    assert_eq!(out.attempts, 1);
+    assert!(consumer.join().unwrap() == data);
+}
+
+#[tokio::test]
+async fn resuming_a_complete_or_oversized_partial() {
+    let data = body(300_000, 27);
+    let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
+    let url = server.url("/b.tgz");
+    let etag = client(quick())
+        .fetch(&url, &mut Collect::default())
+        .await
+        .unwrap()
+        .etag;
+
+    // Everything is already here: the server says 416 */300000 and we are done.
+    let mut sink = Collect {
+        data: data.to_vec(),
+        ..Collect::default()
+    };
+    let resume = Resume {
+        hasher: BodyHasher::new().hash_reader(&data[..]).unwrap(),
+        validator: etag.clone(),
+    };
+    let out = client(quick())
+        .fetch_request(FetchRequest::new(&url).resume(resume), &mut sink)
+        .await
+        .unwrap();
+    assert_eq!((out.bytes, out.restarts, sink.resets), (300_000, 0, 0));
+    assert_eq!(out.md5_hex, md5_hex(&data));
+    assert_eq!(server.requests("/b.tgz").last().unwrap().status, 416);
+
+    // More than the body: those bytes cannot be this resource; start over.
+    let mut junk = data.to_vec();
+    junk.extend_from_slice(b"trailing");
+    let mut sink = Collect {
+        data: junk.clone(),
+        ..Collect::default()
+    };
+    let resume = Resume {
+        hasher: BodyHasher::new().hash_reader(&junk[..]).unwrap(),
+        validator: etag,
+    };
+    let out = client(quick())
+        .fetch_request(FetchRequest::new(&url).resume(resume), &mut sink)
+        .await
+        .unwrap();
+    assert!(sink.data == data);
+    assert_eq!((out.restarts, sink.resets, out.attempts), (1, 1, 2));
+    assert_eq!(out.sha256_hex, sha256_hex(&data));
+}
+
+#[tokio::test]
+async fn unchanged_resources_are_not_downloaded_again() {
+    use vrun::fetch::Validators;
+    let v1 = body(200_000, 28);
+    let server = serve_one("/b.tgz", v1.clone(), ServerOptions::default());
+    let url = server.url("/b.tgz");
+    let http = client(quick());
+    let first = http.fetch(&url, &mut Collect::default()).await.unwrap();
+    let known = Validators {
+        etag: first.etag.clone(),
+        last_modified: first.last_modified.clone(),
+    };
+
+    let mut sink = Collect::default();
+    let again = http
+        .fetch_if_changed(FetchRequest::new(&url), &known, &mut sink)
+        .await
+        .unwrap();
+    assert!(again.is_none(), "unchanged resource downloaded again");
+    assert_eq!((sink.data.len(), sink.chunks), (0, 0));
+    let last = server.requests("/b.tgz").pop().unwrap();
+    assert_eq!(last.header("if-none-match"), first.etag.as_deref());
+    assert_eq!(last.status, 304);
+
+    // By date only (a server without ETags).
+    let by_date = Validators {
+        etag: None,
+        last_modified: first.last_modified.clone(),
+    };
+    let again = http
+        .fetch_if_changed(FetchRequest::new(&url), &by_date, &mut Collect::default())
+        .await
+        .unwrap();
+    assert!(again.is_none());
+
+    // Changed: the new body arrives in the same request.
+    let v2 = body(210_000, 29);
+    server.insert("/b.tgz", v2.clone()).unwrap();
+    let before = server.request_count("/b.tgz");
+    let mut sink = Collect::default();
+    let out = http
+        .fetch_if_changed(FetchRequest::new(&url), &known, &mut sink)
+        .await
+        .unwrap()
+        .expect("changed resource must be downloaded");
+    assert!(sink.data == v2);
+    assert_eq!(out.sha256_hex, sha256_hex(&v2));
+    assert_eq!(server.request_count("/b.tgz") - before, 1);
 }

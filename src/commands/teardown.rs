@@ -1,5 +1,11 @@
-//! `vrun teardown FILE`: unmount the proc's rootfs, then remove its directory without
-//! crossing into any other filesystem. A proc that is not there is already torn down.
+//! `vrun teardown FILE`: refuse while any container of the proc runs, clean what a
+//! crashed run left (processes, cgroups), unmount the proc's rootfs, then remove its
+//! directory without crossing into any other filesystem. A proc that is not there is
+//! already torn down. The cache is never touched: other procs may share its layers.
+//!
+//! A live `vrun run` holds the proc.yaml lock, so teardown is refused by the lock
+//! itself; live shell/uptest containers are refused by [`vrun::lxc::teardown_containers`],
+//! whose mount lock is held until the directory is gone so none can start meanwhile.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -18,6 +24,7 @@ pub fn teardown(root: &Root, file: &Path) -> anyhow::Result<ExitCode> {
         eprintln!("vrun: {name} is not set up; nothing to tear down");
         return Ok(ExitCode::SUCCESS);
     }
+    let _mount_lock = vrun::lxc::teardown_containers(&proc, &name)?;
     let rootfs = proc.rootfs();
     if mounts::is_mount_point(&rootfs)? {
         mounts::unmount(&rootfs)?;

@@ -1,13 +1,44 @@
-//! `vrun uptest FILE`: never locks (it runs beside `run`).
-//! The uptest runner replaces the body below when it is merged.
+//! `vrun uptest FILE [--jobs N] [--timeout SECS]`: the proc's uptests, as one JSON array
+//! on stdout.
+//!
+//! stdout gets exactly the array and a newline, written once at the end; progress and
+//! errors go to stderr. When uptests cannot run at all (no proc_name, not set up, LXC
+//! missing) the error is returned before anything was written, so stdout stays empty and
+//! `main` prints the one `ERROR:` line. No lock: uptests run beside `run`.
 
+use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::bail;
+use vrun::lxc::LxcProc;
 use vrun::paths::Root;
+use vrun::uptest::{run_uptests, to_json_line, UptestOptions};
 
+use super::run::block_on;
 use crate::cli::UptestArgs;
 
-pub fn uptest(_root: &Root, args: &UptestArgs) -> anyhow::Result<ExitCode> {
-    let (_config, name) = super::load(&args.proc.file)?;
-    anyhow::bail!("uptest is not implemented in this build (proc {name})")
+pub fn uptest(root: &Root, args: &UptestArgs) -> anyhow::Result<ExitCode> {
+    let file = &args.proc.file;
+    let (config, name) = super::load(file)?;
+    let Some(proc_name) = config.proc_name.clone() else {
+        bail!(
+            "{}: uptest needs proc_name (uptests live in /app/uptests/<proc_name>/)",
+            file.display()
+        );
+    };
+    let proc = LxcProc::from_config(root, &name, &config, &config.owner()?)?;
+    let opts = UptestOptions {
+        proc_name,
+        host: config.host.clone(),
+        // A proc without a port (a worker) still has uptests; they get an empty PORT.
+        port: config.port.map(|p| p.to_string()).unwrap_or_default(),
+        jobs: args.jobs,
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let results = block_on(run_uptests(&proc, &opts))??;
+    let mut out = std::io::stdout().lock();
+    out.write_all(to_json_line(&results).as_bytes())?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
 }

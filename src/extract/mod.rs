@@ -521,6 +521,7 @@ impl Extraction {
             .tree
             .dir(&parent, true)
             .map_err(|e| resolve_err(&h.entry, e))?;
+        self.known_dirs.extend(self.tree.take_created());
         let cname = cstring(name).map_err(|e| io_error(&h.entry, "name", e))?;
         let key: Key = (dir.ino, name.into());
         self.pool.settle(&key)?;

@@ -438,7 +438,8 @@ fn write_inline(
 /// never written through.
 fn create(meta: &FileMeta) -> Result<File, ExtractError> {
     let dir = meta.dir.fd.as_fd();
-    match tree::create_file(dir, &meta.name, 0o600) {
+    let perm = meta.perm & 0o777;
+    match tree::create_file(dir, &meta.name, perm) {
         Ok(fd) => return Ok(File::from(fd)),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
         Err(e) => return Err(io_error(&meta.entry, "create", e)),
@@ -453,21 +454,39 @@ fn create(meta: &FileMeta) -> Result<File, ExtractError> {
         }
         Err(e) => return Err(io_error(&meta.entry, "replace", e)),
     }
-    tree::create_file(dir, &meta.name, 0o600)
+    tree::create_file(dir, &meta.name, perm)
         .map(File::from)
         .map_err(|e| io_error(&meta.entry, "create", e))
 }
 
-/// Owner, then mode (chown clears setuid/setgid), then mtime — all on the fd.
+/// Owner, then mode if needed (chown clears setuid/setgid), then mtime — all on the fd.
 fn finish(meta: &FileMeta, file: &File) -> Result<(), ExtractError> {
     let fd = file.as_fd();
     if let Some(o) = meta.chown {
         tree::fchown(fd, o.uid, o.gid).map_err(|e| io_error(&meta.entry, "chown", e))?;
     }
-    if meta.perm != 0o600 || meta.chown.is_some() {
+    // The file was created with its permission bits; chmod only for what `open` cannot set
+    // (setuid/setgid/sticky, which chown would clear anyway) or what the umask took away.
+    if meta.perm & 0o7000 != 0 || meta.perm & umask() != 0 {
         tree::fchmod(fd, meta.perm).map_err(|e| io_error(&meta.entry, "chmod", e))?;
     }
     tree::futimens(fd, meta.mtime).map_err(|e| io_error(&meta.entry, "set mtime of", e))
+}
+
+/// The process umask, read once from /proc (reading it with umask(2) would briefly change
+/// it for every thread). Unknown → assume it may strip anything, so we always chmod.
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o777)
+    })
 }
 
 fn check_read(read: io::Result<u64>, size: u64, entry: &str) -> Result<(), ExtractError> {

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use rand::Rng;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, IF_RANGE, RANGE};
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT_ENCODING, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, RANGE,
+};
 use reqwest::StatusCode;
 
 use super::error::{FetchError, FetchErrorKind, TimeoutKind};
@@ -172,6 +174,21 @@ pub struct Resume {
     pub validator: Option<String>,
 }
 
+/// What the store remembers about a URL's last download (its `ETag` and `Last-Modified`),
+/// for asking the server "only if it changed" ([`HttpClient::fetch_if_changed`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validators {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+/// How one attempt ended well.
+enum Attempted {
+    Complete,
+    /// 304: the resource still matches the caller's validators; no body was sent.
+    NotModified,
+}
+
 /// The download client. Cheap to clone (one connection pool).
 #[derive(Clone, Debug)]
 pub struct HttpClient {
@@ -190,6 +207,8 @@ struct Transfer<'a> {
     last_modified: Option<String>,
     /// Length of the whole body, once known.
     total: Option<u64>,
+    /// Validators for a conditional first request (If-None-Match / If-Modified-Since).
+    conditional: Option<Validators>,
     started: Instant,
     ttfb: Option<Duration>,
     resumed: u32,
@@ -258,6 +277,29 @@ impl HttpClient {
         req: FetchRequest<'_>,
         sink: &mut S,
     ) -> Result<FetchOutcome, FetchError> {
+        let out = self.run(req, None, sink).await?;
+        Ok(out.expect("only a conditional request can end without a body"))
+    }
+
+    /// Download only if the resource no longer matches `known` (the ETag/Last-Modified
+    /// of the copy the caller holds): `Ok(None)` when the server answers 304 Not
+    /// Modified, in which case the sink saw nothing. Validators that are both absent
+    /// make this an ordinary download.
+    pub async fn fetch_if_changed<S: BodySink>(
+        &self,
+        req: FetchRequest<'_>,
+        known: &Validators,
+        sink: &mut S,
+    ) -> Result<Option<FetchOutcome>, FetchError> {
+        self.run(req, Some(known.clone()), sink).await
+    }
+
+    async fn run<S: BodySink>(
+        &self,
+        req: FetchRequest<'_>,
+        conditional: Option<Validators>,
+        sink: &mut S,
+    ) -> Result<Option<FetchOutcome>, FetchError> {
         let url = req.url;
         let error = |attempts, kind| FetchError {
             url: url.to_string(),
@@ -283,6 +325,7 @@ impl HttpClient {
             etag: None,
             last_modified: None,
             total: None,
+            conditional,
             started: Instant::now(),
             ttfb: None,
             resumed: 0,
@@ -304,7 +347,8 @@ impl HttpClient {
         loop {
             attempts += 1;
             let failure = match self.attempt(&mut t, sink).await {
-                Ok(()) => break,
+                Ok(Attempted::Complete) => break,
+                Ok(Attempted::NotModified) => return Ok(None),
                 Err(f) => f,
             };
             if !failure.retry || attempts > self.opts.retries {
@@ -319,7 +363,7 @@ impl HttpClient {
 
         let wall = t.started.elapsed();
         let digest = t.hasher.finish();
-        Ok(FetchOutcome {
+        Ok(Some(FetchOutcome {
             md5_hex: digest.md5_hex,
             sha256_hex: digest.sha256_hex,
             bytes: digest.bytes,
@@ -330,7 +374,7 @@ impl HttpClient {
             attempts,
             resumed: t.resumed,
             restarts: t.restarts,
-        })
+        }))
     }
 
     /// Jittered exponential backoff before retry number `n` (1-based).
@@ -348,9 +392,17 @@ impl HttpClient {
         &self,
         t: &mut Transfer<'_>,
         sink: &mut S,
-    ) -> Result<(), Failure> {
+    ) -> Result<Attempted, Failure> {
         let offset = t.hasher.bytes();
         let mut req = self.client.get(t.url);
+        if let Some(v) = t.conditional.as_ref().filter(|_| offset == 0) {
+            if let Some(etag) = &v.etag {
+                req = req.header(IF_NONE_MATCH, etag.as_str());
+            }
+            if let Some(date) = &v.last_modified {
+                req = req.header(IF_MODIFIED_SINCE, date.as_str());
+            }
+        }
         if offset > 0 {
             req = req.header(RANGE, format!("bytes={offset}-"));
             if let Some(v) = &t.validator {
@@ -374,13 +426,29 @@ impl HttpClient {
             StatusCode::OK => {
                 if offset > 0 {
                     // Range ignored or If-Range failed: the whole body follows.
-                    sink.reset()
-                        .map_err(|e| Failure::fatal(FetchErrorKind::Sink(e)))?;
-                    t.hasher = BodyHasher::new();
-                    t.restarts += 1;
+                    t.restart(sink)?;
                 }
                 t.total = resp.content_length();
                 t.remember_validators(resp.headers());
+            }
+            StatusCode::NOT_MODIFIED if offset == 0 && t.conditional.is_some() => {
+                return Ok(Attempted::NotModified);
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => {
+                // We hold at least the whole body: done if exactly, else start over.
+                let total = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().strip_prefix("bytes */"))
+                    .and_then(|n| n.parse::<u64>().ok());
+                if total == Some(offset) {
+                    t.total = total;
+                    t.report();
+                    return Ok(Attempted::Complete);
+                }
+                t.restart(sink)?;
+                return Err(Failure::transient(FetchErrorKind::Status { status }));
             }
             StatusCode::PARTIAL_CONTENT => {
                 if offset == 0 {
@@ -428,7 +496,7 @@ impl HttpClient {
                     got: t.hasher.bytes(),
                 }))
             }
-            _ => Ok(()),
+            _ => Ok(Attempted::Complete),
         }
     }
 
@@ -451,6 +519,16 @@ impl HttpClient {
 }
 
 impl Transfer<'_> {
+    /// Forget every byte delivered: the sink, the hashes and the progress start over.
+    fn restart<S: BodySink>(&mut self, sink: &mut S) -> Result<(), Failure> {
+        sink.reset()
+            .map_err(|e| Failure::fatal(FetchErrorKind::Sink(e)))?;
+        self.hasher = BodyHasher::new();
+        self.restarts += 1;
+        self.report();
+        Ok(())
+    }
+
     fn report(&self) {
         if let Some(p) = &self.progress {
             p.set_received(self.hasher.bytes());

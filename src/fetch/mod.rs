@@ -24,6 +24,14 @@
 //! answers that will not change (404, 403, other 4xx) and consumer failures (hash
 //! mismatch, disk full) fail at once.
 //!
+//! A download interrupted in an earlier process (kill -9 mid-setup) can be continued with
+//! [`Resume`]: the caller re-hashes the partial blob into a [`BodyHasher`], hands it over
+//! with the validator it came with, and the same rules apply (206 appends, 200 restarts;
+//! a 416 for a partial that is already whole completes at once).
+//!
+//! [`body_pipe`] is the usual sink's core: a bounded channel to the blocking decoder
+//! thread, whose reader tells a restart and a failed download apart from a clean end.
+//!
 //! Timeouts are per step, never per download: connecting has
 //! [`HttpOptions::connect_timeout`], and the body has an *idle* limit
 //! ([`HttpOptions::read_timeout`]) on each chunk, so a 2 GB image on a slow but steady
@@ -32,6 +40,7 @@
 mod error;
 mod hash;
 mod http;
+mod pipe;
 
 use std::fmt;
 use std::future::Future;
@@ -43,10 +52,11 @@ use bytes::Bytes;
 pub use error::{FetchError, FetchErrorKind, TimeoutKind};
 pub use hash::{BodyDigest, BodyHasher};
 pub use http::{
-    FetchRequest, HttpClient, HttpOptions, HttpSetupError, Resume, DEFAULT_BACKOFF_BASE,
-    DEFAULT_BACKOFF_MAX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES,
-    RETRY_AFTER_CAP,
+    FetchRequest, HttpClient, HttpOptions, HttpSetupError, Resume, Validators,
+    DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
+    DEFAULT_RETRIES, RETRY_AFTER_CAP,
 };
+pub use pipe::{body_pipe, is_restart, BodyRestarted, PipeReader, PipeSink};
 
 /// The consumer of a body. The fetcher calls `chunk` for every piece in order and waits
 /// for it to finish before reading more from the network (that wait *is* the

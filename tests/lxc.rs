@@ -1,0 +1,557 @@
+//! The LXC hand-off against real LXC 5 (root): run, signals, limits, volumes, shell, and
+//! the cleanup of what crashed runs leave behind.
+//!
+//! Each test builds its own busybox image and app build, in its own temp VR_ROOT, under a
+//! container name nobody else uses; `TestProc`'s Drop kills containers, removes cgroups
+//! and unmounts even when an assertion fails.
+
+#[path = "common/image.rs"]
+mod image;
+#[path = "common/lxc_proc.rs"]
+mod lxc_proc;
+
+use std::io::{Read, Write};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lxc_proc::{wait_for, ProcOpts, TestProc};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Readiness limit for containers starting on a loaded 2-core machine.
+const READY: Duration = Duration::from_secs(30);
+
+/// The app's main process on the host (child of the container's init), once it is up.
+fn workload_pid(p: &TestProc) -> Option<i32> {
+    let pids = p.payload_pids();
+    pids.iter().copied().find(|pid| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid: i32 = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        pids.contains(&ppid)
+    })
+}
+
+#[test]
+fn run_serves_http_and_shell_shares_env_user_and_rootfs() {
+    let mut p = TestProc::new("http", ProcOpts::default());
+    let port = p.opts.port;
+    let (pid, _out, err) = p.spawn_run(5);
+    let page = wait_for(READY, || lxc_proc::http_get(port));
+    assert_eq!(
+        page.as_deref(),
+        Some(image::APP_PAGE),
+        "stderr: {}",
+        std::fs::read_to_string(&err).unwrap()
+    );
+
+    let r = p.shell(&["id", "-u"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "1000\n"), "{}", r.stderr);
+    // Supplementary groups come from the host's group database for uid 1000.
+    let host_groups = std::process::Command::new("id")
+        .args(["-G", "1000"])
+        .output()
+        .unwrap();
+    let r = p.shell(&["id", "-G"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut want: Vec<&str> = std::str::from_utf8(&host_groups.stdout)
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let mut got: Vec<&str> = r.stdout.split_whitespace().collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    let r = p.shell(&["sh", "-c", "echo $FOO; pwd; cat $APP_SETTINGS_YAML"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.starts_with("bar from env.sh\n/app\n"),
+        "{}",
+        r.stdout
+    );
+    // settings.yaml as setup wrote it (its exact YAML is the foundation's business).
+    assert!(
+        r.stdout.contains("greeting") && r.stdout.contains("hello settings"),
+        "{}",
+        r.stdout
+    );
+
+    // A file the shell writes is visible in the running app's own root (its mount ns).
+    let r = p.shell(&["sh", "-c", "echo note-from-shell > /tmp/shell-note"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let app = workload_pid(&p).expect("app process");
+    let seen = std::fs::read_to_string(format!("/proc/{app}/root/tmp/shell-note")).unwrap();
+    assert_eq!(seen, "note-from-shell\n");
+
+    // Shell containers leave nothing: no scratch dir, no cgroups, no <lxcpath>/<name> dir.
+    let procs: Vec<String> = std::fs::read_dir(p.root.procs_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(procs, vec![p.name.clone()]);
+    assert!(p.leftover_scratch_dirs().is_empty());
+    assert!(p
+        .leftover_cgroups()
+        .iter()
+        .all(|c| !c.to_string_lossy().contains("-TMP")));
+
+    // SIGTERM: httpd dies of it, vrun reports 128+15, everything is gone.
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(p.wait_child(pid), 143);
+    assert!(
+        p.leftover_cgroups().is_empty(),
+        "{:?}",
+        p.leftover_cgroups()
+    );
+    assert!(lxc_proc::http_get(port).is_none());
+}
+
+#[test]
+fn sigterm_reaches_the_app_and_its_status_is_vruns() {
+    let opts = ProcOpts {
+        cmd: "trap 'echo got-term > /tmp/term-note; exit 42' TERM; \
+              echo up > /tmp/started; sleep 1000 & wait"
+            .into(),
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("trap", opts);
+    let started = p.proc.paths.upper().join("tmp/started");
+    let (pid, _, err) = p.spawn_run(60);
+    assert!(
+        wait_for(READY, || started.exists().then_some(())).is_some(),
+        "{}",
+        std::fs::read_to_string(&err).unwrap()
+    );
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(p.wait_child(pid), 42);
+    let note = std::fs::read_to_string(p.proc.paths.upper().join("tmp/term-note")).unwrap();
+    assert_eq!(note, "got-term\n");
+    let err = std::fs::read_to_string(err).unwrap();
+    assert!(err.contains("got SIGTERM"), "{err}");
+    assert!(!err.contains("killing"), "{err}");
+    assert!(p.leftover_cgroups().is_empty());
+}
+
+#[test]
+fn app_ignoring_term_is_killed_after_the_grace_period() {
+    let opts = ProcOpts {
+        cmd: "trap '' TERM; echo up > /tmp/started; while :; do sleep 1; done".into(),
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("ignore", opts);
+    let started = p.proc.paths.upper().join("tmp/started");
+    let (pid, _, err) = p.spawn_run(1);
+    assert!(wait_for(READY, || started.exists().then_some(())).is_some());
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(p.wait_child(pid), 137);
+    let err = std::fs::read_to_string(err).unwrap();
+    assert!(err.contains("did not stop within"), "{err}");
+    assert!(p.payload_pids().is_empty());
+    assert!(p.leftover_cgroups().is_empty());
+}
+
+#[test]
+fn exit_status_of_the_app_is_vruns() {
+    let opts = ProcOpts {
+        cmd: "exit 7".into(),
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("exit7", opts);
+    let r = p.vrun(["run"]);
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    // The same through shell.
+    let r = p.shell(&["sh", "-c", "exit 9"]);
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(p.leftover_cgroups().is_empty());
+}
+
+#[test]
+fn orphans_of_a_killed_run_are_cleaned_by_the_next_run() {
+    let opts = ProcOpts {
+        cmd: "if [ -f /tmp/second ]; then exit 5; fi; touch /tmp/second; exec sleep 1000".into(),
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("orphan", opts);
+    let second = p.proc.paths.upper().join("tmp/second");
+    let (pid, _, _) = p.spawn_run(1);
+    assert!(wait_for(READY, || second.exists().then_some(())).is_some());
+    // vrun and lxc-execute die at once (an OOM kill, `kill -9 -PGID`): the payload is orphaned.
+    let monitors = vrun::lxc::cgroups::monitor_pids(&p.name);
+    assert_eq!(monitors.len(), 1, "one lxc-execute: {monitors:?}");
+    kill(Pid::from_raw(monitors[0]), Signal::SIGKILL).unwrap();
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    assert_eq!(p.wait_child(pid), 137);
+    let orphans = p.payload_pids();
+    assert!(!orphans.is_empty(), "the orphaned app still runs");
+
+    let r = p.vrun(["run"]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(r.stderr.contains("leftover process"), "{}", r.stderr);
+    for o in orphans {
+        // Dead: gone, or a zombie waiting for the host's init to reap it.
+        let stat = std::fs::read_to_string(format!("/proc/{o}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.trim_start().chars().next());
+        assert!(
+            matches!(state, None | Some(Some('Z'))),
+            "orphan {o} survived: {stat}"
+        );
+    }
+    assert!(
+        p.leftover_cgroups().is_empty(),
+        "{:?}",
+        p.leftover_cgroups()
+    );
+}
+
+#[test]
+fn kill_9_of_vrun_alone_stops_the_container() {
+    let opts = ProcOpts {
+        cmd: "echo up > /tmp/started; exec sleep 1000".into(),
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("pdeath", opts);
+    let started = p.proc.paths.upper().join("tmp/started");
+    let (pid, _, _) = p.spawn_run(1);
+    assert!(wait_for(READY, || started.exists().then_some(())).is_some());
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    p.wait_child(pid);
+    // The parent-death signal makes lxc-execute stop the container (TERM, then its 1 s kill).
+    let gone = wait_for(READY, || {
+        (p.payload_pids().is_empty() && p.leftover_cgroups().is_empty()).then_some(())
+    });
+    assert!(gone.is_some(), "left: {:?}", p.leftover_cgroups());
+}
+
+#[test]
+fn mem_limit_kills_an_app_that_allocates_more() {
+    let opts = ProcOpts {
+        // The shell itself holds 200 MB in a variable.
+        cmd: "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}".into(),
+        mem_limit: Some(64 << 20),
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("oom", opts);
+    let r = p.vrun(["run"]);
+    assert!(!r.stdout.contains("survived"), "{r:?}");
+    assert_eq!(r.code, 137, "{}", r.stderr);
+    let config = std::fs::read_to_string(p.proc.paths.lxc_config()).unwrap();
+    assert!(config.contains("lxc.cgroup.memory.limit_in_bytes = 67108864"));
+
+    // Without the limit the same app survives (the test can fail).
+    let mut q = TestProc::new(
+        "nooom",
+        ProcOpts {
+            mem_limit: None,
+            ..p.opts.clone()
+        },
+    );
+    let r = q.vrun(["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("survived 200000000"), "{}", r.stdout);
+}
+
+#[test]
+fn volume_is_writable_by_the_app_and_lands_on_the_host() {
+    let host = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(host.path(), Some(1000), Some(1000)).unwrap();
+    let opts = ProcOpts {
+        cmd: "echo from-app > /data/out.txt".into(),
+        volumes: vec![(host.path().to_owned(), "/data".into())],
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("vol", opts);
+    let r = p.vrun(["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("out.txt")).unwrap(),
+        "from-app\n"
+    );
+    let r = p.shell(&["cat", "/data/out.txt"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "from-app\n"));
+}
+
+#[test]
+fn proc_without_image_runs_on_the_hosts_system_dirs_read_only() {
+    let opts = ProcOpts {
+        cmd: "cat /app/www/index.html; id -u; touch /usr/vrun-write-test 2>/dev/null && echo WROTE; true"
+            .into(),
+        with_image: false,
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("noimg", opts);
+    let r = p.vrun(["run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains(image::APP_PAGE), "{}", r.stdout);
+    assert!(r.stdout.contains("\n1000\n"), "{}", r.stdout);
+    assert!(!r.stdout.contains("WROTE"), "{}", r.stdout);
+    assert!(!std::path::Path::new("/usr/vrun-write-test").exists());
+}
+
+#[test]
+fn missing_lxc_is_a_clear_error() {
+    let mut p = TestProc::new("nolxc", ProcOpts::default());
+    let missing = [("VRUN_LXC_EXECUTE", "/nonexistent/lxc-execute")];
+    for args in [vec!["run"], vec!["shell", "--", "true"]] {
+        let r = p.vrun_env(args, &missing);
+        assert_eq!(r.code, 1);
+        assert_eq!(
+            r.stderr,
+            "ERROR: LXC is not installed: /nonexistent/lxc-execute not found (apt-get install lxc)\n"
+        );
+    }
+}
+
+#[test]
+fn teardown_refuses_while_a_shell_runs_then_cleans_everything() {
+    let mut p = TestProc::new("busy", ProcOpts::default());
+    let (pid, _, _) = p.spawn(
+        [
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo up > /tmp/shell-up; exec sleep 1000",
+        ],
+        &[],
+    );
+    let up = p.proc.paths.upper().join("tmp/shell-up");
+    assert!(wait_for(READY, || up.exists().then_some(())).is_some());
+
+    let busy = vrun::lxc::is_running(&p.proc.paths, &p.proc.lxcpath, &p.name);
+    assert!(!busy.run && busy.tmp.len() == 1, "{busy:?}");
+    let e = vrun::lxc::teardown_containers(&p.proc.paths, &p.name).unwrap_err();
+    assert!(e.to_string().contains("in use by"), "{e}");
+    assert!(vrun::lxc::is_mount_point(&p.rootfs()).unwrap().is_some());
+
+    // SIGTERM to `vrun shell` kills its container and cleans up.
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(p.wait_child(pid), 143);
+    assert!(!vrun::lxc::is_running(&p.proc.paths, &p.proc.lxcpath, &p.name).any());
+    let lock = vrun::lxc::teardown_containers(&p.proc.paths, &p.name).unwrap();
+    // A shell started now waits for the lock, then finds the proc gone.
+    let (late_pid, _, late_err) = p.spawn(["shell", "--", "true"], &[]);
+    vrun::mounts::unmount(&p.rootfs()).unwrap();
+    assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
+    vrun::mounts::remove_dir_on_one_fs(&p.proc.paths.dir).unwrap();
+    drop(lock);
+    assert_eq!(p.wait_child(late_pid), 1);
+    let late_err = std::fs::read_to_string(late_err).unwrap();
+    assert!(late_err.contains("proc is not set up"), "{late_err}");
+    assert!(
+        !p.proc.paths.dir.exists(),
+        "the late shell recreated the proc dir"
+    );
+    assert!(p.leftover_cgroups().is_empty());
+}
+
+#[test]
+fn shell_without_a_terminal_reads_commands_from_stdin() {
+    let p = TestProc::new("stdin", ProcOpts::default());
+    let mut child = p
+        .command(["shell"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo hi-$((1+1)) $FOO\nexit 3\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hi-2 bar from env.sh\n"
+    );
+}
+
+/// Spawn `script` around a child `vrun shell` (interactive) and collect its output.
+struct PtySession {
+    child: std::process::Child,
+    output: Arc<Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PtySession {
+    fn start(p: &TestProc) -> Self {
+        let line = format!(
+            "{} shell {}",
+            lxc_proc::sq(env!("CARGO_BIN_EXE_vrun")),
+            lxc_proc::sq(&p.file.to_string_lossy())
+        );
+        let mut child = std::process::Command::new("script")
+            .args(["-qefc", &line, "/dev/null"])
+            .env("VR_ROOT", p.root.dir())
+            .env("TERM", "xterm")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = output.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self {
+            child,
+            output,
+            reader: Some(reader),
+        }
+    }
+
+    fn send(&mut self, s: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(s.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    fn wait_text(&self, needle: &str) -> bool {
+        wait_for(READY, || self.text().contains(needle).then_some(())).is_some()
+    }
+}
+
+impl Drop for PtySession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+#[test]
+fn interactive_shell_has_a_real_pty_and_job_control() {
+    let p = TestProc::new("pty", ProcOpts::default());
+    let mut s = PtySession::start(&p);
+    // LXC's console flushes input typed before it is up: wait for the prompt.
+    assert!(s.wait_text("/app $"), "{}", s.text());
+    s.send("tty; echo FOO=$FOO; set -o | grep monitor\n");
+    assert!(s.wait_text("/dev/pts/"), "{}", s.text());
+    assert!(s.wait_text("FOO=bar from env.sh"), "{}", s.text());
+    assert!(s.wait_text("monitor"), "{}", s.text());
+
+    // Job control: ^Z stops the foreground job, `jobs` lists it as stopped.
+    s.send("sleep 1000\n");
+    let sleeping = wait_for(READY, || {
+        vrun::lxc::cgroups::containers_matching(|c| c.starts_with(&format!("{}-TMP", p.name)))
+            .into_iter()
+            .flat_map(|c| vrun::lxc::cgroups::payload_pids(&c))
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.starts_with("sleep\0"))
+            })
+    });
+    assert!(sleeping.is_some(), "{}", s.text());
+    s.send("\x1a");
+    s.send("jobs\n");
+    assert!(s.wait_text("Stopped"), "{}", s.text());
+    s.send("kill -9 %1; wait %1; echo done-$((6*7))\n");
+    assert!(s.wait_text("done-42"), "{}", s.text());
+    s.send("exit 5\n");
+    // ash refuses the first exit while it still lists the killed job as stopped.
+    let status = wait_for(READY, || {
+        if s.text().ends_with("You have stopped jobs.\r\n") || s.text().contains("Killed") {
+            if let Ok(None) = s.child.try_wait() {
+                let _ = s.child.stdin.as_mut().unwrap().write_all(b"exit 5\n");
+            }
+        }
+        s.child.try_wait().unwrap()
+    });
+    assert_eq!(status.and_then(|st| st.code()), Some(5), "{}", s.text());
+    drop(s);
+    assert!(
+        p.leftover_cgroups().is_empty(),
+        "{:?}",
+        p.leftover_cgroups()
+    );
+}
+
+#[test]
+fn a_killed_shell_is_stopped_and_its_leftovers_swept_by_the_next() {
+    let mut p = TestProc::new("shkill", ProcOpts::default());
+    let (pid, _, _) = p.spawn(
+        [
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo up > /tmp/shell-up; exec sleep 1000",
+        ],
+        &[],
+    );
+    let up = p.proc.paths.upper().join("tmp/shell-up");
+    assert!(wait_for(READY, || up.exists().then_some(())).is_some());
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    assert_eq!(p.wait_child(pid), 137);
+    // The parent-death signal stops the container; the scratch dir stays behind…
+    let stopped = wait_for(READY, || p.leftover_cgroups().is_empty().then_some(()));
+    assert!(stopped.is_some(), "{:?}", p.leftover_cgroups());
+    assert_eq!(p.leftover_scratch_dirs().len(), 1);
+    assert!(!vrun::lxc::is_running(&p.proc.paths, &p.proc.lxcpath, &p.name).any());
+    // …until the next shell (or uptest) sweeps it.
+    let r = p.shell(&["true"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("removed leftovers"), "{}", r.stderr);
+    assert!(p.leftover_scratch_dirs().is_empty());
+}
+
+#[test]
+fn teardown_cleans_a_killed_runs_orphan_and_keeps_the_layers() {
+    let opts = ProcOpts {
+        cmd: "echo up > /tmp/started; exec sleep 1000".into(),
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("tdorphan", opts);
+    let started = p.proc.paths.upper().join("tmp/started");
+    let (pid, _, _) = p.spawn_run(1);
+    assert!(wait_for(READY, || started.exists().then_some(())).is_some());
+    let monitors = vrun::lxc::cgroups::monitor_pids(&p.name);
+    for m in monitors {
+        kill(Pid::from_raw(m), Signal::SIGKILL).unwrap();
+    }
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    p.wait_child(pid);
+    assert!(!p.payload_pids().is_empty(), "no orphan to clean");
+
+    vrun::lxc::teardown(&p.proc.paths, &p.name).unwrap();
+    assert!(p.payload_pids().is_empty());
+    assert!(
+        p.leftover_cgroups().is_empty(),
+        "{:?}",
+        p.leftover_cgroups()
+    );
+    assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
+    assert!(!p.proc.paths.dir.exists());
+    // The cached layers were lower dirs only: untouched.
+    let build = p.proc.state.build_layer.clone().unwrap();
+    let image = p.proc.state.image_layer.clone().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(build.join("app/www/index.html")).unwrap(),
+        image::APP_PAGE
+    );
+    assert!(image.join("bin/busybox").is_file());
+    assert!(!image.join("tmp/started").exists());
+}
