@@ -35,6 +35,7 @@
 //! recorded ETag/Last-Modified serve `If-Range` on resume and `vrun cache ls`).
 
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -133,7 +134,8 @@ pub struct ArtifactTimings {
     pub compressed_bytes: u64,
     /// Bytes of file content in the extracted tree.
     pub bytes: u64,
-    /// Regular files in the extracted tree.
+    /// Regular files in the extracted tree, every path counted (a hard link is a file),
+    /// as the layer's manifest counts them: a `"layer"` hit reports the same number.
     pub files: u64,
     /// Time to the first body byte; null when nothing was downloaded.
     pub ttfb_s: Option<f64>,
@@ -320,7 +322,7 @@ fn from_blob(
     };
     let ingest = store.new_ingest().map_err(store_err)?;
     let dest =
-        extraction_root(&art.kind, ingest.staging_dir()).map_err(|source| PipelineError::Io {
+        extraction_root(art.mode(), ingest.staging_dir()).map_err(|source| PipelineError::Io {
             url: url.clone(),
             path: ingest.staging_dir().to_owned(),
             source,
@@ -346,7 +348,7 @@ fn from_blob(
             cache: CacheUse::Blob,
             compressed_bytes,
             bytes: stats.bytes,
-            files: stats.files,
+            files: stats.files + stats.hardlinks,
             ttfb_s: None,
             wall_s: started.elapsed().as_secs_f64(),
             format: Some(format.name()),
@@ -363,15 +365,23 @@ fn from_blob(
 /// Read size for extracting from a cached blob file.
 const READ_BUF: usize = 256 * 1024;
 
+/// Mode of a build's `app/` when the archive has no `./` entry to give it one: what the
+/// original runner left after its `chown -R` (the app runs with `HOME=/app`).
+const APP_DIR_MODE: u32 = 0o755;
+
 /// Builds are extracted under `app/` of their layer (the layer is mounted at `/`).
-fn extraction_root(kind: &LayerKind, staging: &Path) -> io::Result<PathBuf> {
-    match kind {
-        LayerKind::Build => {
+/// `app/` belongs to the proc's user with [`APP_DIR_MODE`] whatever the umask; an
+/// archive's `./` entry, when present, then sets it as the build rules say.
+fn extraction_root(mode: Mode, staging: &Path) -> io::Result<PathBuf> {
+    match mode {
+        Mode::Build { uid, gid } => {
             let app = staging.join("app");
             std::fs::create_dir(&app)?;
+            std::os::unix::fs::chown(&app, Some(uid), Some(gid))?;
+            std::fs::set_permissions(&app, std::fs::Permissions::from_mode(APP_DIR_MODE))?;
             Ok(app)
         }
-        LayerKind::Image => Ok(staging.to_owned()),
+        Mode::Image => Ok(staging.to_owned()),
     }
 }
 
@@ -443,25 +453,17 @@ struct UnpackSink {
     worker: Option<Worker>,
     blob: PathBuf,
     staging: PathBuf,
-    kind: LayerKind,
     mode: Mode,
     limits: Limits,
 }
 
 impl UnpackSink {
-    fn start(
-        blob: &Path,
-        staging: &Path,
-        kind: LayerKind,
-        mode: Mode,
-        limits: Limits,
-    ) -> io::Result<Self> {
+    fn start(blob: &Path, staging: &Path, mode: Mode, limits: Limits) -> io::Result<Self> {
         let mut sink = UnpackSink {
             tx: None,
             worker: None,
             blob: blob.to_owned(),
             staging: staging.to_owned(),
-            kind,
             mode,
             limits,
         };
@@ -470,7 +472,7 @@ impl UnpackSink {
     }
 
     fn spawn(&mut self) -> io::Result<()> {
-        let dest = extraction_root(&self.kind, &self.staging)?;
+        let dest = extraction_root(self.mode, &self.staging)?;
         let blob = std::fs::File::create(&self.blob)?;
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let (mode, limits) = (self.mode, self.limits.clone());
@@ -552,7 +554,6 @@ async fn download(
     let mut sink = UnpackSink::start(
         ingest.blob_path(),
         ingest.staging_dir(),
-        art.kind,
         art.mode(),
         limits.clone(),
     )
@@ -610,7 +611,7 @@ async fn download(
             cache: CacheUse::Miss,
             compressed_bytes: outcome.bytes,
             bytes: stats.bytes,
-            files: stats.files,
+            files: stats.files + stats.hardlinks,
             ttfb_s: Some(outcome.ttfb.as_secs_f64()),
             wall_s: started.elapsed().as_secs_f64(),
             format: Some(format.name()),

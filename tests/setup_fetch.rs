@@ -76,6 +76,11 @@ fn make_build_tree(dir: &Path) {
     w("bin/sgid", b"setgid", 0o2750);
     w("lib/data/empty", b"", 0o644);
     w("lib/data/small.txt", &b"a line of text\n".repeat(7), 0o644);
+    fs::hard_link(
+        dir.join("lib/data/small.txt"),
+        dir.join("lib/data/small-hard.txt"),
+    )
+    .unwrap();
     w("lib/data/medium.bin", &noise(64 * 1024, 7), 0o640);
     let mut big = noise(700_000, 11);
     big.extend((0..800_000u32).map(|i| (i % 251) as u8));
@@ -119,7 +124,8 @@ impl Fmt {
         match self {
             Fmt::Gzip => Some(&["gzip", "-c", "-6"]),
             Fmt::Bzip2 => Some(&["bzip2", "-c"]),
-            Fmt::Xz => Some(&["xz", "-c", "-T1"]),
+            // A fast level: compressing noise at -6 takes seconds on a loaded machine.
+            Fmt::Xz => Some(&["xz", "-c", "-T1", "-2"]),
             Fmt::Zstd => Some(&["zstd", "-c", "-q"]),
             Fmt::Tar => None,
         }
@@ -230,6 +236,8 @@ struct Node {
     uid: u32,
     gid: u32,
     size: u64,
+    /// Hard links: GNU tar makes them, so must we.
+    nlink: u64,
     sha256: String,
     link: Option<PathBuf>,
 }
@@ -262,6 +270,7 @@ fn walk(root: &Path) -> BTreeMap<String, Node> {
                     uid: m.uid(),
                     gid: m.gid(),
                     size: if kind == 'f' { m.size() } else { 0 },
+                    nlink: if kind == 'f' { m.nlink() } else { 0 },
                     sha256: if kind == 'f' {
                         hex::encode(Sha256::digest(fs::read(&p).unwrap()))
                     } else {
@@ -355,6 +364,16 @@ fn gets(server: &Server, url: &str) -> Vec<vrun::serve::RequestRecord> {
         .into_iter()
         .filter(|r| r.method == "GET")
         .collect()
+}
+
+/// Whether process `pid` waits in `flock()`: the kernel lists such a waiter in
+/// /proc/locks as `N: -> FLOCK ADVISORY WRITE PID ...`.
+fn blocked_in_flock(pid: u32) -> bool {
+    let pid = pid.to_string();
+    fs::read_to_string("/proc/locks").unwrap().lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"->") && f.get(2) == Some(&"FLOCK") && f.get(5) == Some(&&*pid)
+    })
 }
 
 /// Names in a directory, sorted; empty when it does not exist.
@@ -462,6 +481,10 @@ fn every_format_extracts_exactly_what_gnu_tar_does_with_the_build_rules() {
         let file = proc_yaml(&t, 5000, &url, Some(&a.md5));
         let r = setup(&t, &file).run();
         r.assert_ok();
+        // Humans get one line (no progress bars: stderr is not a terminal).
+        let set_up = format!("vrun: {} is set up in ", proc_name(5000));
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        assert!(lines.len() == 1 && lines[0].starts_with(&set_up), "{r:#?}");
         assert_eq!(gets(&server, &url).len(), 1, "{fmt:?}: one GET");
         let app = Cache::of(&t).assert_published(&t, &a, &url, 5000);
         // Spot checks of the rules, beyond the comparison.
@@ -477,7 +500,7 @@ fn every_format_extracts_exactly_what_gnu_tar_does_with_the_build_rules() {
         assert_eq!(j["build"]["cache"], "miss");
         assert_eq!(j["build"]["format"], fmt.name());
         assert_eq!(j["build"]["compressed_bytes"], a.len());
-        assert_eq!(j["build"]["files"], 13, "{fmt:?}: regular files");
+        assert_eq!(j["build"]["files"], 14, "{fmt:?}: regular files");
         assert!(j.get("image").is_none());
         // The proc got its files, the command from the build's Procfile.
         let proc_sh = t.proc_dir(&proc_name(5000)).join("upper/proc.sh");
@@ -619,11 +642,12 @@ fn gzip_with_trailing_garbage_fails_and_publishes_nothing() {
     let a = Archive::build(Fmt::Gzip);
     let mut body = a.bytes.clone();
     body.extend_from_slice(b"GARBAGE after the last member");
-    let (_server, url) = serve("garbage.tar.gz", &body);
+    let (server, url) = serve("garbage.tar.gz", &body);
     let file = proc_yaml(&t, 5000, &url, None);
     setup(&t, &file)
         .run()
         .assert_error(&[&url, "gzip stream has trailing garbage", "47 41 52 42"]);
+    assert_eq!(gets(&server, &url).len(), 1, "not retried");
     Cache::of(&t).assert_nothing_published(&t);
 }
 
@@ -632,7 +656,7 @@ fn gzip_with_trailing_garbage_fails_and_publishes_nothing() {
 #[test]
 fn an_unknown_format_names_the_url_and_first_bytes_and_publishes_nothing() {
     let t = TestDir::new();
-    let (_server, url) = serve(
+    let (server, url) = serve(
         "page.tar.gz",
         b"<html>this is a login page, not a build</html>\n",
     );
@@ -643,6 +667,7 @@ fn an_unknown_format_names_the_url_and_first_bytes_and_publishes_nothing() {
         "3c 68 74 6d 6c 3e",
         "<html>",
     ]);
+    assert_eq!(gets(&server, &url).len(), 1, "not retried");
     Cache::of(&t).assert_nothing_published(&t);
 }
 
@@ -669,16 +694,20 @@ fn two_setups_of_one_build_download_it_once_and_a_third_reuses_the_layer() {
         proc_yaml(&t, 5001, &url, Some(&a.md5)),
         proc_yaml(&t, 5002, &url, Some(&a.md5)),
     );
-    let mut p1 = setup(&t, &f1).spawn();
-    let mut p2 = setup(&t, &f2).spawn();
+    let p1 = setup(&t, &f1).spawn();
+    let p2 = setup(&t, &f2).spawn();
     wait_until("the download to start", PATIENCE, || {
         server.bytes_sent("/builds/shop.tar.gz") > 0
     });
-    let overlapped =
-        server.bytes_sent("/builds/shop.tar.gz") < a.len() && p1.is_running() && p2.is_running();
+    let (pid1, pid2) = (p1.id(), p2.id());
+    wait_until(
+        "one setup to wait on the other's URL lock",
+        PATIENCE,
+        || blocked_in_flock(pid1) || blocked_in_flock(pid2),
+    );
     assert!(
-        overlapped,
-        "both setups must be running during the download"
+        server.bytes_sent("/builds/shop.tar.gz") < a.len(),
+        "it waits while the other downloads"
     );
     let (r1, r2) = (p1.finish(), p2.finish());
     r1.assert_ok();
@@ -689,6 +718,13 @@ fn two_setups_of_one_build_download_it_once_and_a_third_reuses_the_layer() {
         timings(&r2.stdout)["build"]["cache"].clone(),
     ];
     caches.sort_by_key(|v| v.to_string());
+    for r in [&r1, &r2] {
+        assert_eq!(
+            timings(&r.stdout)["build"]["files"],
+            14,
+            "miss and layer agree"
+        );
+    }
     assert_eq!(
         caches,
         ["layer", "miss"],
@@ -704,7 +740,7 @@ fn two_setups_of_one_build_download_it_once_and_a_third_reuses_the_layer() {
     assert_eq!(gets(&server, &url).len(), 1, "no GET for the third proc");
     let j = timings(&r3.stdout);
     assert_eq!(j["build"]["cache"], "layer");
-    assert_eq!(j["build"]["files"], 13);
+    assert_eq!(j["build"]["files"], 14);
     assert_eq!(Cache::of(&t).assert_published(&t, &a, &url, 5003), app1);
 }
 
@@ -772,18 +808,46 @@ fn kill_9_half_way_then_setup_again_publishes_only_the_retry() {
 
 #[test]
 fn the_first_file_is_on_disk_before_the_last_byte_is_sent() {
+    // Every decoder must stream: one that buffered its input would fail here. In parallel,
+    // each with its own server and root, to keep the throttled downloads' time down.
+    let runs: Vec<_> = FORMATS
+        .into_iter()
+        .map(|fmt| {
+            (
+                fmt,
+                std::thread::spawn(move || first_file_before_last_byte(fmt)),
+            )
+        })
+        .collect();
+    for (fmt, run) in runs {
+        if let Err(panic) = run.join() {
+            eprintln!("{fmt:?} failed");
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+fn first_file_before_last_byte(fmt: Fmt) {
     let t = TestDir::new();
     let src = tempdir("vrun-src-");
     fs::write(src.path().join("0-first.txt"), b"the first file\n").unwrap();
-    fs::write(src.path().join("big.bin"), noise(6 << 20, 3)).unwrap();
+    // Incompressible, so the archive is as big as the tree and the throttle holds back
+    // most of it. bzip2 decodes whole blocks: with `-1` (100 kB blocks) the first is small.
+    let big_len = 2 << 20;
+    fs::write(src.path().join("big.bin"), noise(big_len, 3)).unwrap();
     fs::write(src.path().join("Procfile"), b"web: ./run\n").unwrap();
     let names_in_order = ["0-first.txt", "big.bin", "Procfile"];
-    let a = Archive::new(
-        compress(Fmt::Gzip, &gnu_tar_of(src.path(), &names_in_order)),
-        src,
-    );
-    let (server, url) = serve("stream.tar.gz", &a.bytes);
-    let path = "/builds/stream.tar.gz";
+    let tar = gnu_tar_of(src.path(), &names_in_order);
+    let bytes = if fmt == Fmt::Bzip2 {
+        let tar_file = src.path().join("stream.tar");
+        fs::write(&tar_file, &tar).unwrap();
+        run(Command::new("bzip2").args(["-1", "-c"]).arg(&tar_file))
+    } else {
+        compress(fmt, &tar)
+    };
+    let a = Archive::new(bytes, src);
+    let (server, url) = serve(&format!("stream.{}", fmt.ext()), &a.bytes);
+    let path = &*format!("/builds/stream.{}", fmt.ext());
     // About four seconds for the whole archive.
     server.set_fault(path, Fault::new().throttle(a.len() / 4));
     let file = proc_yaml(&t, 5000, &url, Some(&a.md5));
@@ -802,7 +866,11 @@ fn the_first_file_is_on_disk_before_the_last_byte_is_sent() {
     let sent = server.bytes_sent(path);
     assert!(
         sent < a.len(),
-        "the first file appeared only after all {sent} bytes were sent"
+        "{fmt:?}: the first file appeared only after all {sent} bytes were sent"
+    );
+    eprintln!(
+        "{fmt:?}: first file on disk after {sent} of {} bytes sent",
+        a.len()
     );
     let r = running.finish();
     r.assert_ok();
@@ -813,7 +881,7 @@ fn the_first_file_is_on_disk_before_the_last_byte_is_sent() {
     );
     assert!(
         first < download,
-        "first_file_s {first} >= download_s {download}"
+        "{fmt:?}: first_file_s {first} >= download_s {download}"
     );
     let app = t
         .root()
@@ -823,7 +891,10 @@ fn the_first_file_is_on_disk_before_the_last_byte_is_sent() {
         fs::read(app.join("0-first.txt")).unwrap(),
         b"the first file\n"
     );
-    assert_eq!(fs::metadata(app.join("big.bin")).unwrap().len(), 6 << 20);
+    assert_eq!(
+        fs::metadata(app.join("big.bin")).unwrap().len(),
+        big_len as u64
+    );
 }
 
 // ---------------------------------------------------------------- blob reuse
@@ -863,7 +934,7 @@ fn a_proc_of_another_user_extracts_the_cached_blob_without_a_get() {
         assert_eq!(gets(&server, &url).len(), 1, "port {port}: no new GET");
         let j = timings(&r.stdout);
         assert_eq!(j["build"]["cache"], "blob", "port {port}");
-        assert_eq!(j["build"]["files"], 13);
+        assert_eq!(j["build"]["files"], 14);
         assert_same_tree(
             &walk(&build_layer_app(&t, &a, owner, owner)),
             &expected_for(&a, owner, owner),
@@ -1044,7 +1115,8 @@ fn build_and_image_download_at_the_same_time_into_their_own_layers() {
 ///
 /// Runs, each under `/usr/bin/time -v`: a cold setup (empty store: download + extract),
 /// a warm one (another proc of the same build: `"cache": "layer"`), and one for another
-/// owner (`"cache": "blob"`: extract from the cached blob).
+/// owner (`"cache": "blob"`: extract from the cached blob). `VRUN_MEASURE_THROTTLE`
+/// (bytes per second) slows the server down.
 #[test]
 #[ignore]
 fn measure_setup() {
@@ -1057,6 +1129,10 @@ fn measure_setup() {
     )
     .unwrap();
     let url = server.url("/builds/measured.tar.gz");
+    if let Some(rate) = std::env::var_os("VRUN_MEASURE_THROTTLE") {
+        let rate: u64 = rate.to_str().unwrap().parse().expect("bytes per second");
+        server.set_fault("/builds/measured.tar.gz", Fault::new().throttle(rate));
+    }
     let t = TestDir::new();
     let runs = [
         ("cold", 5001, "user: nobody\ngroup: nogroup\n"),
@@ -1100,4 +1176,317 @@ fn measure_setup() {
         );
     }
     println!("GETs: {}", gets(&server, &url).len());
+}
+
+// ---------------------------------------------------------------- keyed by content
+
+#[test]
+fn builds_with_the_same_file_name_on_different_paths_do_not_collide() {
+    // The original runner cached by the URL's basename: these two would have been one.
+    let t = TestDir::new();
+    let (a, b) = (Archive::build(Fmt::Gzip), Archive::build(Fmt::Xz));
+    let server = Server::start(
+        [
+            ("/team-a/app.tar.gz", a.bytes.clone()),
+            ("/team-b/app.tar.gz", b.bytes.clone()),
+        ],
+        ServerOptions::default(),
+    )
+    .unwrap();
+    let (url_a, url_b) = (
+        server.url("/team-a/app.tar.gz"),
+        server.url("/team-b/app.tar.gz"),
+    );
+    setup(&t, &proc_yaml(&t, 5001, &url_a, None))
+        .run()
+        .assert_ok();
+    let r = setup(&t, &proc_yaml(&t, 5002, &url_b, None)).run();
+    r.assert_ok();
+    assert_eq!(timings(&r.stdout)["build"]["cache"], "miss");
+    assert_eq!(
+        (gets(&server, &url_a).len(), gets(&server, &url_b).len()),
+        (1, 1)
+    );
+    let mut blobs = vec![a.sha256.clone(), b.sha256.clone()];
+    blobs.sort();
+    assert_eq!(Cache::of(&t).blobs(), blobs);
+    for (port, archive) in [(5001, &a), (5002, &b)] {
+        let state: serde_json::Value = serde_json::from_slice(
+            &fs::read(t.proc_dir(&proc_name(port)).join("state.json")).unwrap(),
+        )
+        .unwrap();
+        let layer = PathBuf::from(state["build_layer"].as_str().unwrap());
+        assert!(layer.ends_with(format!("build-{}-{OWNER}-{OWNER}/root", archive.sha256)));
+    }
+}
+
+#[test]
+fn a_mirror_url_with_the_same_md5_reuses_the_layer_without_a_get() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let server = Server::start(
+        [
+            ("/primary/shop.tar.gz", a.bytes.clone()),
+            ("/mirror/shop-copy.tgz", a.bytes.clone()),
+        ],
+        ServerOptions::default(),
+    )
+    .unwrap();
+    let (primary, mirror) = (
+        server.url("/primary/shop.tar.gz"),
+        server.url("/mirror/shop-copy.tgz"),
+    );
+    setup(&t, &proc_yaml(&t, 5001, &primary, Some(&a.md5)))
+        .run()
+        .assert_ok();
+    // The md5 is given in capitals: still the same md5.
+    let upper = a.md5.to_ascii_uppercase();
+    let r = setup(&t, &proc_yaml(&t, 5002, &mirror, Some(&upper))).run();
+    r.assert_ok();
+    assert_eq!(timings(&r.stdout)["build"]["cache"], "layer");
+    assert_eq!(gets(&server, &mirror).len(), 0, "the mirror is never asked");
+    // Setting up the same proc again is idempotent and free too.
+    let again = setup(&t, &proc_yaml(&t, 5002, &mirror, Some(&upper))).run();
+    again.assert_ok();
+    assert_eq!(timings(&again.stdout)["build"]["cache"], "layer");
+    assert_eq!(gets(&server, &primary).len(), 1);
+    assert_eq!(Cache::of(&t).layers().len(), 1);
+}
+
+#[test]
+fn a_wrong_md5_for_a_build_cached_by_url_downloads_and_fails_without_harm() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let (server, url) = serve("shop.tar.gz", &a.bytes);
+    setup(&t, &proc_yaml(&t, 5001, &url, None))
+        .run()
+        .assert_ok();
+    let mut before = t.root_entries();
+    let wrong = "ffffffffffffffffffffffffffffffff";
+    let r = setup(&t, &proc_yaml(&t, 5002, &url, Some(wrong))).run();
+    r.assert_error(&[]);
+    assert_eq!(
+        r.stderr,
+        format!(
+            "ERROR: md5 mismatch for {url}: expected {wrong}, got {}\n",
+            a.md5
+        )
+    );
+    // What proc.yaml asserts wins over the URL index: the build was fetched to check it.
+    assert_eq!(gets(&server, &url).len(), 2);
+    let mut after = t.root_entries();
+    after.sort();
+    before.sort();
+    assert_eq!(after, before, "nothing created, nothing removed");
+    Cache::of(&t).assert_published(&t, &a, &url, 5001);
+}
+
+#[test]
+fn two_mirrors_of_one_build_set_up_together_publish_one_blob_and_one_layer() {
+    // Locks are per URL, so both download; the store must still end up with one copy.
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let server = Server::start(
+        [
+            ("/primary/shop.tar.gz", a.bytes.clone()),
+            ("/mirror/shop.tar.gz", a.bytes.clone()),
+        ],
+        ServerOptions::default(),
+    )
+    .unwrap();
+    for path in ["/primary/shop.tar.gz", "/mirror/shop.tar.gz"] {
+        server.set_fault(path, Fault::new().throttle(a.len() / 2));
+    }
+    let (primary, mirror) = (
+        server.url("/primary/shop.tar.gz"),
+        server.url("/mirror/shop.tar.gz"),
+    );
+    let p1 = setup(&t, &proc_yaml(&t, 5001, &primary, Some(&a.md5))).spawn();
+    let p2 = setup(&t, &proc_yaml(&t, 5002, &mirror, Some(&a.md5))).spawn();
+    let (r1, r2) = (p1.finish(), p2.finish());
+    r1.assert_ok();
+    r2.assert_ok();
+    assert_eq!(gets(&server, &primary).len(), 1);
+    assert!(gets(&server, &mirror).len() <= 1);
+    let cache = Cache::of(&t);
+    assert_eq!(cache.blobs(), vec![a.sha256.clone()]);
+    assert_eq!(
+        cache.layers(),
+        vec![format!("build-{}-{OWNER}-{OWNER}", a.sha256)]
+    );
+    assert_eq!(cache.ingest(), Vec::<String>::new());
+    let app = build_layer_app(&t, &a, OWNER, OWNER);
+    assert_same_tree(&walk(&app), &a.expected_build_tree());
+    for port in [5001, 5002] {
+        let state: serde_json::Value = serde_json::from_slice(
+            &fs::read(t.proc_dir(&proc_name(port)).join("state.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            Path::new(state["build_layer"].as_str().unwrap()),
+            fs::canonicalize(&app).unwrap().parent().unwrap()
+        );
+    }
+}
+
+#[test]
+fn a_chunked_body_without_validators_cut_half_way_still_ends_correct() {
+    // No Content-Length, no ETag, no Last-Modified: the client learns the length only
+    // from the 206's Content-Range, and the md5 vouches for the spliced bytes.
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Zstd);
+    let opts = ServerOptions {
+        etag: false,
+        last_modified: false,
+        content_length: false,
+        ranges: true,
+    };
+    let server = Server::start([("/b/shop.tar.zst", a.bytes.clone())], opts).unwrap();
+    let url = server.url("/b/shop.tar.zst");
+    server.set_fault("/b/shop.tar.zst", Fault::new().drop_after(a.len() / 3, 1));
+    let file = proc_yaml(&t, 5000, &url, Some(&a.md5));
+    setup(&t, &file).run().assert_ok();
+    let log = server.requests("/b/shop.tar.zst");
+    assert_eq!(log.len(), 2, "{log:#?}");
+    assert_eq!(
+        log[1].range.as_deref(),
+        Some(&*format!("bytes={}-", a.len() / 3))
+    );
+    assert_eq!(log[1].if_range, None, "nothing to send as If-Range");
+    Cache::of(&t).assert_published(&t, &a, &url, 5000);
+}
+
+#[test]
+fn a_missing_image_fails_naming_it_and_creates_no_proc() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let (server, url) = serve("shop.tar.gz", &a.bytes);
+    let image_url = server.url("/images/gone.tar.gz");
+    let extra =
+        format!("user: nobody\ngroup: nogroup\nimage_name: gone\nimage_url: \"{image_url}\"\n");
+    let r = setup(&t, &proc_yaml_as(&t, 5000, &url, Some(&a.md5), &extra)).run();
+    r.assert_error(&[]);
+    assert_eq!(r.stderr, format!("ERROR: GET {image_url}: 404 Not Found\n"));
+    assert_eq!(server.request_count("/images/gone.tar.gz"), 1);
+    assert_eq!(names(&t.root().join("procs")), Vec::<String>::new());
+    // The build is a verified cache entry of its own; nothing of the image is.
+    let cache = Cache::of(&t);
+    assert_eq!(cache.blobs(), vec![a.sha256.clone()]);
+    assert_eq!(cache.ingest(), Vec::<String>::new());
+}
+
+#[test]
+fn app_is_the_procs_own_even_when_the_archive_has_no_dot_entry_and_umask_is_077() {
+    // `tar -czf b.tgz Procfile bin lib` has no `./` entry to carry app/'s owner and mode;
+    // the original runner chowned app/ anyway, and the app runs with HOME=/app.
+    let t = TestDir::new();
+    let src = tempdir("vrun-src-");
+    make_build_tree(src.path());
+    let mut top = names(src.path());
+    top.retain(|n| n != "empty-dir");
+    let top: Vec<&str> = top.iter().map(String::as_str).collect();
+    let a = Archive::new(compress(Fmt::Gzip, &gnu_tar_of(src.path(), &top)), src);
+    let (_server, url) = serve("nodot.tar.gz", &a.bytes);
+    let mut vrun = setup(&t, &proc_yaml(&t, 5000, &url, Some(&a.md5)));
+    // SAFETY: umask is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        vrun.cmd.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    vrun.run().assert_ok();
+    let app = build_layer_app(&t, &a, OWNER, OWNER);
+    let m = fs::metadata(&app).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777),
+        (OWNER, OWNER, 0o755),
+        "app/ itself"
+    );
+    assert_same_tree(&walk(&app), &a.expected_build_tree());
+}
+
+#[test]
+fn a_full_disk_fails_cleanly_and_publishes_nothing() {
+    let t = TestDir::new();
+    // Blob (~0.8 MB) plus tree (~1.6 MB) do not fit in 2 MB.
+    let _mount = common::MountGuard::tmpfs_sized(&t.root(), "2m");
+    let a = Archive::build(Fmt::Gzip);
+    let (_server, url) = serve("shop.tar.gz", &a.bytes);
+    let r = setup(&t, &proc_yaml(&t, 5000, &url, Some(&a.md5))).run();
+    r.assert_error(&[&url, "not enough free space in", "keeping at least"]);
+    Cache::of(&t).assert_nothing_published(&t);
+}
+
+#[test]
+fn a_setup_waiting_on_a_killed_downloader_takes_over() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let (server, url) = serve("shop.tar.gz", &a.bytes);
+    let path = "/builds/shop.tar.gz";
+    server.set_fault(path, Fault::new().throttle(a.len() / 4));
+    let mut first = setup(&t, &proc_yaml(&t, 5001, &url, Some(&a.md5))).spawn();
+    wait_until("the first download to start", PATIENCE, || {
+        server.bytes_sent(path) > 0
+    });
+    let second = setup(&t, &proc_yaml(&t, 5002, &url, Some(&a.md5))).spawn();
+    let pid = second.id();
+    wait_until(
+        "the second setup to block on the URL lock",
+        PATIENCE,
+        || blocked_in_flock(pid),
+    );
+    assert!(first.is_running(), "the first setup still downloads");
+    first.kill9();
+    assert_eq!(first.finish().code, None);
+    server.set_fault(path, Fault::new());
+    let r = second.finish();
+    r.assert_ok();
+    assert_eq!(timings(&r.stdout)["build"]["cache"], "miss");
+    assert_eq!(gets(&server, &url).len(), 2);
+    let cache = Cache::of(&t);
+    assert_eq!(cache.blobs(), vec![a.sha256.clone()]);
+    assert_eq!(cache.ingest().len(), 1, "only the killed run's leftovers");
+    assert_same_tree(
+        &walk(&build_layer_app(&t, &a, OWNER, OWNER)),
+        &a.expected_build_tree(),
+    );
+    assert!(!t.proc_dir(&proc_name(5001)).exists());
+}
+
+#[test]
+fn setup_goes_through_http_proxy_and_honours_no_proxy() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    // The loopback server answers absolute-form requests too: it is the proxy here.
+    let (server, _) = serve("shop.tar.gz", &a.bytes);
+    let url = "http://builds.example.invalid/builds/shop.tar.gz";
+    let file = proc_yaml(&t, 5000, url, Some(&a.md5));
+    setup(&t, &file)
+        .env("HTTP_PROXY", server.base_url())
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .run()
+        .assert_ok();
+    let log = server.requests("/builds/shop.tar.gz");
+    assert_eq!(log.len(), 1, "{log:#?}");
+    assert!(log[0].proxied, "{log:#?}");
+    assert_eq!(log[0].target, url);
+    Cache::of(&t).assert_published(&t, &a, url, 5000);
+
+    // Excluded from the proxy, the host is looked up for real, and does not exist.
+    let t2 = TestDir::new();
+    let file = proc_yaml(&t2, 5000, url, Some(&a.md5));
+    setup(&t2, &file)
+        .env("HTTP_PROXY", server.base_url())
+        .env("NO_PROXY", "example.invalid")
+        .env("VRUN_HTTP_RETRIES", "0")
+        .run()
+        .assert_error(&[url, "cannot connect"]);
+    assert_eq!(
+        server.request_count("/builds/shop.tar.gz"),
+        1,
+        "not proxied"
+    );
 }

@@ -218,13 +218,18 @@ pub struct MountGuard(pub PathBuf);
 impl MountGuard {
     /// Mount a fresh tmpfs on `target`.
     pub fn tmpfs(target: &Path) -> MountGuard {
+        MountGuard::tmpfs_sized(target, "1m")
+    }
+
+    /// Mount a fresh tmpfs of `size` (as `mount -o size=`, e.g. `2m`) on `target`.
+    pub fn tmpfs_sized(target: &Path, size: &str) -> MountGuard {
         std::fs::create_dir_all(target).unwrap();
         nix::mount::mount(
             Some("vrun-test"),
             target,
             Some("tmpfs"),
             nix::mount::MsFlags::empty(),
-            Some("size=1m"),
+            Some(format!("size={size}").as_str()),
         )
         .expect("mount tmpfs (tests run as root)");
         MountGuard(target.to_owned())
