@@ -459,6 +459,7 @@ impl Extraction {
 
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), ExtractError> {
         self.stats.entries += 1;
+        check_pax_agrees(&mut entry)?;
         let h = self.header(&entry)?;
         self.last_entry = h.entry.clone();
         if self.stats.entries > self.limits.max_entries {
@@ -717,6 +718,42 @@ impl Extraction {
         }
         Ok(())
     }
+}
+
+/// The tar crate prefers a GNU long name or long link (`L`/`K` entries) over a PAX `path`
+/// or `linkpath` record; GNU tar and libarchive prefer the PAX record. An entry carrying
+/// both, disagreeing, would be unpacked under another name than the one every other tool
+/// lists (a parser differential, the TARmageddon family), so it is refused.
+fn check_pax_agrees<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<(), ExtractError> {
+    if entry.header().entry_type().is_pax_global_extensions() {
+        return Ok(()); // its records are its own body, read under a limit by `global_header`
+    }
+    let path = entry.path_bytes().into_owned();
+    let link = entry.link_name_bytes().map(|l| l.into_owned());
+    let name = String::from_utf8_lossy(&path).into_owned();
+    let Some(pax) = entry.pax_extensions().map_err(|e| read_error(e, &name))? else {
+        return Ok(());
+    };
+    for ext in pax {
+        let ext = ext.map_err(|e| read_error(e, &name))?;
+        let ours = match ext.key_bytes() {
+            b"path" => Some(path.as_slice()),
+            b"linkpath" => link.as_deref(),
+            _ => continue,
+        };
+        if ours != Some(ext.value_bytes()) {
+            return Err(reject(
+                &name,
+                &format!(
+                    "PAX {} `{}` and GNU long name `{}` disagree",
+                    String::from_utf8_lossy(ext.key_bytes()),
+                    String::from_utf8_lossy(ext.value_bytes()),
+                    String::from_utf8_lossy(ours.unwrap_or_default()),
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn is_decode_error(e: &io::Error) -> bool {
