@@ -484,7 +484,7 @@ impl Extraction {
                 }
                 Mode::Image => self.stats.skipped_devices += 1,
             },
-            T::XGlobalHeader => {}
+            T::XGlobalHeader => return self.global_header(h, &mut entry),
             other => {
                 return Err(reject(
                     &h.entry,
@@ -499,6 +499,47 @@ impl Extraction {
             return Err(ExtractError::Truncated { entry: h.entry });
         }
         self.stats.bytes += skipped;
+        Ok(())
+    }
+
+    /// A PAX global header. GNU tar applies its `path`, `linkpath` and `size` records to the
+    /// entries after it; the tar crate ignores global headers. Rather than unpack something
+    /// else than what other tools list, a global header setting any of them is refused
+    /// (real archives carry only comments there, like `git archive`'s commit id). Its body
+    /// is metadata, read into memory under `max_metadata_bytes`.
+    fn global_header<R: Read>(
+        &mut self,
+        h: Header,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), ExtractError> {
+        if h.size > self.limits.max_metadata_bytes {
+            return Err(ExtractError::Limit {
+                entry: h.entry,
+                what: "tar metadata size",
+                limit: self.limits.max_metadata_bytes,
+            });
+        }
+        let mut body = Vec::with_capacity(h.size as usize);
+        entry
+            .read_to_end(&mut body)
+            .map_err(|e| read_error(e, &h.entry))?;
+        if body.len() as u64 != h.size {
+            return Err(ExtractError::Truncated { entry: h.entry });
+        }
+        for ext in tar::PaxExtensions::new(&body) {
+            let ext = ext.map_err(|e| read_error(e, &h.entry))?;
+            let key = ext.key_bytes();
+            if matches!(key, b"path" | b"linkpath" | b"size") {
+                return Err(reject(
+                    &h.entry,
+                    &format!(
+                        "PAX global header sets `{}`, which other tools apply to every later entry",
+                        String::from_utf8_lossy(key)
+                    ),
+                ));
+            }
+        }
+        self.stats.bytes += h.size;
         Ok(())
     }
 
