@@ -295,44 +295,44 @@ fn snapshot(top: &Path, skip: &[PathBuf]) -> BTreeMap<PathBuf, Node> {
 ///   store/            the pipeline's store (not watched)
 /// ```
 struct Arena {
-    tmp: tempfile::TempDir,
+    base: PathBuf,
     before: BTreeMap<PathBuf, Node>,
 }
 
 impl Arena {
-    fn new() -> Arena {
-        let tmp = tempfile::Builder::new().prefix("adv-").tempdir().unwrap();
-        let s = tmp.path().join("sentinel");
+    /// A fresh arena in `base` (emptied first), so every run of the corpus can use the
+    /// same absolute sentinel path and the archives are built once.
+    fn at(base: &Path) -> Arena {
+        if base.exists() {
+            fs::remove_dir_all(base).unwrap();
+        }
+        fs::create_dir(base).unwrap();
+        let s = base.join("sentinel");
         fs::create_dir_all(s.join("sub")).unwrap();
         fs::write(s.join("target"), b"do not touch").unwrap();
         fs::write(s.join("passwd"), b"root:x:0:0:root:/root:/bin/sh\n").unwrap();
         fs::write(s.join("sub/file"), b"deeper").unwrap();
         std::os::unix::fs::symlink("target", s.join("link")).unwrap();
-        fs::create_dir(tmp.path().join("root")).unwrap();
-        fs::create_dir(tmp.path().join("store")).unwrap();
+        fs::create_dir(base.join("root")).unwrap();
+        fs::create_dir(base.join("store")).unwrap();
         let mut a = Arena {
-            tmp,
+            base: base.to_path_buf(),
             before: BTreeMap::new(),
         };
         a.before = a.outside();
         a
     }
     fn outside(&self) -> BTreeMap<PathBuf, Node> {
-        snapshot(self.tmp.path(), &[self.root(), self.store_dir()])
+        snapshot(&self.base, &[self.root(), self.store_dir()])
     }
     fn root(&self) -> PathBuf {
-        self.tmp.path().join("root")
+        self.base.join("root")
     }
     fn store_dir(&self) -> PathBuf {
-        self.tmp.path().join("store")
+        self.base.join("store")
     }
     fn sentinel(&self) -> String {
-        self.tmp
-            .path()
-            .join("sentinel")
-            .to_str()
-            .unwrap()
-            .to_string()
+        self.base.join("sentinel").to_str().unwrap().to_string()
     }
     /// Nothing outside `root/` and `store/` changed. Returns the differences.
     fn check(&self) -> Result<(), String> {
@@ -1098,6 +1098,28 @@ fn cases(c: &Ctx) -> Vec<Case> {
         reject("PaxHeaders/x", "global"),
         reject("PaxHeaders/x", "global"),
     );
+    let comment = Tar::new()
+        .pax(b'g', &[("comment", b"0123456789abcdef")])
+        .file("plain", b"x")
+        .end();
+    add(
+        "PAX global header with a comment (git archive)",
+        "g{comment=<commit>}, file `plain`",
+        comment.clone(),
+        Expect::Extract(matches_gnu_listing(comment.clone())),
+        Expect::Extract(matches_gnu_listing(comment)),
+    );
+    let huge_comment = vec![b'c'; 3 << 20];
+    add(
+        "PAX global header of 3 MiB",
+        "g{comment=3 MiB}, file `plain`",
+        Tar::new()
+            .pax(b'g', &[("comment", &huge_comment)])
+            .file("plain", b"x")
+            .end(),
+        reject("PaxHeaders/x", "tar metadata size limit"),
+        reject("PaxHeaders/x", "tar metadata size limit"),
+    );
     // ---- stream shape
     let whole = Tar::new().file("f", &[7u8; 2000]).end();
     add(
@@ -1368,26 +1390,21 @@ fn run_case(
 fn corpus() {
     let rt = runtime();
     let server = Server::empty(ServerOptions::default()).unwrap();
-    let probe = Arena::new();
-    // Cases are built once against a fixed sentinel path name; each run gets its own arena,
-    // and the archive is rebuilt for that arena so absolute targets point at it.
-    let count = cases(&Ctx::new(&probe.sentinel())).len();
-    drop(probe);
+    let tmp = tempfile::Builder::new().prefix("adv-").tempdir().unwrap();
+    let base = tmp.path().join("arena");
+    let all_cases = cases(&Ctx::new(Arena::at(&base).sentinel().as_str()));
     let filter = std::env::var("ADV_FILTER").ok();
     let mut failures = Vec::new();
     let mut table = Vec::new();
-    for i in 0..count {
+    for (i, case) in all_cases.iter().enumerate() {
+        if filter
+            .as_deref()
+            .is_some_and(|f| !case.category.contains(f))
+        {
+            continue;
+        }
         for mode in [BUILD, Mode::Image] {
-            let arena = Arena::new();
-            let ctx = Ctx::new(&arena.sentinel());
-            let mut all_cases = cases(&ctx);
-            let case = all_cases.swap_remove(i);
-            if filter
-                .as_deref()
-                .is_some_and(|f| !case.category.contains(f))
-            {
-                continue;
-            }
+            let arena = Arena::at(&base);
             let expect = match mode {
                 Mode::Image => &case.image,
                 _ => &case.build,
