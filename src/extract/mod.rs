@@ -229,6 +229,7 @@ pub fn extract_with(
         stats: ExtractStats::default(),
         dirs: Vec::new(),
         known_dirs: HashSet::new(),
+        links: HashSet::new(),
         last_entry: "(none: at the start)".to_string(),
         next_space_check: 0,
     };
@@ -301,6 +302,9 @@ struct Extraction {
     dirs: Vec<DirMeta>,
     /// Names we made directories (so a later non-directory knows to remove them).
     known_dirs: HashSet<Key>,
+    /// Names we made symlinks or hard links. The directory cache may hold paths resolved
+    /// through such a name (images follow symlinks), so replacing one flushes the cache.
+    links: HashSet<Key>,
     last_entry: String,
     next_space_check: u64,
 }
@@ -578,6 +582,7 @@ impl Extraction {
         key: &Key,
         entry: &str,
     ) -> Result<(), ExtractError> {
+        self.forget_link(key);
         if !self.known_dirs.contains(key) {
             return Ok(());
         }
@@ -589,6 +594,14 @@ impl Extraction {
         Ok(())
     }
 
+    /// A new entry replaces whatever is at `key`: if that was a symlink we made, no cached
+    /// directory may still be reached through it.
+    fn forget_link(&mut self, key: &Key) {
+        if self.links.remove(key) {
+            self.tree.flush();
+        }
+    }
+
     fn file<R: Read>(
         &mut self,
         h: Header,
@@ -597,6 +610,7 @@ impl Extraction {
         self.check_bytes(h.size)?;
         self.check_space()?;
         let (dir, name, key) = self.parent(&h)?;
+        let replaces_link = self.links.contains(&key);
         self.clear_dir_at(&dir, &name, &key, &h.entry)?;
         let meta = FileMeta {
             dir,
@@ -608,6 +622,11 @@ impl Extraction {
             entry: h.entry,
         };
         self.pool.file(meta, key, entry)?;
+        if replaces_link {
+            // The writer replaces the link; until it has, a walk would still follow it.
+            self.pool.drain()?;
+            self.tree.flush();
+        }
         self.stats.files += 1;
         self.stats.bytes += h.size;
         Ok(())
@@ -632,6 +651,7 @@ impl Extraction {
             return Ok(());
         }
         let (dir, name, key) = self.parent(h)?;
+        self.forget_link(&key);
         let fd = dir.fd.as_fd();
         loop {
             match tree::mkdirat(fd, &name, 0o700) {
@@ -683,6 +703,7 @@ impl Extraction {
         }
         tree::utimensat_nofollow(fd, &name, h.mtime)
             .map_err(|e| io_error(&h.entry, "set mtime of", e))?;
+        self.links.insert(key);
         self.stats.symlinks += 1;
         Ok(())
     }
@@ -736,6 +757,7 @@ impl Extraction {
             ),
             _ => io_error(&h.entry, "create hard link", e),
         })?;
+        self.links.insert(key);
         self.stats.hardlinks += 1;
         Ok(())
     }
