@@ -933,7 +933,7 @@ fn cases(c: &Ctx) -> Vec<Case> {
             .file("d", b"file")
             .file("d/x", b"x")
             .end(),
-        reject("d", "symlink `d`"),
+        reject("d/x", "not a directory"),
         reject("d/x", "not a directory"),
     );
     add(
@@ -954,6 +954,15 @@ fn cases(c: &Ctx) -> Vec<Case> {
             perm_is("l", 0o777),
             perm_is("real", 0o755),
         ])),
+    );
+    add(
+        "duplicate: file, then an entry under it",
+        "file `d`, file `d/x`",
+        Tar::new().file("d", b"file").file("d/x", b"x").end(),
+        // Which of the two names the error depends on whether the writer thread has
+        // created `d` when `d/x` is resolved (see the report); both refuse.
+        reject("d", "not a directory|is in the way"),
+        reject("d", "not a directory|is in the way"),
     );
     // ---- long names
     let long = format!("{}/{}", "p".repeat(200), "q".repeat(200));
@@ -1241,9 +1250,10 @@ fn judge(expect: &Expect, result: Result<(), String>, tree: &Path) -> Result<(),
         (Expect::Extract(_) | Expect::Sanitize(..), Err(e)) => {
             Err(format!("expected success, got: {e}"))
         }
-        (Expect::Reject(entry, why), Err(e)) => (e.contains(entry.as_str()) && e.contains(why))
-            .then_some(())
-            .ok_or_else(|| format!("expected reject naming `{entry}` / `{why}`, got: {e}")),
+        (Expect::Reject(entry, why), Err(e)) => (e.contains(entry.as_str())
+            && why.split('|').any(|w| e.contains(w)))
+        .then_some(())
+        .ok_or_else(|| format!("expected reject naming `{entry}` / `{why}`, got: {e}")),
         (Expect::Reject(..), Ok(())) => Err("expected reject, got success".into()),
     }
 }
