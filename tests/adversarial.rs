@@ -1424,7 +1424,7 @@ fn corpus() {
                 .insert(url_path.clone(), case.archive.clone())
                 .unwrap();
             failures.extend(run_case(
-                &case, mode, expect, &rt, &server, &url_path, &arena,
+                case, mode, expect, &rt, &server, &url_path, &arena,
             ));
             if matches!(mode, Mode::Image) {
                 table.push(format!(
@@ -1450,4 +1450,201 @@ fn corpus() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+// ------------------------------------------------------------------ resource limits
+
+fn gzip_member(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+/// Library (both modes) and pipeline (both modes) must refuse `archive` with `why` under
+/// `limits`, leave nothing in the store and write nothing outside the root.
+fn refused_everywhere(archive: Vec<u8>, limits: &Limits, base: &Path, why: &str) {
+    let rt = runtime();
+    let server = Server::empty(ServerOptions::default()).unwrap();
+    server.insert("/a", archive.clone()).unwrap();
+    for mode in [BUILD, Mode::Image] {
+        let arena = Arena::at(base);
+        let (_, reader) = decode::open(&archive[..]).unwrap();
+        let e = extract(reader, &arena.root(), mode, limits).unwrap_err();
+        assert!(e.to_string().contains(why), "{mode:?} library: {e}");
+        arena.check().unwrap();
+        let store = arena.store_dir().join("s");
+        let e = run_pipeline(&rt, &server, "/a", &store, mode, limits).unwrap_err();
+        assert!(e.contains(why), "{mode:?} pipeline: {e}");
+        assert_eq!(store_leftovers(&store), Vec::<String>::new(), "{mode:?}");
+        arena.check().unwrap();
+    }
+}
+
+#[test]
+fn decompression_bombs_stop_at_the_limit() {
+    let tmp = tempfile::Builder::new().prefix("adv-").tempdir().unwrap();
+    let base = tmp.path().join("arena");
+    // Low, because decompression in an unoptimized test build runs at a few MB/s.
+    let limits = Limits {
+        max_bytes: 2 << 20,
+        ..Limits::default()
+    };
+    let zeros = vec![0u8; 1 << 20];
+    let zeros_member = gzip_member(&zeros);
+
+    // 1. One entry claiming 10 GiB: refused from its header, before any data is read.
+    let head = header(b"bomb", b'0', 10 << 30, 0o644, 0, 0, b"");
+    let mut gz = gzip_member(&head);
+    for _ in 0..64 {
+        gz.extend_from_slice(&zeros_member);
+    }
+    refused_everywhere(gz, &limits, &base, "total size limit");
+
+    // 2. Zeros in 1 MiB files (10 GiB would be 12 MB of gzip; 40 show the stop at file 3).
+    let mut gz = Vec::new();
+    for i in 0..40 {
+        let h = header(format!("z{i}").as_bytes(), b'0', 1 << 20, 0o644, 0, 0, b"");
+        gz.extend_from_slice(&gzip_member(&h));
+        gz.extend_from_slice(&zeros_member);
+    }
+    gz.extend_from_slice(&gzip_member(&[0; 1024]));
+    refused_everywhere(
+        gz,
+        &limits,
+        &base,
+        "entry z2: archive exceeds the total size limit",
+    );
+
+    // 3. A valid archive followed by 1 GiB of zeros (1 MB of gzip): the tail counts too.
+    let mut gz = gzip_member(&Tar::new().file("f", b"x").end());
+    for _ in 0..1024 {
+        gz.extend_from_slice(&zeros_member);
+    }
+    refused_everywhere(gz, &limits, &base, "total size limit");
+}
+
+#[test]
+fn entry_count_and_depth_limits() {
+    let tmp = tempfile::Builder::new().prefix("adv-").tempdir().unwrap();
+    let base = tmp.path().join("arena");
+    let mut t = Tar::new();
+    for i in 0..150 {
+        t = t.file(&format!("f{i}"), b"");
+    }
+    let limits = Limits {
+        max_entries: 100,
+        ..Limits::default()
+    };
+    refused_everywhere(
+        t.end(),
+        &limits,
+        &base,
+        "entry f100: archive exceeds the entry count limit of 100",
+    );
+    // Default depth limit (256): a 300-deep path.
+    let deep = "d/".repeat(300) + "f";
+    refused_everywhere(
+        Tar::new().file(&deep, b"x").end(),
+        &Limits::default(),
+        &base,
+        "path depth limit of 256",
+    );
+    // Implicit parents count as entries nowhere, but depth is per path: a lowered limit.
+    let limits = Limits {
+        max_depth: 8,
+        ..Limits::default()
+    };
+    refused_everywhere(
+        Tar::new().file("a/b/c/d/e/f/g/h/i", b"x").end(),
+        &limits,
+        &base,
+        "path depth limit of 8",
+    );
+}
+
+/// A tmpfs of `size` mounted for the test's lifetime.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        nix::mount::mount(
+            Some("vrun-adversarial"),
+            at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .expect("mount tmpfs (the suite runs as root)");
+        Tmpfs(at.to_path_buf())
+    }
+    fn used(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        (st.blocks() - st.blocks_free()) * st.fragment_size()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn enospc_mid_extraction_is_a_clean_error() {
+    let tmp = tempfile::Builder::new().prefix("adv-").tempdir().unwrap();
+    let base = tmp.path().join("arena");
+    let arena = Arena::at(&base);
+    let fs_dir = tmp.path().join("fs");
+    let tmpfs = Tmpfs::mount(&fs_dir, "2m");
+    let empty = tmpfs.used();
+    // 512 KiB files: the first few fit, a later one hits ENOSPC half-way.
+    let mut t = Tar::new();
+    let chunk: Vec<u8> = (0..512 * 1024u32).map(|i| (i % 251) as u8).collect();
+    for i in 0..8 {
+        t = t.file(&format!("part{i}"), &chunk);
+    }
+    let archive = compress(Format::Gzip, &t.end());
+    let no_reserve = Limits {
+        min_free_bytes: 0,
+        ..Limits::default()
+    };
+    for mode in [BUILD, Mode::Image] {
+        // Library: the error names the entry and says what happened.
+        let root = fs_dir.join("root");
+        fs::create_dir(&root).unwrap();
+        let (_, r) = decode::open(&archive[..]).unwrap();
+        let e = extract(r, &root, mode, &no_reserve)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("part") && e.contains("No space left on device"),
+            "{mode:?}: {e}"
+        );
+        fs::remove_dir_all(&root).unwrap();
+        // With the default reserve, refused before anything is written.
+        fs::create_dir(&root).unwrap();
+        let (_, r) = decode::open(&archive[..]).unwrap();
+        let e = extract(r, &root, mode, &Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not enough free space"), "{mode:?}: {e}");
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
+        fs::remove_dir(&root).unwrap();
+        // Pipeline, store on the tiny fs: clean error, nothing published, nothing left.
+        let rt = runtime();
+        let server = Server::empty(ServerOptions::default()).unwrap();
+        server.insert("/a.tgz", archive.clone()).unwrap();
+        let store = fs_dir.join("store");
+        let e = run_pipeline(&rt, &server, "/a.tgz", &store, mode, &no_reserve).unwrap_err();
+        assert!(e.contains("No space left on device"), "{mode:?}: {e}");
+        assert_eq!(store_leftovers(&store), Vec::<String>::new());
+        fs::remove_dir_all(&store).unwrap();
+        assert!(
+            tmpfs.used() <= empty,
+            "{mode:?}: {} bytes still used",
+            tmpfs.used()
+        );
+    }
+    arena.check().unwrap();
 }
