@@ -300,14 +300,17 @@ fn apply(data: &mut Vec<u8>, m: &Mutation, fix_checksums: bool) {
 
 // ------------------------------------------------------------------ the arena
 
+/// Path → (inode, mode, uid, nlink, mtime ns, ctime ns, content or link target).
+type Snapshot = BTreeMap<PathBuf, (u64, u32, u32, u32, i64, i64, Vec<u8>)>;
+
 /// `base/root` (extraction) beside `base/sentinel` (watched).
 struct Arena {
     _tmp: tempfile::TempDir,
     base: PathBuf,
-    before: BTreeMap<PathBuf, (u64, u32, u32, u32, i64, i64, Vec<u8>)>,
+    before: Snapshot,
 }
 
-fn outside(base: &Path) -> BTreeMap<PathBuf, (u64, u32, u32, u32, i64, i64, Vec<u8>)> {
+fn outside(base: &Path) -> Snapshot {
     let mut out = BTreeMap::new();
     let mut todo = vec![base.to_path_buf()];
     while let Some(p) = todo.pop() {
