@@ -229,6 +229,7 @@ pub fn extract_with(
         stats: ExtractStats::default(),
         dirs: Vec::new(),
         known_dirs: HashSet::new(),
+        links: HashSet::new(),
         last_entry: "(none: at the start)".to_string(),
         next_space_check: 0,
     };
@@ -301,6 +302,9 @@ struct Extraction {
     dirs: Vec<DirMeta>,
     /// Names we made directories (so a later non-directory knows to remove them).
     known_dirs: HashSet<Key>,
+    /// Names we made symlinks or hard links. The directory cache may hold paths resolved
+    /// through such a name (images follow symlinks), so replacing one flushes the cache.
+    links: HashSet<Key>,
     last_entry: String,
     next_space_check: u64,
 }
@@ -466,6 +470,7 @@ impl Extraction {
 
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), ExtractError> {
         self.stats.entries += 1;
+        check_pax_agrees(&mut entry)?;
         let h = self.header(&entry)?;
         self.last_entry = h.entry.clone();
         if self.stats.entries > self.limits.max_entries {
@@ -490,7 +495,7 @@ impl Extraction {
                 }
                 Mode::Image => self.stats.skipped_devices += 1,
             },
-            T::XGlobalHeader => {}
+            T::XGlobalHeader => return self.global_header(h, &mut entry),
             other => {
                 return Err(reject(
                     &h.entry,
@@ -505,6 +510,47 @@ impl Extraction {
             return Err(ExtractError::Truncated { entry: h.entry });
         }
         self.stats.bytes += skipped;
+        Ok(())
+    }
+
+    /// A PAX global header. GNU tar applies its `path`, `linkpath` and `size` records to the
+    /// entries after it; the tar crate ignores global headers. Rather than unpack something
+    /// else than what other tools list, a global header setting any of them is refused
+    /// (real archives carry only comments there, like `git archive`'s commit id). Its body
+    /// is metadata, read into memory under `max_metadata_bytes`.
+    fn global_header<R: Read>(
+        &mut self,
+        h: Header,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<(), ExtractError> {
+        if h.size > self.limits.max_metadata_bytes {
+            return Err(ExtractError::Limit {
+                entry: h.entry,
+                what: "tar metadata size",
+                limit: self.limits.max_metadata_bytes,
+            });
+        }
+        let mut body = Vec::with_capacity(h.size as usize);
+        entry
+            .read_to_end(&mut body)
+            .map_err(|e| read_error(e, &h.entry))?;
+        if body.len() as u64 != h.size {
+            return Err(ExtractError::Truncated { entry: h.entry });
+        }
+        for ext in tar::PaxExtensions::new(&body) {
+            let ext = ext.map_err(|e| read_error(e, &h.entry))?;
+            let key = ext.key_bytes();
+            if matches!(key, b"path" | b"linkpath" | b"size") {
+                return Err(reject(
+                    &h.entry,
+                    &format!(
+                        "PAX global header sets `{}`, which other tools apply to every later entry",
+                        String::from_utf8_lossy(key)
+                    ),
+                ));
+            }
+        }
+        self.stats.bytes += h.size;
         Ok(())
     }
 
@@ -544,6 +590,7 @@ impl Extraction {
         key: &Key,
         entry: &str,
     ) -> Result<(), ExtractError> {
+        self.forget_link(key);
         if !self.known_dirs.contains(key) {
             return Ok(());
         }
@@ -555,6 +602,14 @@ impl Extraction {
         Ok(())
     }
 
+    /// A new entry replaces whatever is at `key`: if that was a symlink we made, no cached
+    /// directory may still be reached through it.
+    fn forget_link(&mut self, key: &Key) {
+        if self.links.remove(key) {
+            self.tree.flush();
+        }
+    }
+
     fn file<R: Read>(
         &mut self,
         h: Header,
@@ -563,6 +618,7 @@ impl Extraction {
         self.check_bytes(h.size)?;
         self.check_space()?;
         let (dir, name, key) = self.parent(&h)?;
+        let replaces_link = self.links.contains(&key);
         self.clear_dir_at(&dir, &name, &key, &h.entry)?;
         let meta = FileMeta {
             dir,
@@ -574,6 +630,11 @@ impl Extraction {
             entry: h.entry,
         };
         self.pool.file(meta, key, entry)?;
+        if replaces_link {
+            // The writer replaces the link; until it has, a walk would still follow it.
+            self.pool.drain()?;
+            self.tree.flush();
+        }
         self.stats.files += 1;
         self.stats.bytes += h.size;
         Ok(())
@@ -598,6 +659,7 @@ impl Extraction {
             return Ok(());
         }
         let (dir, name, key) = self.parent(h)?;
+        self.forget_link(&key);
         let fd = dir.fd.as_fd();
         loop {
             match tree::mkdirat(fd, &name, 0o700) {
@@ -649,6 +711,7 @@ impl Extraction {
         }
         tree::utimensat_nofollow(fd, &name, h.mtime)
             .map_err(|e| io_error(&h.entry, "set mtime of", e))?;
+        self.links.insert(key);
         self.stats.symlinks += 1;
         Ok(())
     }
@@ -702,6 +765,7 @@ impl Extraction {
             ),
             _ => io_error(&h.entry, "create hard link", e),
         })?;
+        self.links.insert(key);
         self.stats.hardlinks += 1;
         Ok(())
     }
@@ -725,6 +789,42 @@ impl Extraction {
         }
         Ok(())
     }
+}
+
+/// The tar crate prefers a GNU long name or long link (`L`/`K` entries) over a PAX `path`
+/// or `linkpath` record; GNU tar and libarchive prefer the PAX record. An entry carrying
+/// both, disagreeing, would be unpacked under another name than the one every other tool
+/// lists (a parser differential, the TARmageddon family), so it is refused.
+fn check_pax_agrees<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<(), ExtractError> {
+    if entry.header().entry_type().is_pax_global_extensions() {
+        return Ok(()); // its records are its own body, read under a limit by `global_header`
+    }
+    let path = entry.path_bytes().into_owned();
+    let link = entry.link_name_bytes().map(|l| l.into_owned());
+    let name = String::from_utf8_lossy(&path).into_owned();
+    let Some(pax) = entry.pax_extensions().map_err(|e| read_error(e, &name))? else {
+        return Ok(());
+    };
+    for ext in pax {
+        let ext = ext.map_err(|e| read_error(e, &name))?;
+        let ours = match ext.key_bytes() {
+            b"path" => Some(path.as_slice()),
+            b"linkpath" => link.as_deref(),
+            _ => continue,
+        };
+        if ours != Some(ext.value_bytes()) {
+            return Err(reject(
+                &name,
+                &format!(
+                    "PAX {} `{}` and GNU long name `{}` disagree",
+                    String::from_utf8_lossy(ext.key_bytes()),
+                    String::from_utf8_lossy(ext.value_bytes()),
+                    String::from_utf8_lossy(ours.unwrap_or_default()),
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn is_decode_error(e: &io::Error) -> bool {
