@@ -1490,3 +1490,28 @@ fn setup_goes_through_http_proxy_and_honours_no_proxy() {
         "not proxied"
     );
 }
+
+/// FAILS (bug outside this file, reported): `envfiles::create_proc_dirs` makes `upper/`
+/// with the caller's umask. Under umask 077 it is 0700 root, and the overlay's root
+/// directory takes its owner and mode from `upper/`: the app (nobody) could not resolve
+/// any path in its container. `upper/` must be 0755 whatever the umask (work/ is 0700
+/// on purpose, and is not visible in the container).
+#[test]
+fn under_umask_077_the_container_root_stays_traversable() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let (_server, url) = serve("shop.tar.gz", &a.bytes);
+    let mut vrun = setup(&t, &proc_yaml(&t, 5000, &url, Some(&a.md5)));
+    // SAFETY: umask is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        vrun.cmd.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    vrun.run().assert_ok();
+    let upper = t.proc_dir(&proc_name(5000)).join("upper");
+    let mode = fs::metadata(&upper).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o755, "{}: {mode:o}", upper.display());
+}
