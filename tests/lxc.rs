@@ -679,3 +679,29 @@ fn second_proc_of_the_same_build_and_image_reuses_the_layers() {
     let r = p.shell(&["cat", "/app/www/index.html"]);
     assert_eq!((r.code, r.stdout.as_str()), (0, image::APP_PAGE));
 }
+
+#[test]
+fn volumes_that_cannot_be_one_mount_entry_are_refused_before_any_container() {
+    // Newlines are already refused by the proc.yaml parser; whitespace would split the
+    // fstab-style mount entry, so proc.lxc rendering refuses it, naming the key.
+    let host = tempfile::tempdir().unwrap();
+    let opts = ProcOpts {
+        cmd: Some("exit 0".into()),
+        volumes: vec![(host.path().to_owned(), "/da ta".into())],
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("badvol", opts);
+    for args in [vec!["run"], vec!["shell", "--", "true"], vec!["uptest"]] {
+        let r = p.vrun(args.clone());
+        assert_eq!(r.code, 1, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.starts_with("ERROR: invalid volume ")
+                && r.stderr.contains("must not contain whitespace"),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert_eq!(r.stdout, "", "{args:?}");
+    }
+    assert!(!p.proc.paths.lxc_config().exists());
+    assert!(p.leftover_cgroups().is_empty());
+}
