@@ -570,6 +570,8 @@ fn vrun_teardown_refuses_while_running_then_removes_all_but_the_cache() {
         "{}",
         std::fs::read_to_string(err).unwrap()
     );
+    let busy = vrun::lxc::is_running(&p.proc.paths, &p.proc.lxcpath, &p.name);
+    assert!(busy.run && busy.tmp.is_empty(), "{busy:?}");
     // `run` holds the proc.yaml lock: teardown is refused and removes nothing.
     let r = p.vrun(["teardown"]);
     assert_eq!(r.code, 1);

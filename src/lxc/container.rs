@@ -718,3 +718,52 @@ pub async fn read_capped(mut pipe: TmpOutput, cap: usize) -> (Vec<u8>, bool) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tmp_names_are_exactly_name_tmp_and_eight_lowercase_hex() {
+        assert!(is_tmp_of(
+            "a-1-c-h-web-5000-TMP0123abcd",
+            "a-1-c-h-web-5000"
+        ));
+        assert!(!is_tmp_of("a-1-c-h-web-5000", "a-1-c-h-web-5000"));
+        assert!(!is_tmp_of(
+            "a-1-c-h-web-5000-TMP0123ABCD",
+            "a-1-c-h-web-5000"
+        ));
+        assert!(!is_tmp_of(
+            "a-1-c-h-web-5000-TMP0123abc",
+            "a-1-c-h-web-5000"
+        ));
+        assert!(!is_tmp_of(
+            "a-1-c-h-web-5000-TMP0123abcde",
+            "a-1-c-h-web-5000"
+        ));
+        assert!(!is_tmp_of(
+            "a-1-c-h-web-50000-TMP0123abcd",
+            "a-1-c-h-web-5000"
+        ));
+    }
+
+    #[test]
+    fn exit_codes_read_like_a_shell() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(exit_code(ExitStatus::from_raw(7 << 8)), 7);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGKILL)), 137);
+    }
+
+    #[test]
+    fn ppid_and_start_time_of_this_process() {
+        let me = std::process::id() as i32;
+        assert_eq!(ppid(me), Some(nix::unistd::getppid().as_raw()));
+        assert!(start_time(me).is_some());
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(OWNER_FILE), owner_token()).unwrap();
+        assert!(owner_alive(dir.path()));
+        fs::write(dir.path().join(OWNER_FILE), format!("{me} 1")).unwrap();
+        assert!(!owner_alive(dir.path()), "same pid, other start time");
+    }
+}
