@@ -60,10 +60,23 @@ pub enum Command {
     Teardown(ProcFile),
     /// Open /bin/bash (or run CMD) in a container identical to the proc's
     Shell(ShellArgs),
+    /// Inspect and maintain the download cache: ls, gc, verify
+    #[command(after_help = CACHE_EXAMPLES)]
+    Cache {
+        #[command(subcommand)]
+        command: crate::commands::cache::CacheCommand,
+    },
     /// Deploy an embedded sample app end to end: setup, run, uptest, teardown (needs root, LXC)
     #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
 }
+
+const CACHE_EXAMPLES: &str = "\
+Examples:
+  vrun cache ls
+  vrun cache gc --max-size 20G --dry-run
+  vrun cache gc --older-than 14d
+  vrun cache verify --deep";
 
 const DEMO_EXAMPLES: &str = "\
 Without --root the demo works in a fresh temp dir and removes it at the end.
@@ -202,7 +215,10 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
-        assert_eq!(command_names(), "setup, run, uptest, teardown, shell, demo");
+        assert_eq!(
+            command_names(),
+            "setup, run, uptest, teardown, shell, cache, demo"
+        );
     }
 
     #[test]

@@ -901,6 +901,9 @@ pub fn format_timings(t: &serde_json::Value) -> Vec<String> {
             let _ = write!(line, ", {format}");
         }
         if let (Some(c), Some(b)) = (num("compressed_bytes"), num("bytes")) {
+            if text("format").is_none() {
+                line.push(',');
+            }
             let _ = write!(
                 line,
                 " {} → {}",
@@ -1087,7 +1090,7 @@ mod tests {
         let lines = format_timings(&t);
         assert_eq!(
             lines[0],
-            "build: cache miss 2.0 KiB → 10.0 KiB in 7 files; first byte 0.001 s, done 0.020 s"
+            "build: cache miss, 2.0 KiB → 10.0 KiB in 7 files; first byte 0.001 s, done 0.020 s"
         );
         let t: serde_json::Value = serde_json::from_str(
             r#"{"total_s":1,"image":{"cache":"layer","format":"gzip","compressed_bytes":1024,

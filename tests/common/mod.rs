@@ -250,5 +250,11 @@ impl Drop for ChildGuard {
         let pgid = nix::unistd::Pid::from_raw(self.0.id() as i32);
         let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         let _ = self.0.wait();
+        // The rest of the group (e.g. flock's `sleep`, which inherits the locked fd) dies
+        // asynchronously: wait until the group is gone so its locks are really released.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while nix::sys::signal::killpg(pgid, None).is_ok() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
