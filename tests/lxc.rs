@@ -168,6 +168,16 @@ fn exit_status_of_the_app_is_vruns() {
     // The same through shell.
     let r = p.shell(&["sh", "-c", "exit 9"]);
     assert_eq!(r.code, 9, "{}", r.stderr);
+    // A background process left behind does not keep the container (or vrun) alive, and
+    // stopping it adds nothing to the output.
+    let r = p.shell(&["sh", "-c", "sleep 1000 & echo left-one; exit 4"]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (4, "left-one\n"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("pids.max"), "{}", r.stderr);
     assert!(p.leftover_cgroups().is_empty());
 }
 
