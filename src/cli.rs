@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use vrun::paths::DEFAULT_ROOT;
 
@@ -22,7 +23,8 @@ const EXAMPLES: &str = "\
 Examples:
   vrun setup /home/dave/myproc.yaml
   VR_ROOT=/tmp/vr vrun run myproc.yaml
-  vrun --root /tmp/vr teardown myproc.yaml";
+  vrun --root /tmp/vr teardown myproc.yaml
+  sudo vrun demo                     # deploy a sample app end to end, then tear it down";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +42,10 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+
+    /// Whether `--root` or `VR_ROOT` was given (`demo` uses a temp root otherwise).
+    #[arg(skip)]
+    pub root_given: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,6 +60,39 @@ pub enum Command {
     Teardown(ProcFile),
     /// Open /bin/bash (or run CMD) in a container identical to the proc's
     Shell(ShellArgs),
+    /// Inspect and maintain the download cache: ls, gc, verify
+    #[command(after_help = CACHE_EXAMPLES)]
+    Cache {
+        #[command(subcommand)]
+        command: crate::commands::cache::CacheCommand,
+    },
+    /// Deploy an embedded sample app end to end: setup, run, uptest, teardown (needs root, LXC)
+    #[command(after_help = DEMO_EXAMPLES)]
+    Demo(DemoArgs),
+}
+
+const CACHE_EXAMPLES: &str = "\
+Examples:
+  vrun cache ls
+  vrun cache gc --max-size 20G --dry-run
+  vrun cache gc --older-than 14d
+  vrun cache verify --deep";
+
+const DEMO_EXAMPLES: &str = "\
+Without --root the demo works in a fresh temp dir and removes it at the end.
+
+Examples:
+  sudo vrun demo
+  sudo vrun demo --keep      # leave the app running; prints how to inspect and stop it";
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Leave the demo proc running and print the commands to inspect, stop and remove it
+    #[arg(long)]
+    pub keep: bool,
+    /// Deploy without an image: the app runs on this host's /bin /usr /lib, read-only
+    #[arg(long)]
+    pub host_rootfs: bool,
 }
 
 /// The proc.yaml every command takes.
@@ -105,7 +144,23 @@ pub struct ShellArgs {
 
 /// Parse argv; on failure, print help/version or one `ERROR:` line and return the exit code.
 pub fn parse() -> Result<Cli, ExitCode> {
-    Cli::try_parse().map_err(report)
+    parse_from(std::env::args_os()).map_err(report)
+}
+
+fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    // A global flag given after the subcommand is recorded in the subcommand's matches.
+    cli.root_given = matches
+        .subcommand()
+        .map_or(&matches, |(_, sub)| sub)
+        .value_source("root")
+        .is_some_and(|source| source != ValueSource::DefaultValue);
+    Ok(cli)
 }
 
 fn command_names() -> String {
@@ -160,6 +215,22 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
-        assert_eq!(command_names(), "setup, run, uptest, teardown, shell");
+        assert_eq!(
+            command_names(),
+            "setup, run, uptest, teardown, shell, cache, demo"
+        );
+    }
+
+    #[test]
+    fn demo_knows_whether_a_root_was_given() {
+        // Only meaningful when the test runner has no VR_ROOT of its own.
+        if std::env::var_os("VR_ROOT").is_some() {
+            return;
+        }
+        let given = |args: &[&str]| parse_from(args).unwrap().root_given;
+        assert!(!given(&["vrun", "demo"]));
+        assert!(given(&["vrun", "--root", "/tmp/x", "demo"]));
+        assert!(given(&["vrun", "demo", "--root", "/tmp/x"]));
+        assert!(given(&["vrun", "demo", "--root", "/apps"]));
     }
 }

@@ -249,10 +249,36 @@ pub fn open<'a>(
 /// A reader yielding the decompressed bytes of `r`, which must be in `format`.
 /// Errors are `io::Error`s wrapping a [`DecodeError`].
 pub fn decoder<'a>(format: Format, r: impl Read + Send + 'a) -> Box<dyn Read + Send + 'a> {
+    decoder_with(format, r, DecodeOptions::default())
+}
+
+/// Tuning of the decoders (benches compare settings; callers use the default).
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeOptions {
+    /// Threads for xz decoding (only multi-block files use more than one).
+    /// Default: the number of cores.
+    pub xz_threads: u32,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            xz_threads: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
+        }
+    }
+}
+
+/// [`decoder`] with explicit options.
+pub fn decoder_with<'a>(
+    format: Format,
+    r: impl Read + Send + 'a,
+    options: DecodeOptions,
+) -> Box<dyn Read + Send + 'a> {
     match format {
         Format::Tar => Box::new(r),
         _ => Box::new(Members {
             format,
+            options,
             member: 0,
             state: State::Between(Input::new(r)),
         }),
@@ -335,6 +361,7 @@ impl<R: Read> BufRead for Input<R> {
 /// A sequence of members of one format over one input.
 struct Members<R: Read> {
     format: Format,
+    options: DecodeOptions,
     /// 1-based number of the current (or last) member.
     member: u64,
     state: State<R>,
@@ -424,7 +451,10 @@ impl<R: Read> Members<R> {
         Ok(match self.format {
             Format::Gzip => State::Gzip(flate2::bufread::GzDecoder::new(input)),
             Format::Bzip2 => State::Bzip2(bzip2::bufread::BzDecoder::new(input)),
-            Format::Xz => State::Xz(liblzma::bufread::XzDecoder::new_stream(input, xz_stream()?)),
+            Format::Xz => State::Xz(liblzma::bufread::XzDecoder::new_stream(
+                input,
+                xz_stream(self.options.xz_threads)?,
+            )),
             Format::Zstd => {
                 let d = zstd::stream::read::Decoder::with_buffer(input)?.single_frame();
                 State::Zstd(d)
@@ -434,9 +464,8 @@ impl<R: Read> Members<R> {
     }
 }
 
-/// One xz stream decoder: threaded when there is more than one core.
-fn xz_stream() -> io::Result<liblzma::stream::Stream> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+/// One xz stream decoder: threaded when asked for more than one thread.
+fn xz_stream(threads: u32) -> io::Result<liblzma::stream::Stream> {
     let stream = if threads > 1 {
         liblzma::stream::MtStreamBuilder::new()
             .threads(threads)

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod demo;
 pub mod envfiles;
 pub mod extract;
 pub mod fetch;
@@ -15,6 +16,7 @@ pub mod mounts;
 pub mod paths;
 pub mod pipeline;
 pub mod procfile;
+pub mod sample;
 pub mod serve;
 pub mod state;
 pub mod uptest;

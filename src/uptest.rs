@@ -146,12 +146,16 @@ pub async fn run_uptests(
         opts.jobs.max(1),
         opts.timeout
     );
-    let results = futures::stream::iter(uptests)
-        .map(|u| run_one(proc, opts, u))
-        .buffered(opts.jobs.max(1))
-        .collect()
-        .await;
-    Ok(results)
+    // Unordered: a slow uptest must not hold a slot after the ones behind it finished
+    // (ordered buffering would); the name order is restored afterwards.
+    let mut results: Vec<(usize, UptestResult)> =
+        futures::stream::iter(uptests.into_iter().enumerate())
+            .map(|(i, u)| async move { (i, run_one(proc, opts, u).await) })
+            .buffer_unordered(opts.jobs.max(1))
+            .collect()
+            .await;
+    results.sort_by_key(|(i, _)| *i);
+    Ok(results.into_iter().map(|(_, r)| r).collect())
 }
 
 async fn run_one(proc: &LxcProc, opts: &UptestOptions, u: UptestEntry) -> UptestResult {

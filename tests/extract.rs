@@ -627,6 +627,10 @@ fn duplicates_later_entry_wins() {
         Raw::file("y", b"file"),
         Raw::dir("y", 0o750),
         Raw::dir("y", 0o755),
+        Raw::file("imp/x/f", b"deep"),
+        Raw::file("imp/x", b"file over implicit dir"),
+        Raw::file("imp2/y/f", b""),
+        Raw::symlink("imp2/y", "target"),
     ]);
     for writers in [Writers::Inline, Writers::Threads(2)] {
         for mode in [BUILD, Mode::Image] {
@@ -637,6 +641,12 @@ fn duplicates_later_entry_wins() {
             let y = fs::metadata(dest.path().join("y")).unwrap();
             assert!(y.is_dir());
             assert_eq!(y.mode() & 0o777, 0o755);
+            assert_eq!(
+                fs::read(dest.path().join("imp/x")).unwrap(),
+                b"file over implicit dir"
+            );
+            let link = fs::read_link(dest.path().join("imp2/y")).unwrap();
+            assert_eq!(link, Path::new("target"));
         }
     }
 }

@@ -336,9 +336,9 @@ fn teardown_refuses_while_a_shell_runs_then_cleans_everything() {
     let lock = vrun::lxc::teardown_containers(&p.proc.paths, &p.name).unwrap();
     // A shell started now waits for the lock, then finds the proc gone.
     let (late_pid, _, late_err) = p.spawn(["shell", "--", "true"], &[]);
-    vrun::lxc::unmount(&p.rootfs()).unwrap();
+    vrun::mounts::unmount(&p.rootfs()).unwrap();
     assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
-    std::fs::remove_dir_all(&p.proc.paths.dir).unwrap();
+    vrun::mounts::remove_dir_on_one_fs(&p.proc.paths.dir).unwrap();
     drop(lock);
     assert_eq!(p.wait_child(late_pid), 1);
     let late_err = std::fs::read_to_string(late_err).unwrap();
@@ -487,4 +487,71 @@ fn interactive_shell_has_a_real_pty_and_job_control() {
         "{:?}",
         p.leftover_cgroups()
     );
+}
+
+#[test]
+fn a_killed_shell_is_stopped_and_its_leftovers_swept_by_the_next() {
+    let mut p = TestProc::new("shkill", ProcOpts::default());
+    let (pid, _, _) = p.spawn(
+        [
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo up > /tmp/shell-up; exec sleep 1000",
+        ],
+        &[],
+    );
+    let up = p.proc.paths.upper().join("tmp/shell-up");
+    assert!(wait_for(READY, || up.exists().then_some(())).is_some());
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    assert_eq!(p.wait_child(pid), 137);
+    // The parent-death signal stops the container; the scratch dir stays behind…
+    let stopped = wait_for(READY, || p.leftover_cgroups().is_empty().then_some(()));
+    assert!(stopped.is_some(), "{:?}", p.leftover_cgroups());
+    assert_eq!(p.leftover_scratch_dirs().len(), 1);
+    assert!(!vrun::lxc::is_running(&p.proc.paths, &p.proc.lxcpath, &p.name).any());
+    // …until the next shell (or uptest) sweeps it.
+    let r = p.shell(&["true"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("removed leftovers"), "{}", r.stderr);
+    assert!(p.leftover_scratch_dirs().is_empty());
+}
+
+#[test]
+fn teardown_cleans_a_killed_runs_orphan_and_keeps_the_layers() {
+    let opts = ProcOpts {
+        cmd: "echo up > /tmp/started; exec sleep 1000".into(),
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("tdorphan", opts);
+    let started = p.proc.paths.upper().join("tmp/started");
+    let (pid, _, _) = p.spawn_run(1);
+    assert!(wait_for(READY, || started.exists().then_some(())).is_some());
+    let monitors = vrun::lxc::cgroups::monitor_pids(&p.name);
+    for m in monitors {
+        kill(Pid::from_raw(m), Signal::SIGKILL).unwrap();
+    }
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    p.wait_child(pid);
+    assert!(!p.payload_pids().is_empty(), "no orphan to clean");
+
+    vrun::lxc::teardown(&p.proc.paths, &p.name).unwrap();
+    assert!(p.payload_pids().is_empty());
+    assert!(
+        p.leftover_cgroups().is_empty(),
+        "{:?}",
+        p.leftover_cgroups()
+    );
+    assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
+    assert!(!p.proc.paths.dir.exists());
+    // The cached layers were lower dirs only: untouched.
+    let build = p.proc.state.build_layer.clone().unwrap();
+    let image = p.proc.state.image_layer.clone().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(build.join("app/www/index.html")).unwrap(),
+        image::APP_PAGE
+    );
+    assert!(image.join("bin/busybox").is_file());
+    assert!(!image.join("tmp/started").exists());
 }

@@ -679,6 +679,7 @@ fn mutated_proc_yaml_never_panics_or_injects() {
                 volumes: &volumes,
                 mem_limit: config.mem_limit,
                 memsw_limit: config.memsw_limit,
+                v1_memsw: true,
             };
             if let Ok(text) = vrun::lxc::render_config(&spec) {
                 ACCEPTED[2].fetch_add(1, Ordering::Relaxed);

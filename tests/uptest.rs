@@ -39,6 +39,26 @@ fn parse_exact(stdout: &str) -> Vec<UptestResult> {
     results
 }
 
+/// Most other slow uptests that one saw running (started, not ended) when its sleep ended.
+fn overlap(stamps: &std::path::Path) -> usize {
+    let mut max_overlap = 0;
+    for i in 3..=8 {
+        let me = format!("0{i}_slow");
+        let seen = std::fs::read_to_string(stamps.join(format!("{me}.seen"))).unwrap();
+        let seen: Vec<&str> = seen.lines().collect();
+        let running_too = (3..=8)
+            .map(|j| format!("0{j}_slow"))
+            .filter(|o| *o != me)
+            .filter(|o| {
+                seen.contains(&format!("{o}.start").as_str())
+                    && !seen.contains(&format!("{o}.end").as_str())
+            })
+            .count();
+        max_overlap = max_overlap.max(running_too);
+    }
+    max_overlap
+}
+
 #[test]
 fn uptests_run_in_parallel_in_name_order_with_the_original_json() {
     let slow = "n=${0##*/}; touch /tmp/st/$n.start; sleep 2; ls /tmp/st > /tmp/st/$n.seen; \
@@ -102,28 +122,27 @@ fn uptests_run_in_parallel_in_name_order_with_the_original_json() {
         "{out}"
     );
 
-    // Parallelism, observed: when a slow uptest finished sleeping, other slow uptests had
-    // started and not yet ended.
-    let mut max_overlap = 0;
-    for i in 3..=8 {
-        let me = format!("0{i}_slow");
-        let seen = std::fs::read_to_string(stamps.join(format!("{me}.seen"))).unwrap();
-        let seen: Vec<&str> = seen.lines().collect();
-        let running_too = (3..=8)
-            .map(|j| format!("0{j}_slow"))
-            .filter(|o| *o != me)
-            .filter(|o| {
-                seen.contains(&format!("{o}.start").as_str())
-                    && !seen.contains(&format!("{o}.end").as_str())
-            })
-            .count();
-        max_overlap = max_overlap.max(running_too);
-    }
+    // Parallelism, observed through the stamps the scripts left.
+    let max_overlap = overlap(&stamps);
     eprintln!(
         "uptests running alongside one another: up to {}",
         max_overlap + 1
     );
     assert!(max_overlap >= 1, "the slow uptests never overlapped");
+
+    // --jobs 2: never more than two at a time (through the mounted root now).
+    let stamps = p.rootfs().join("tmp/st");
+    for e in std::fs::read_dir(&stamps).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let r = p.vrun(["uptest", "--jobs", "2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(parse_exact(&r.stdout).len(), 9);
+    assert_eq!(
+        overlap(&stamps),
+        1,
+        "--jobs 2 ran a different number at once"
+    );
     assert!(
         p.leftover_cgroups().is_empty(),
         "{:?}",
@@ -222,4 +241,28 @@ fn uptest_that_cannot_run_at_all_leaves_stdout_empty() {
         "{}",
         r.stderr
     );
+}
+
+#[test]
+fn uptest_of_a_proc_not_set_up_fails_with_empty_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proc.yaml");
+    std::fs::write(
+        &file,
+        "app_name: vrt\nversion: notsetup\nconfig_name: c\nrelease_hash: h\n\
+         proc_name: web\nport: 5000\ncmd: 'true'\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vrun"))
+        .arg("uptest")
+        .arg(&file)
+        .env("VR_ROOT", dir.path().join("root"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("ERROR: proc is not set up"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!dir.path().join("root").exists(), "uptest created files");
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// An io error whose message already names its path (fs-err, or [`StoreError::io`]).
+    /// An io error whose message already names its path and operation.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 

@@ -119,6 +119,26 @@ pub struct LayerMeta {
     pub manifest_sha256: String,
     /// Time spent walking and hashing the staging tree for the manifest (cost accounting).
     pub manifest_seconds: f64,
+    /// Whether the manifest holds content hashes ([`ManifestMode::Full`]).
+    #[serde(default = "yes")]
+    pub content_hashed: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How much of a layer [`Store::publish_layer_with`] records for `verify --deep`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ManifestMode {
+    /// Type, mode, owner, size and link target of every entry, and the sha256 of every
+    /// regular file: deep verify proves every byte. Costs a second read of the tree
+    /// (from the page cache) and its hashing, on several threads.
+    #[default]
+    Full,
+    /// Everything but the content hashes: one `lstat` per entry. Deep verify still
+    /// finds missing, extra, resized, re-owned or re-moded entries, not edited bytes.
+    Shallow,
 }
 
 /// Removes a directory on Drop unless disarmed: the publish path's cleanup.
@@ -176,6 +196,16 @@ impl Store {
     /// prevent this with [`Store::lock`]), the staging tree is discarded and the existing
     /// layer returned. A damaged layer under the same name is quarantined and replaced.
     pub fn publish_layer(&self, key: &LayerKey, staging: &Path) -> Result<PathBuf, StoreError> {
+        self.publish_layer_with(key, staging, ManifestMode::Full)
+    }
+
+    /// [`Store::publish_layer`] choosing how much the manifest records.
+    pub fn publish_layer_with(
+        &self,
+        key: &LayerKey,
+        staging: &Path,
+        mode: ManifestMode,
+    ) -> Result<PathBuf, StoreError> {
         key.validate()?;
         if !fs_err::symlink_metadata(staging)?.is_dir() {
             return Err(StoreError::NotADirectory {
@@ -188,7 +218,8 @@ impl Store {
         }
 
         let started = Instant::now();
-        let manifest = Manifest::scan(staging)?;
+        let content_hashed = mode == ManifestMode::Full;
+        let manifest = Manifest::scan(staging, content_hashed)?;
         let manifest_text = manifest.to_text();
         let manifest_seconds = started.elapsed().as_secs_f64();
 
@@ -207,6 +238,7 @@ impl Store {
             stats: manifest.stats,
             manifest_sha256: crate::sha256_hex(manifest_text.as_bytes()),
             manifest_seconds,
+            content_hashed,
         };
         let meta_json = serde_json::to_vec_pretty(&meta).expect("layer meta serializes");
         fs_err::write(wrapper.join(LAYER_META), meta_json)?;

@@ -63,7 +63,7 @@ mod manifest;
 mod store;
 
 pub use error::StoreError;
-pub use layer::{LayerKey, LayerKind, LayerMeta};
+pub use layer::{LayerKey, LayerKind, LayerMeta, ManifestMode};
 pub use lock::KeyLock;
 pub use maint::{
     BadEntry, CacheEntry, EntryKind, GcOptions, GcReport, Leftover, References, VerifyReport,

@@ -346,8 +346,21 @@ impl Store {
         Ok(())
     }
 
-    /// Index entries whose blob is gone are misses anyway; gc tidies them away.
+    /// Index entries whose blob is gone are misses anyway; gc tidies them away, with the
+    /// temp files of index writes a killed process left (no writer is alive under the
+    /// exclusive lock).
     fn remove_dangling_index(&self) -> Result<(), StoreError> {
+        for dir in [
+            self.layout.index_md5(),
+            self.layout.index_url(),
+            self.layout.root.clone(),
+        ] {
+            for (name, path) in fsutil::sorted_names(&dir)? {
+                if name.starts_with(".tmp-") {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
         let rev = self.reverse_index()?;
         for (sha, files) in rev.md5.iter().chain(rev.urls.iter()) {
             if !self.blob_path(sha).is_file() {
@@ -491,7 +504,7 @@ fn check_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
     let Some(recorded) = Manifest::parse(&text) else {
         return vec![format!("{} does not parse", manifest_path.display())];
     };
-    match Manifest::scan(&root) {
+    match Manifest::scan(&root, meta.content_hashed) {
         Ok(now) => recorded.diff(&now, MAX_DIFFS_REPORTED),
         Err(e) => vec![format!("cannot scan layer: {e}")],
     }

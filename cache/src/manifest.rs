@@ -11,16 +11,18 @@
 //!
 //! Format (`manifest-v1.tsv`): a header line, then tab-separated
 //! `kind mode uid gid size content path`, sorted by path. `kind` is `d f l c b p s`;
-//! `mode` is octal permission bits; `content` is the sha256 for `f`, the escaped link
-//! target for `l`, `-` otherwise; `path` is relative (`.` is the root itself). Bytes that
+//! `mode` is octal permission bits; `content` is the sha256 for `f` (or `-` in a
+//! shallow manifest, see [`crate::ManifestMode`]), the escaped link target for `l`, `-`
+//! otherwise; `path` is relative (`.` is the root itself). Bytes that
 //! are not printable ASCII, and `%`, are escaped as `%XX`, so any name fits on a line.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sha2::{Digest, Sha256};
 
@@ -28,6 +30,10 @@ use crate::error::StoreError;
 
 /// First line of every manifest; a different header is a different format.
 pub(crate) const HEADER: &str = "# vrun layer manifest v1";
+
+/// Threads hashing a manifest: enough to overlap reads with hashing on a big host; more
+/// would fight the other pipeline of the same setup (build and image run at once).
+const MAX_HASH_THREADS: usize = 4;
 
 /// Read buffer for hashing files (large enough that syscalls don't dominate).
 const HASH_BUF: usize = 128 * 1024;
@@ -63,38 +69,45 @@ pub(crate) struct Manifest {
 }
 
 impl Manifest {
-    /// Walks `root` without following symlinks, hashing regular files.
-    pub fn scan(root: &Path) -> Result<Manifest, StoreError> {
+    /// Walks `root` without following symlinks; hashes regular files when `hash` is set
+    /// (otherwise their content column is `-`).
+    pub fn scan(root: &Path, hash: bool) -> Result<Manifest, StoreError> {
         let mut m = Manifest::default();
-        let mut hashed: HashMap<(u64, u64), String> = HashMap::new();
-        m.visit(root, b".".to_vec(), &mut hashed)?;
+        let mut walk = Walk::default();
+        m.visit(root, b".".to_vec(), &mut walk)?;
+        if !hash {
+            for (rel, _) in walk.files {
+                if let Some(e) = m.entries.get_mut(&rel) {
+                    e.content = "-".to_owned();
+                }
+            }
+            return Ok(m);
+        }
+        let digests = hash_all(&walk.to_hash)?;
+        for (rel, inode) in walk.files {
+            if let Some(e) = m.entries.get_mut(&rel) {
+                e.content = digests[&inode].clone();
+            }
+        }
         Ok(m)
     }
 
-    fn visit(
-        &mut self,
-        path: &Path,
-        rel: Vec<u8>,
-        hashed: &mut HashMap<(u64, u64), String>,
-    ) -> Result<(), StoreError> {
+    fn visit(&mut self, path: &Path, rel: Vec<u8>, walk: &mut Walk) -> Result<(), StoreError> {
         let meta = fs_err::symlink_metadata(path)?;
         let ft = meta.file_type();
         let inode = (meta.dev(), meta.ino());
-        let first_link = !hashed.contains_key(&inode);
+        let first_link = walk.seen.insert(inode);
         let (kind, content, size) = if ft.is_dir() {
             self.stats.dirs += 1;
             ('d', "-".to_owned(), 0)
         } else if ft.is_file() {
             self.stats.files += 1;
-            let digest = match hashed.get(&inode) {
-                Some(d) => d.clone(),
-                None => {
-                    self.stats.bytes += meta.len();
-                    hash_file(path)?
-                }
-            };
-            hashed.insert(inode, digest.clone());
-            ('f', digest, meta.len())
+            if first_link {
+                self.stats.bytes += meta.len();
+                walk.to_hash.push((inode, path.to_owned()));
+            }
+            walk.files.push((escape(&rel), inode));
+            ('f', String::new(), meta.len())
         } else if ft.is_symlink() {
             self.stats.symlinks += 1;
             let target = fs_err::read_link(path)?;
@@ -137,7 +150,7 @@ impl Manifest {
                     child_rel.push(b'/');
                 }
                 child_rel.extend_from_slice(name.as_bytes());
-                self.visit(&path.join(&name), child_rel, hashed)?;
+                self.visit(&path.join(&name), child_rel, walk)?;
             }
         }
         Ok(())
@@ -238,6 +251,53 @@ fn describe_change(want: &ManifestEntry, got: &ManifestEntry) -> String {
     parts.join(", ")
 }
 
+/// (device, inode): identifies hard links.
+type Inode = (u64, u64);
+
+/// State of one walk: inodes seen (hard links are hashed and counted once), the regular
+/// files to fill in once hashed, and the unique files to hash.
+#[derive(Default)]
+struct Walk {
+    seen: HashSet<Inode>,
+    files: Vec<(String, Inode)>,
+    to_hash: Vec<(Inode, PathBuf)>,
+}
+
+/// Hashes files on a few threads: the walk is one thread of `lstat`s, but reading and
+/// hashing tens of MiB is CPU-bound and spreads well.
+fn hash_all(files: &[(Inode, PathBuf)]) -> Result<HashMap<Inode, String>, StoreError> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_HASH_THREADS);
+    let next = AtomicUsize::new(0);
+    let per_thread: Vec<Result<Vec<(Inode, String)>, StoreError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((inode, path)) = files.get(i) else {
+                            return Ok(out);
+                        };
+                        out.push((*inode, hash_file(path)?));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("hashing thread does not panic"))
+            .collect()
+    });
+    let mut digests = HashMap::with_capacity(files.len());
+    for part in per_thread {
+        digests.extend(part?);
+    }
+    Ok(digests)
+}
+
 /// sha256 of a file's bytes, lowercase hex.
 pub(crate) fn hash_file(path: &Path) -> Result<String, StoreError> {
     let mut f = File::open(path).map_err(|e| StoreError::io("cannot open", path, e))?;
@@ -284,11 +344,22 @@ mod tests {
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("sub/x\ty"), b"hello").unwrap();
         std::os::unix::fs::symlink("../elsewhere", dir.path().join("link")).unwrap();
-        let m = Manifest::scan(dir.path()).unwrap();
+        std::fs::hard_link(dir.path().join("sub/x\ty"), dir.path().join("hard")).unwrap();
+        let m = Manifest::scan(dir.path(), true).unwrap();
+        let shallow = Manifest::scan(dir.path(), false).unwrap();
+        assert_eq!(shallow.entries["hard"].content, "-");
+        assert_eq!(shallow.stats, m.stats);
+        let hello = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        assert_eq!(m.entries["hard"].content, hello);
+        assert_eq!(m.entries["sub/x%09y"].content, hello);
+        assert_eq!(
+            (m.stats.files, m.stats.bytes),
+            (2, 5),
+            "hard links counted once"
+        );
         let text = m.to_text();
         let back = Manifest::parse(&text).unwrap();
         assert_eq!(back.entries, m.entries);
-        assert_eq!(m.stats.files, 1);
         assert_eq!(m.stats.symlinks, 1);
         assert_eq!(m.stats.dirs, 2);
         assert!(m.entries.contains_key("sub/x%09y"));

@@ -25,7 +25,7 @@ use crate::lock::{self, KeyLock, LockMode};
 const BLOB_MODE: u32 = 0o444;
 
 /// An open store. Holds the store-wide lock (shared, or exclusive for maintenance) until
-/// dropped; see [`crate::lock`] for why.
+/// dropped (why: see the crate docs, "Locks, then re-check").
 #[derive(Debug)]
 pub struct Store {
     pub(crate) layout: Layout,
@@ -95,7 +95,11 @@ impl Store {
     }
 
     /// Opens the store for maintenance (gc, verify): takes the store lock exclusively,
-    /// waiting until every other `Store` on it is dropped.
+    /// waiting until every other `Store` on it is dropped — in this process too, so never
+    /// call it while holding a `Store` of the same directory.
+    ///
+    /// A setup must keep its shared `Store` until its proc state file names the layers
+    /// it uses; otherwise gc could run in between and remove a layer nobody references yet.
     pub fn open_exclusive(dir: &Path) -> Result<Store, StoreError> {
         Store::open_with(dir, true, |_| {})
     }

@@ -158,6 +158,18 @@ fn child_process_entry() {
             std::fs::write(&args[1], b"ready").unwrap();
             wait_for(Path::new(&args[2]));
         }
+        // Mid-setup: hold a key lock and a half-written ingest, then hang until killed.
+        "killed-mid-publish" => {
+            let store = Store::open(cache).unwrap();
+            let _lock = store.lock(&args[1]).unwrap();
+            let ingest = store.new_ingest().unwrap();
+            std::fs::write(ingest.blob_path(), b"half of it").unwrap();
+            fill_tree(ingest.staging_dir(), "half");
+            std::fs::write(&args[2], b"ready").unwrap();
+            loop {
+                std::thread::park();
+            }
+        }
         other => panic!("unknown child role {other}"),
     }
 }
@@ -539,6 +551,8 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
     std::fs::write(old_ingest.join("blob"), b"partial").unwrap();
     age(&old_ingest, 2);
     std::fs::create_dir_all(cache.join("ingest-v1/2-new")).unwrap();
+    let torn_index_write = cache.join("index-v1/md5/.tmp-1-dead");
+    std::fs::write(&torn_index_write, b"3f").unwrap();
 
     let mut refs = References::new();
     refs.add(&la_root, "app-v1-prod-abc-web-5000");
@@ -601,6 +615,7 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
         "index entries of removed blobs go too"
     );
     assert_eq!(names(&cache.join("ingest-v1")), ["2-new"]);
+    assert!(!torn_index_write.exists());
     assert_eq!(
         names(&cache.join("locks-v1")),
         [".store.lock"],
@@ -721,4 +736,68 @@ fn rehash_before_reuse_quarantines_a_damaged_blob() {
         "damaged blob quarantined: refetch"
     );
     assert!(!store.rehash_blob(&d.sha256, None).unwrap());
+}
+
+#[test]
+fn kill_9_mid_publish_leaves_no_stale_lock_and_nothing_readable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let ready = tmp.path().join("ready");
+    let sha = vrun_cache::sha256_hex(b"half of it");
+    let key = LayerKey::new(&sha, LayerKind::Build, 1000, 1000);
+    let mut child = spawn_child(
+        "killed-mid-publish",
+        &[
+            cache.to_str().unwrap(),
+            &key.lock_key(),
+            ready.to_str().unwrap(),
+        ],
+    );
+    wait_for(&ready);
+    let store = Store::open(&cache).unwrap();
+    assert!(store.try_lock(&key.lock_key()).unwrap().is_none());
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
+
+    let _lock = store
+        .try_lock(&key.lock_key())
+        .unwrap()
+        .expect("the kernel released the dead holder's lock");
+    assert_eq!(ingest_names(&cache).len(), 1, "the leftover is there...");
+    assert_eq!(store.blob(&sha), None, "...but never read");
+    assert_eq!(store.layer(&key), None);
+    let (_, root) = publish_layer(&store, &sha, LayerKind::Build, 1000);
+    assert_eq!(store.layer(&key), Some(root));
+}
+
+#[test]
+fn shallow_manifest_still_catches_structural_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    let sha = vrun_cache::sha256_hex(b"shallow");
+    let key = LayerKey::new(&sha, LayerKind::Image, 0, 0);
+    let ingest = store.new_ingest().unwrap();
+    fill_tree(ingest.staging_dir(), "shallow");
+    let root = store
+        .publish_layer_with(
+            &key,
+            ingest.staging_dir(),
+            vrun_cache::ManifestMode::Shallow,
+        )
+        .unwrap();
+    assert!(!store.layer_meta(&key).unwrap().content_hashed);
+    drop(store);
+    let store = Store::open_exclusive(tmp.path()).unwrap();
+    assert!(store.verify(true).unwrap().bad.is_empty());
+    std::fs::set_permissions(
+        root.join("app/bin/run"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let report = store.verify(true).unwrap();
+    assert_eq!(report.bad.len(), 1, "{:?}", report.bad);
+    assert_eq!(
+        report.bad[0].problems,
+        ["changed app/bin/run: mode 755 → 777"]
+    );
 }

@@ -33,6 +33,57 @@ const MOUNTINFO: &str = "/proc/self/mountinfo";
 /// unique in any real cache and short enough for a terminal row.
 const SHORT_HASH: usize = 12;
 
+/// `vrun cache …`, ready to embed in the CLI:
+/// `Cache { #[command(subcommand)] command: cache::CacheCommand }` and one dispatch arm
+/// calling [`dispatch`].
+#[derive(Debug, clap::Subcommand)]
+pub enum CacheCommand {
+    /// List cached blobs and layers: size, last use, source, which procs use them
+    Ls {
+        /// One JSON object on stdout instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove unused blobs and layers, least recently used first
+    Gc {
+        /// Shrink the cache to at most this size (e.g. 500M, 20G)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_size: Option<u64>,
+        /// Remove unused entries not used for this long (e.g. 30d, 12h, 2w)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        older_than: Option<Duration>,
+        /// Print what would be removed; remove nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Re-hash blobs and check layers; quarantine and list bad entries
+    Verify {
+        /// Also check every file of every layer against its manifest
+        #[arg(long)]
+        deep: bool,
+    },
+}
+
+/// Runs one `vrun cache` subcommand.
+pub fn dispatch(root: &Root, command: &CacheCommand) -> anyhow::Result<()> {
+    match command {
+        CacheCommand::Ls { json } => ls(root, *json),
+        CacheCommand::Gc {
+            max_size,
+            older_than,
+            dry_run,
+        } => gc(
+            root,
+            &GcArgs {
+                max_size: *max_size,
+                older_than: *older_than,
+                dry_run: *dry_run,
+            },
+        ),
+        CacheCommand::Verify { deep } => verify(root, *deep),
+    }
+}
+
 /// `vrun cache gc` options, as parsed by the CLI (see [`parse_size`], [`parse_duration`]).
 #[derive(Debug, Clone, Default)]
 pub struct GcArgs {
@@ -457,6 +508,39 @@ mod tests {
         assert_eq!(human_size(512), "512 B");
         assert_eq!(human_size(1536), "1.5 KiB");
         assert_eq!(human_size(200 << 20), "200 MiB");
+    }
+
+    #[test]
+    fn cli_parses_cache_subcommands() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            command: CacheCommand,
+        }
+        let gc = Cli::parse_from([
+            "cache",
+            "gc",
+            "--max-size",
+            "2G",
+            "--older-than",
+            "30d",
+            "--dry-run",
+        ]);
+        assert!(matches!(
+            gc.command,
+            CacheCommand::Gc { max_size: Some(s), older_than: Some(d), dry_run: true }
+                if s == 2 << 30 && d == Duration::from_secs(30 * 86400)
+        ));
+        assert!(Cli::try_parse_from(["cache", "gc", "--max-size", "lots"]).is_err());
+        assert!(matches!(
+            Cli::parse_from(["cache", "ls", "--json"]).command,
+            CacheCommand::Ls { json: true }
+        ));
+        assert!(matches!(
+            Cli::parse_from(["cache", "verify", "--deep"]).command,
+            CacheCommand::Verify { deep: true }
+        ));
     }
 
     #[test]

@@ -15,6 +15,8 @@ use vrun::paths::Root;
 
 use crate::cli::{Cli, Command};
 
+pub mod cache;
+mod demo;
 mod progress;
 mod run;
 mod setup;
@@ -30,6 +32,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Uptest(args) => uptest::uptest(&root, &args),
         Command::Teardown(args) => teardown::teardown(&root, &args.file),
         Command::Shell(args) => shell::shell(&root, &args),
+        Command::Cache { command } => cache::dispatch(&root, &command).map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => demo::demo(cli.root_given.then_some(root), &args),
     }
 }
 

@@ -64,10 +64,17 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
             gid: 0,
         });
     }
-    let prepared = if artifacts.is_empty() {
-        Vec::new()
+    for art in &artifacts {
+        art.check_url()?;
+    }
+    // The store (and its shared lock) stays open until state.json names the layers:
+    // a `vrun cache gc` in between would see them unreferenced and remove them.
+    let (_store, prepared) = if artifacts.is_empty() {
+        (None, Vec::new())
     } else {
-        fetch_all(root, artifacts)?
+        let store = open_store(root)?;
+        let prepared = fetch_all(store.clone(), artifacts)?;
+        (Some(store), prepared)
     };
     let layer_of = |kind: LayerKind| {
         prepared
@@ -112,8 +119,8 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Fetch every artifact concurrently into the store.
-fn fetch_all(root: &Root, artifacts: Vec<Artifact>) -> anyhow::Result<Vec<(LayerKind, Prepared)>> {
+/// Open the store shared (waiting, with a message, while gc or verify run).
+fn open_store(root: &Root) -> anyhow::Result<Arc<Store>> {
     let cache_dir = root.cache_dir();
     let store = Store::open_with(&cache_dir, false, |lock| {
         eprintln!(
@@ -122,7 +129,14 @@ fn fetch_all(root: &Root, artifacts: Vec<Artifact>) -> anyhow::Result<Vec<(Layer
         )
     })
     .with_context(|| format!("cannot open the cache in {}", cache_dir.display()))?;
-    let store = Arc::new(store);
+    Ok(Arc::new(store))
+}
+
+/// Fetch every artifact concurrently into the store.
+fn fetch_all(
+    store: Arc<Store>,
+    artifacts: Vec<Artifact>,
+) -> anyhow::Result<Vec<(LayerKind, Prepared)>> {
     let http = HttpClient::from_env()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

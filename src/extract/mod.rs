@@ -436,7 +436,14 @@ impl Extraction {
         let raw = entry.path_bytes();
         let name = String::from_utf8_lossy(&raw).into_owned();
         let h = entry.header();
-        let bad = |what: &str, e: io::Error| reject(&name, &format!("bad {what} field: {e}"));
+        // A blank (all NUL/space) numeric field reads as 0, as Python's tarfile (which the
+        // original runner used) reads it; anything else unparsable is an error.
+        let old = h.as_old();
+        let numeric = |what: &str, field: &[u8], v: io::Result<u64>| match v {
+            Ok(v) => Ok(v),
+            Err(_) if field.iter().all(|&b| b == 0 || b == b' ') => Ok(0),
+            Err(e) => Err(reject(&name, &format!("bad {what} field: {e}"))),
+        };
         let id = |v: u64, what: &str| {
             u32::try_from(v).map_err(|_| reject(&name, &format!("{what} {v} is out of range")))
         };
@@ -452,10 +459,10 @@ impl Extraction {
             path: normalize(&raw, dotdot, &self.limits, &name)?,
             kind,
             size: entry.size(),
-            archive_mode: h.mode().map_err(|e| bad("mode", e))?,
-            uid: id(h.uid().map_err(|e| bad("uid", e))?, "uid")?,
-            gid: id(h.gid().map_err(|e| bad("gid", e))?, "gid")?,
-            mtime: h.mtime().map_err(|e| bad("mtime", e))?.min(i64::MAX as u64) as i64,
+            archive_mode: numeric("mode", &old.mode, h.mode().map(u64::from))? as u32,
+            uid: id(numeric("uid", &old.uid, h.uid())?, "uid")?,
+            gid: id(numeric("gid", &old.gid, h.gid())?, "gid")?,
+            mtime: numeric("mtime", &old.mtime, h.mtime())?.min(i64::MAX as u64) as i64,
             link: entry.link_name_bytes().map(|l| l.into_owned()),
             entry: name,
         })
@@ -567,6 +574,7 @@ impl Extraction {
             .tree
             .dir(&parent, true)
             .map_err(|e| resolve_err(&h.entry, e))?;
+        self.known_dirs.extend(self.tree.take_created());
         let cname = cstring(name).map_err(|e| io_error(&h.entry, "name", e))?;
         let key: Key = (dir.ino, name.into());
         self.pool.settle(&key)?;

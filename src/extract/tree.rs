@@ -85,6 +85,9 @@ pub struct Tree {
     follow_symlinks: bool,
     implicit_owner: Option<Owner>,
     cache: HashMap<Vec<u8>, Arc<Dir>>,
+    /// Directories made implicitly since the last [`Tree::take_created`], as
+    /// (parent inode, name).
+    created: Vec<(u64, Box<[u8]>)>,
 }
 
 impl Tree {
@@ -109,6 +112,7 @@ impl Tree {
             follow_symlinks,
             implicit_owner,
             cache: HashMap::new(),
+            created: Vec::new(),
         })
     }
 
@@ -138,7 +142,12 @@ impl Tree {
         Ok(dir)
     }
 
-    fn walk(&self, path: &RelPath, create: bool) -> Result<Dir, ResolveError> {
+    /// Directories made implicitly by [`Tree::dir`] since the last call.
+    pub fn take_created(&mut self) -> Vec<(u64, Box<[u8]>)> {
+        std::mem::take(&mut self.created)
+    }
+
+    fn walk(&mut self, path: &RelPath, create: bool) -> Result<Dir, ResolveError> {
         // Stack of open directories from the root; `..` pops, never below the root.
         let mut stack: Vec<Dir> = Vec::new();
         let mut todo: Vec<Vec<u8>> = path.components().rev().map(<[u8]>::to_vec).collect();
@@ -162,6 +171,8 @@ impl Tree {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
                     match mkdirat(cur, &name, 0o755) {
                         Ok(()) => {
+                            let parent_ino = stack.last().map_or(self.root.ino, |d| d.ino);
+                            self.created.push((parent_ino, comp.clone().into()));
                             if let Some(o) = self.implicit_owner {
                                 fchownat(cur, &name, o.uid, o.gid)
                                     .map_err(|e| ResolveError::Io("chown", comp.clone(), e))?;

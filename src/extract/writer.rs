@@ -92,25 +92,31 @@ struct Done {
     result: Result<Instant, ExtractError>,
 }
 
-/// Counting semaphore of queued bytes.
+/// Counting semaphore of queued bytes. Only the parse thread waits on it, and a release
+/// wakes it only when it is waiting (a wake-up is a system call; most releases need none).
 struct Budget {
-    used: Mutex<u64>,
+    /// (bytes in use, parse thread waiting)
+    state: Mutex<(u64, bool)>,
     freed: Condvar,
 }
 
 impl Budget {
     fn acquire(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used > 0 && *used + n > BUDGET_BYTES {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.0 > 0 && st.0 + n > BUDGET_BYTES {
+            st.1 = true;
+            st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        *used += n;
+        st.1 = false;
+        st.0 += n;
     }
 
     fn release(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *used -= n;
-        self.freed.notify_all();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 -= n;
+        if st.1 {
+            self.freed.notify_one();
+        }
     }
 }
 
@@ -260,7 +266,7 @@ impl Threads {
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
         let budget = Arc::new(Budget {
-            used: Mutex::new(0),
+            state: Mutex::new((0, false)),
             freed: Condvar::new(),
         });
         let abort = Arc::new(AtomicBool::new(false));
@@ -438,7 +444,8 @@ fn write_inline(
 /// never written through.
 fn create(meta: &FileMeta) -> Result<File, ExtractError> {
     let dir = meta.dir.fd.as_fd();
-    match tree::create_file(dir, &meta.name, 0o600) {
+    let perm = meta.perm & 0o777;
+    match tree::create_file(dir, &meta.name, perm) {
         Ok(fd) => return Ok(File::from(fd)),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
         Err(e) => return Err(io_error(&meta.entry, "create", e)),
@@ -453,21 +460,39 @@ fn create(meta: &FileMeta) -> Result<File, ExtractError> {
         }
         Err(e) => return Err(io_error(&meta.entry, "replace", e)),
     }
-    tree::create_file(dir, &meta.name, 0o600)
+    tree::create_file(dir, &meta.name, perm)
         .map(File::from)
         .map_err(|e| io_error(&meta.entry, "create", e))
 }
 
-/// Owner, then mode (chown clears setuid/setgid), then mtime — all on the fd.
+/// Owner, then mode if needed (chown clears setuid/setgid), then mtime — all on the fd.
 fn finish(meta: &FileMeta, file: &File) -> Result<(), ExtractError> {
     let fd = file.as_fd();
     if let Some(o) = meta.chown {
         tree::fchown(fd, o.uid, o.gid).map_err(|e| io_error(&meta.entry, "chown", e))?;
     }
-    if meta.perm != 0o600 || meta.chown.is_some() {
+    // The file was created with its permission bits; chmod only for what `open` cannot set
+    // (setuid/setgid/sticky, which chown would clear anyway) or what the umask took away.
+    if meta.perm & 0o7000 != 0 || meta.perm & umask() != 0 {
         tree::fchmod(fd, meta.perm).map_err(|e| io_error(&meta.entry, "chmod", e))?;
     }
     tree::futimens(fd, meta.mtime).map_err(|e| io_error(&meta.entry, "set mtime of", e))
+}
+
+/// The process umask, read once from /proc (reading it with umask(2) would briefly change
+/// it for every thread). Unknown → assume it may strip anything, so we always chmod.
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o777)
+    })
 }
 
 fn check_read(read: io::Result<u64>, size: u64, entry: &str) -> Result<(), ExtractError> {

@@ -38,17 +38,10 @@ const MONITOR: &str = "lxc.monitor.";
 
 /// Mount points of every cgroup (v1) and cgroup2 hierarchy, from /proc/self/mountinfo.
 pub fn hierarchies() -> Vec<PathBuf> {
-    let table = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut out = BTreeSet::new();
-    for line in table.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(dash) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        if matches!(fields.get(dash + 1), Some(&"cgroup") | Some(&"cgroup2")) {
-            if let Some(mp) = fields.get(4) {
-                out.insert(PathBuf::from(mp.replace("\\040", " ")));
-            }
+    let mut out: BTreeSet<PathBuf> = BTreeSet::new();
+    for m in crate::mounts::mounts().unwrap_or_default() {
+        if m.fs_type == "cgroup" || m.fs_type == "cgroup2" {
+            out.insert(m.mount_point);
         }
     }
     out.into_iter().collect()

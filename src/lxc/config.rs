@@ -151,6 +151,17 @@ pub struct ContainerSpec<'a> {
     pub volumes: &'a [Volume],
     pub mem_limit: Option<u64>,
     pub memsw_limit: Option<u64>,
+    /// Whether a cgroup v1 memsw limit can be set here ([`v1_memsw_supported`]).
+    pub v1_memsw: bool,
+}
+
+/// False on a host with a cgroup v1 memory hierarchy but no swap accounting (no
+/// `memory.memsw.limit_in_bytes`); true otherwise (LXC skips v1 keys where v1 is absent).
+pub fn v1_memsw_supported() -> bool {
+    super::cgroups::hierarchies()
+        .iter()
+        .filter(|h| h.join("memory.limit_in_bytes").exists())
+        .all(|h| h.join("memory.memsw.limit_in_bytes").exists())
 }
 
 /// Render the config. Pure: only volume host dirs are looked at (they must exist).
@@ -199,9 +210,13 @@ pub fn render_config(spec: &ContainerSpec<'_>) -> Result<String, LxcError> {
         "tmpfs dev/shm tmpfs rw,nosuid,nodev,create=dir 0 0",
     );
     line("lxc.cap.drop", CAP_DROP);
-    line("lxc.cgroup.devices.deny", "a");
-    for d in DEVICE_ALLOW {
-        line("lxc.cgroup.devices.allow", d);
+    // Both cgroup versions, like memory: v1 device cgroup on hybrid hosts, the BPF
+    // device program on cgroup2 (verified harmless together on a hybrid host).
+    for prefix in ["lxc.cgroup", "lxc.cgroup2"] {
+        line(&format!("{prefix}.devices.deny"), "a");
+        for d in DEVICE_ALLOW {
+            line(&format!("{prefix}.devices.allow"), d);
+        }
     }
     if let (Some(mem), Some(memsw)) = (spec.mem_limit, spec.memsw_limit) {
         if memsw < mem {
@@ -215,8 +230,11 @@ pub fn render_config(spec: &ContainerSpec<'_>) -> Result<String, LxcError> {
         line("lxc.cgroup2.memory.max", &mem.to_string());
     }
     if let Some(memsw) = spec.memsw_limit {
-        // v1 counts memory + swap together; v2 limits swap alone.
-        line("lxc.cgroup.memory.memsw.limit_in_bytes", &memsw.to_string());
+        // v1 counts memory + swap together; v2 limits swap alone. A v1 host booted without
+        // swap accounting has no memsw file, and LXC would refuse to start at all.
+        if spec.v1_memsw {
+            line("lxc.cgroup.memory.memsw.limit_in_bytes", &memsw.to_string());
+        }
         let swap = memsw.saturating_sub(spec.mem_limit.unwrap_or(0));
         line("lxc.cgroup2.memory.swap.max", &swap.to_string());
     }
@@ -262,6 +280,7 @@ mod tests {
             volumes: vols,
             mem_limit: Some(64 << 20),
             memsw_limit: Some(128 << 20),
+            v1_memsw: true,
         }
     }
 
@@ -277,6 +296,9 @@ mod tests {
         assert!(c.contains("lxc.cgroup2.memory.max = 67108864\n"));
         assert!(c.contains("lxc.cgroup2.memory.swap.max = 67108864\n"));
         assert!(c.contains("lxc.no_new_privs = 1\n"));
+        assert!(c.contains("lxc.cgroup.memory.memsw.limit_in_bytes = 134217728\n"));
+        assert!(c.contains("lxc.cgroup2.devices.deny = a\n"));
+        assert!(c.contains("lxc.cgroup.devices.allow = c 136:* rwm\n"));
         for legacy in [
             "lxc.rootfs =",
             "lxc.utsname",
@@ -342,6 +364,16 @@ mod tests {
         s.hostname = &long;
         let c = render_config(&s).unwrap();
         assert!(c.contains(&format!("lxc.uts.name = {}\n", "x".repeat(63))));
+    }
+
+    #[test]
+    fn no_v1_memsw_key_without_swap_accounting() {
+        let u = user();
+        let mut s = spec(&u, &[]);
+        s.v1_memsw = false;
+        let c = render_config(&s).unwrap();
+        assert!(!c.contains("memsw"), "{c}");
+        assert!(c.contains("lxc.cgroup2.memory.swap.max = 67108864\n"));
     }
 
     #[test]

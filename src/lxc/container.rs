@@ -360,25 +360,75 @@ fn live_tmp_containers(paths: &ProcPaths, name: &str) -> Vec<String> {
         .into_iter()
         .filter(|c| !cgroups::monitor_pids(c).is_empty())
         .collect();
-    if let Ok(entries) = fs::read_dir(&paths.dir) {
-        for e in entries.flatten() {
-            let file = e.file_name();
-            let Some(id) = file.to_str().and_then(|f| f.strip_prefix("tmp-")) else {
-                continue;
-            };
-            let owner = fs::read_to_string(e.path().join(OWNER_FILE))
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
-            if owner.is_some_and(|pid| kill(Pid::from_raw(pid), None).is_ok()) {
-                let tmp = format!("{name}-TMP{id}");
-                if !live.contains(&tmp) {
-                    live.push(tmp);
-                }
-            }
+    for (tmp, dir) in scratch_dirs(paths, name) {
+        if owner_alive(&dir) && !live.contains(&tmp) {
+            live.push(tmp);
         }
     }
     live.sort();
     live
+}
+
+/// `(container name, scratch dir)` of every `tmp-<id>` dir of the proc.
+fn scratch_dirs(paths: &ProcPaths, name: &str) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = fs::read_dir(&paths.dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name();
+            let id = file.to_str()?.strip_prefix("tmp-")?;
+            let tmp = format!("{name}-TMP{id}");
+            is_tmp_of(&tmp, name).then(|| (tmp, e.path()))
+        })
+        .collect()
+}
+
+/// This process as the owner of a scratch dir: pid and start time (so a recycled pid is
+/// not mistaken for a live vrun).
+fn owner_token() -> String {
+    let pid = std::process::id() as i32;
+    format!("{pid} {}", start_time(pid).unwrap_or(0))
+}
+
+/// Start time of `pid` in clock ticks since boot (/proc/PID/stat field 22).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    // The fields after the command start with field 3 (state); starttime is field 22.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Is the vrun that wrote the scratch dir's owner file still running?
+fn owner_alive(dir: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(dir.join(OWNER_FILE)) else {
+        return false;
+    };
+    let mut parts = text.split_whitespace();
+    let (Some(pid), Some(start)) = (
+        parts.next().and_then(|p| p.parse::<i32>().ok()),
+        parts.next().and_then(|s| s.parse::<u64>().ok()),
+    ) else {
+        return false;
+    };
+    start_time(pid) == Some(start)
+}
+
+/// Remove what shell/uptest containers of a vrun that died (SIGKILL, OOM) left: their
+/// scratch dirs, orphaned processes and cgroups. Called under the mount lock, where a
+/// scratch dir without a live owner cannot be one being set up right now.
+fn sweep_stale_tmp(paths: &ProcPaths, name: &str) -> Result<(), LxcError> {
+    for (tmp, dir) in scratch_dirs(paths, name) {
+        if owner_alive(&dir) || !cgroups::monitor_pids(&tmp).is_empty() {
+            continue;
+        }
+        cgroups::kill_all(&tmp)?;
+        cgroups::remove(&tmp)?;
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        eprintln!("vrun: removed leftovers of {tmp} (its vrun is gone)");
+    }
+    Ok(())
 }
 
 /// What of proc `name` is running right now.
@@ -438,6 +488,18 @@ pub fn teardown_containers(paths: &ProcPaths, name: &str) -> Result<MountLock, L
     clean_run_leftovers(name)?;
     remove_cgroups(name)?;
     Ok(lock)
+}
+
+/// All of `vrun teardown` below the proc.yaml lock (which the caller holds): refuse while
+/// a shell/uptest container runs, kill leftovers, remove cgroups, unmount the rootfs
+/// (lazily if a dying container still holds it) and verify, then delete the proc dir
+/// without crossing into another filesystem. Cached layers are never touched: they are
+/// only ever the overlay's read-only lower dirs.
+pub fn teardown(paths: &ProcPaths, name: &str) -> Result<(), LxcError> {
+    let _lock = teardown_containers(paths, name)?;
+    crate::mounts::unmount(&paths.rootfs())?;
+    crate::mounts::remove_dir_on_one_fs(&paths.dir)?;
+    Ok(())
 }
 
 /// Kill and remove every cgroup of proc `name` and of its temporary containers.
@@ -502,6 +564,7 @@ pub fn exec_tmp(proc: &LxcProc, cmd: &TmpCommand) -> Result<TmpContainer, LxcErr
         &proc.state,
         &proc.spec().host_system_dirs,
     )?;
+    sweep_stale_tmp(&proc.paths, &proc.name)?;
     let (id, dir) = loop {
         let id = format!("{:08x}", rand::random::<u32>());
         let dir = proc.paths.tmp_dir(&id);
@@ -514,8 +577,7 @@ pub fn exec_tmp(proc: &LxcProc, cmd: &TmpCommand) -> Result<TmpContainer, LxcErr
     let name = format!("{}-TMP{id}", proc.name);
     // From here on the guard cleans up on any error.
     let guard_dir = DirGuard(Some(dir.clone()));
-    fs::write(dir.join(OWNER_FILE), std::process::id().to_string())
-        .map_err(io_err(dir.join(OWNER_FILE)))?;
+    fs::write(dir.join(OWNER_FILE), owner_token()).map_err(io_err(dir.join(OWNER_FILE)))?;
     drop(lock);
 
     let mut config_text = render_config(&proc.spec())?;

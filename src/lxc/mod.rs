@@ -41,11 +41,11 @@ use crate::state::{ProcState, StateError};
 
 pub use config::{render_config, ContainerSpec, Volume};
 pub use container::{
-    clean_run_leftovers, exec_tmp, is_running, remove_cgroups, run_foreground, shell,
+    clean_run_leftovers, exec_tmp, is_running, remove_cgroups, run_foreground, shell, teardown,
     teardown_containers, write_proc_config, Occupancy, TmpCommand, TmpContainer, TmpIo, TmpOutput,
     DEFAULT_GRACE,
 };
-pub use mount::{ensure_mounted, is_mount_point, lock_mount, unmount, MountLock};
+pub use mount::{ensure_mounted, is_mount_point, lock_mount, MountLock};
 
 /// Where `lxc-execute` is looked up unless `VRUN_LXC_EXECUTE` says otherwise.
 ///
@@ -83,6 +83,8 @@ pub enum LxcError {
         target: PathBuf,
         source: nix::errno::Errno,
     },
+    #[error(transparent)]
+    Mounts(#[from] crate::mounts::MountError),
     #[error("{} is already mounted but as {fstype}, not the proc's overlay", target.display())]
     ForeignMount { target: PathBuf, fstype: String },
     #[error("{}: {source}", path.display())]
@@ -163,6 +165,12 @@ impl LxcProc {
         mem_limit: Option<u64>,
         memsw_limit: Option<u64>,
     ) -> Result<Self, LxcError> {
+        if memsw_limit.is_some() && !config::v1_memsw_supported() {
+            eprintln!(
+                "vrun: warning: this host's memory cgroup has no swap accounting; \
+                 memsw_limit is applied on cgroup2 only"
+            );
+        }
         let paths = root.proc(name);
         let state =
             ProcState::load(&paths.state()).map_err(|source| LxcError::NotSetUp { source })?;
@@ -222,6 +230,7 @@ impl LxcProc {
             volumes: &self.volumes,
             mem_limit: self.mem_limit,
             memsw_limit: self.memsw_limit,
+            v1_memsw: self.memsw_limit.is_none() || config::v1_memsw_supported(),
         }
     }
 }

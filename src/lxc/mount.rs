@@ -14,7 +14,8 @@
 //! Mounts do not survive a reboot, so `run`, `shell` and `uptest` all call
 //! [`ensure_mounted`]; it is idempotent and serialised by an `flock` on
 //! `<proc>/.mount.lock`, so concurrent uptests never mount twice. "Is it mounted" is read
-//! from `/proc/self/mountinfo` (the kernel's own table), never guessed from the directory.
+//! from `/proc/self/mountinfo` (the kernel's own table, via [`crate::mounts`]), never
+//! guessed from the directory. Unmounting is teardown's, also in [`crate::mounts`].
 //!
 //! A proc without an image runs on the host's system directories (`precise` style): the
 //! lower is just the build layer, proc.lxc binds `/usr`, `/etc`, … read-only, and this module
@@ -26,10 +27,11 @@ use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount, MsFlags};
 
 use super::config::SystemDir;
 use super::{io_err, LxcError};
+use crate::mounts;
 use crate::paths::ProcPaths;
 use crate::state::ProcState;
 
@@ -221,105 +223,22 @@ fn prepare_root(
     Ok(())
 }
 
-/// If `path` is a mount point, the filesystem type mounted there (the topmost mount).
+/// If `path` is a mount point, the filesystem type mounted there (the topmost mount),
+/// from the kernel's table ([`crate::mounts`]).
 pub fn is_mount_point(path: &Path) -> Result<Option<String>, LxcError> {
     let Ok(path) = fs::canonicalize(path) else {
         return Ok(None);
     };
-    let info = "/proc/self/mountinfo";
-    let table = fs::read_to_string(info).map_err(io_err(info))?;
-    Ok(parse_mountinfo(&table)
+    Ok(mounts::mounts()?
         .into_iter()
-        .filter(|(mp, _)| Path::new(mp) == path)
-        .map(|(_, fstype)| fstype)
+        .filter(|m| m.mount_point == path)
+        .map(|m| m.fs_type)
         .next_back())
-}
-
-/// Mount points (decoded) under `dir`, from /proc/self/mountinfo; for tests and teardown
-/// checks ("no mount left under VR_ROOT").
-pub fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>, LxcError> {
-    let dir = fs::canonicalize(dir).map_err(io_err(dir))?;
-    let info = "/proc/self/mountinfo";
-    let table = fs::read_to_string(info).map_err(io_err(info))?;
-    Ok(parse_mountinfo(&table)
-        .into_iter()
-        .map(|(mp, _)| PathBuf::from(mp))
-        .filter(|mp| mp.starts_with(&dir))
-        .collect())
-}
-
-/// `(mount point, fstype)` per line. Fields: `id parent maj:min root mountpoint opts
-/// [optional…] - fstype source superopts`; the mount point has `\040`-style escapes.
-fn parse_mountinfo(table: &str) -> Vec<(String, String)> {
-    table
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let mount_point = unescape_octal(fields.nth(4)?);
-            let fstype = fields.skip_while(|f| *f != "-").nth(1)?;
-            Some((mount_point, fstype.to_owned()))
-        })
-        .collect()
-}
-
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let digit = |k: usize| u32::from(b[i + k] - b'0');
-            out.push((digit(1) * 64 + digit(2) * 8 + digit(3)) as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Unmount the proc's rootfs: plainly, or lazily when a process still holds it (a
-/// container that is going away). Verifies with mountinfo afterwards. Only call this when
-/// no container of the proc runs (teardown checks that first).
-pub fn unmount(rootfs: &Path) -> Result<(), LxcError> {
-    while is_mount_point(rootfs)?.is_some() {
-        if let Err(e) = umount2(rootfs, MntFlags::empty()) {
-            if e != nix::errno::Errno::EBUSY {
-                return Err(LxcError::Mount {
-                    target: rootfs.to_owned(),
-                    source: e,
-                });
-            }
-            umount2(rootfs, MntFlags::MNT_DETACH).map_err(|source| LxcError::Mount {
-                target: rootfs.to_owned(),
-                source,
-            })?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_mountinfo_with_optional_fields_and_escapes() {
-        let t = "36 35 98:0 /mnt1 /mnt\\040two rw,noatime master:1 - ext3 /dev/root rw\n\
-                 40 1 0:50 / /apps/procs/x/rootfs rw,relatime - overlay overlay rw,lowerdir=/a\n";
-        let m = parse_mountinfo(t);
-        assert_eq!(
-            m,
-            vec![
-                ("/mnt two".to_owned(), "ext3".to_owned()),
-                ("/apps/procs/x/rootfs".to_owned(), "overlay".to_owned())
-            ]
-        );
-    }
 
     #[test]
     fn refuses_overlay_option_separators() {

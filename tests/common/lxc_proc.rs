@@ -351,7 +351,7 @@ impl Drop for TestProc {
             if let Err(e) = vrun::lxc::remove_cgroups(&self.name) {
                 eprintln!("cleanup: {e}");
             }
-            if let Err(e) = vrun::lxc::unmount(&self.rootfs()) {
+            if let Err(e) = vrun::mounts::unmount(&self.rootfs()) {
                 eprintln!("cleanup: {e}");
             }
         }
@@ -375,7 +375,7 @@ impl Drop for TestProc {
     }
 }
 
-/// Mount points under `dir` (from /proc/self/mountinfo).
+/// Mount points below `dir` (from /proc/self/mountinfo).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    vrun::lxc::mount::mounts_under(dir).unwrap_or_default()
+    vrun::mounts::mounts_below(dir).unwrap_or_default()
 }

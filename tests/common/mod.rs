@@ -95,6 +95,19 @@ impl Vrun {
         self
     }
 
+    /// Start it without waiting: its own process group, stdout and stderr captured.
+    pub fn spawn(mut self) -> Running {
+        use std::os::unix::process::CommandExt;
+        let child = self
+            .cmd
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vrun starts");
+        Running { child: Some(child) }
+    }
+
     pub fn run(mut self) -> Run {
         let out: Output = self.cmd.output().expect("vrun starts");
         Run {
@@ -102,6 +115,68 @@ impl Vrun {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+}
+
+/// A `vrun` started with [`Vrun::spawn`]. Dropping it SIGKILLs its process group and
+/// reaps it, so a failing test leaves no process behind.
+pub struct Running {
+    child: Option<std::process::Child>,
+}
+
+impl Running {
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().expect("not yet waited for").id()
+    }
+
+    /// Whether it is still running (reaps nothing: `try_wait` keeps the status).
+    pub fn is_running(&mut self) -> bool {
+        let child = self.child.as_mut().expect("not yet waited for");
+        matches!(child.try_wait(), Ok(None))
+    }
+
+    /// `kill -9` the process itself (not its group).
+    pub fn kill9(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill -9 vrun");
+    }
+
+    /// Wait for it to end and collect what it printed.
+    pub fn finish(mut self) -> Run {
+        let out = self
+            .child
+            .take()
+            .expect("not yet waited for")
+            .wait_with_output()
+            .expect("wait for vrun");
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Poll `cond` every few milliseconds until it holds; panic naming `what` after `limit`.
+/// A deadline against hangs, not a timed assertion: `limit` is far above the expected wait.
+pub fn wait_until(what: &str, limit: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -143,13 +218,18 @@ pub struct MountGuard(pub PathBuf);
 impl MountGuard {
     /// Mount a fresh tmpfs on `target`.
     pub fn tmpfs(target: &Path) -> MountGuard {
+        MountGuard::tmpfs_sized(target, "1m")
+    }
+
+    /// Mount a fresh tmpfs of `size` (as `mount -o size=`, e.g. `2m`) on `target`.
+    pub fn tmpfs_sized(target: &Path, size: &str) -> MountGuard {
         std::fs::create_dir_all(target).unwrap();
         nix::mount::mount(
             Some("vrun-test"),
             target,
             Some("tmpfs"),
             nix::mount::MsFlags::empty(),
-            Some("size=1m"),
+            Some(format!("size={size}").as_str()),
         )
         .expect("mount tmpfs (tests run as root)");
         MountGuard(target.to_owned())
@@ -175,5 +255,11 @@ impl Drop for ChildGuard {
         let pgid = nix::unistd::Pid::from_raw(self.0.id() as i32);
         let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         let _ = self.0.wait();
+        // The rest of the group (e.g. flock's `sleep`, which inherits the locked fd) dies
+        // asynchronously: wait until the group is gone so its locks are really released.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while nix::sys::signal::killpg(pgid, None).is_ok() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
