@@ -375,7 +375,12 @@ impl Expect {
         match self {
             Expect::Extract(_) => "extract".into(),
             Expect::Sanitize(what, _) => format!("sanitize ({what})"),
-            Expect::Reject(entry, why) => format!("reject `{entry}`: {why}"),
+            Expect::Reject(entry, why) if entry.is_empty() => {
+                format!("reject: {}", why.replace('|', " or "))
+            }
+            Expect::Reject(entry, why) => {
+                format!("reject `{entry}`: {}", why.replace('|', " or "))
+            }
         }
     }
 }

@@ -333,6 +333,12 @@ fn kill_9_at_random_points_never_exposes_a_partial_blob_or_layer() {
             assert!(bad.is_empty(), "after kill at {at:?}: {bad:?}\n{log:?}");
         }
         let tree = fx.complete();
+        let leftovers = fs::read_dir(fx.root.join("cache/ingest-v1"))
+            .map(|rd| rd.count())
+            .unwrap_or(0);
+        log.push(format!(
+            "round {round}: recovered; ingest-v1 entries left: {leftovers}"
+        ));
         let bad = store_problems(&fx.root.join("cache"));
         assert!(bad.is_empty(), "after recovery: {bad:?}");
         if tree != clean {
