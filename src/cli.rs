@@ -51,14 +51,19 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Prepare the proc: fetch its build and image, write env.sh, proc.sh, settings.yaml
+    #[command(after_help = SETUP_EXAMPLES)]
     Setup(SetupArgs),
     /// Run the proc's command in its container, in the foreground, holding the lock
+    #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
     /// Run the proc's uptests and print their results as one JSON array on stdout
+    #[command(after_help = UPTEST_EXAMPLES)]
     Uptest(UptestArgs),
     /// Unmount and remove the proc's directory (cached builds and images stay)
+    #[command(after_help = TEARDOWN_EXAMPLES)]
     Teardown(ProcFile),
     /// Open /bin/bash (or run CMD) in a container identical to the proc's
+    #[command(after_help = SHELL_EXAMPLES)]
     Shell(ShellArgs),
     /// Inspect and maintain the download cache: ls, gc, verify
     #[command(after_help = CACHE_EXAMPLES)]
@@ -70,6 +75,48 @@ pub enum Command {
     #[command(after_help = DEMO_EXAMPLES)]
     Demo(DemoArgs),
 }
+
+const SETUP_EXAMPLES: &str = "\
+Fetches build_url and image_url at the same time into $VR_ROOT/cache (verified against
+build_md5/image_md5), reusing what is cached; locks FILE; safe to run again.
+
+Examples:
+  vrun setup /home/dave/myproc.yaml
+  vrun setup --timings proc.yaml > timings.json     # deploy-latency breakdown as JSON
+  VR_ROOT=/tmp/vr vrun setup proc.yaml";
+
+const RUN_EXAMPLES: &str = "\
+Never daemonizes; exits with the app's status (128+n if a signal killed it). SIGTERM,
+SIGINT or SIGHUP to vrun send SIGTERM to the app, then SIGKILL after the grace period.
+
+Examples:
+  vrun run proc.yaml
+  vrun run --grace 30 proc.yaml";
+
+const UPTEST_EXAMPLES: &str = "\
+Runs every executable in /app/uptests/<proc_name>/ as `SCRIPT HOST PORT` (host and port
+from proc.yaml), each in its own container beside the proc. stdout carries only
+[{\"Name\":…,\"Output\":…,\"Passed\":…}]; progress goes to stderr. No lock.
+
+Examples:
+  vrun uptest proc.yaml
+  vrun uptest --jobs 2 --timeout 10 proc.yaml | python3 -m json.tool";
+
+const TEARDOWN_EXAMPLES: &str = "\
+Refuses while the proc or a shell/uptest container of it runs; never deletes through a
+mount. Missing proc directory: nothing to do, exit 0.
+
+Examples:
+  vrun teardown proc.yaml";
+
+const SHELL_EXAMPLES: &str = "\
+Works while `vrun run` is live: same root filesystem, environment (/proc.sh) and user.
+No lock.
+
+Examples:
+  vrun shell proc.yaml                       # interactive bash, or sh in images without bash
+  vrun shell proc.yaml -- id -u
+  vrun shell proc.yaml -- sh -c 'cat $APP_SETTINGS_YAML'";
 
 const CACHE_EXAMPLES: &str = "\
 Examples:
