@@ -980,6 +980,52 @@ fn a_corrupt_cached_blob_is_quarantined_and_fetched_again() {
     );
 }
 
+/// Issue 8: `vrun cache verify --deep` finds a flipped byte in a blob and a file deleted
+/// from a layer, quarantines both and fails; the next setup of the same build heals the
+/// cache (downloads the blob again, rebuilds the layer) and gets the exact tree.
+#[test]
+fn cache_verify_finds_damage_and_the_next_setup_heals_it() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let (server, url) = serve("heal.tar.gz", &a.bytes);
+    setup(&t, &proc_yaml(&t, 5001, &url, Some(&a.md5)))
+        .run()
+        .assert_ok();
+    let blob = t.root().join("cache/blobs-v1/sha256").join(&a.sha256);
+    let mut bytes = fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    fs::write(&blob, &bytes).unwrap();
+    let app = build_layer_app(&t, &a, 65534, 65534);
+    let victim = walk(&app)
+        .into_iter()
+        .find(|(_, n)| n.kind == 'f')
+        .map(|(path, _)| app.join(path))
+        .expect("the build has a regular file");
+    fs::remove_file(&victim).unwrap();
+
+    let verify = t.vrun(["cache", "verify", "--deep"]).run();
+    assert_ne!(verify.code, Some(0), "{verify:#?}");
+    let said = format!("{}{}", verify.stdout, verify.stderr);
+    assert!(said.contains(&a.sha256[..12]), "blob not listed: {said}");
+    assert!(
+        said.contains("layers-v1") || said.contains("build-"),
+        "layer not listed: {said}"
+    );
+    assert!(!blob.exists(), "the bad blob is quarantined");
+
+    let r = setup(&t, &proc_yaml(&t, 5002, &url, Some(&a.md5))).run();
+    r.assert_ok();
+    assert_eq!(timings(&r.stdout)["build"]["cache"], "miss");
+    assert_eq!(gets(&server, &url).len(), 2, "downloaded again, once");
+    assert_eq!(fs::read(&blob).unwrap(), a.bytes, "the good blob is back");
+    assert_same_tree(
+        &walk(&build_layer_app(&t, &a, 65534, 65534)),
+        &expected_for(&a, 65534, 65534),
+    );
+    t.vrun(["cache", "verify", "--deep"]).run().assert_ok();
+}
+
 // ---------------------------------------------------------------- build + image
 
 /// A small OS root: owners and modes of its own, an absolute symlink, a setuid binary and
