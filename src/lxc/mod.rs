@@ -39,6 +39,9 @@ use crate::config::{Owner, ProcConfig};
 use crate::paths::{ProcPaths, Root};
 use crate::state::{ProcState, StateError};
 
+/// Unmounting lives with the other mount-aware operations; re-exported for callers that
+/// used it from here.
+pub use crate::mounts::unmount;
 pub use config::{render_config, ContainerSpec, Volume};
 pub use container::{
     clean_run_leftovers, exec_tmp, is_running, remove_cgroups, run_foreground, shell, teardown,
