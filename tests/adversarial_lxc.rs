@@ -125,7 +125,7 @@ impl Drop for Proc {
         for p in self.procs() {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
             let _ = vrun::lxc::remove_cgroups(&name);
-            let _ = vrun::lxc::unmount(&p.join("rootfs"));
+            let _ = vrun::mounts::unmount(&p.join("rootfs"));
         }
         let mut lock = PathBuf::from("/run/lxc/lock");
         lock.push(self.root.join("procs").strip_prefix("/").unwrap());
