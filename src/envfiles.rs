@@ -221,6 +221,15 @@ pub fn create_proc_dirs(proc: &ProcPaths) -> Result<(), EnvFilesError> {
             return Err(EnvFilesError::NotADirectory { path: dir });
         }
     }
+    // upper/ is the container's `/` (an overlay's root takes its owner and mode from the
+    // upper dir): 0755 whatever the caller's umask, or the app user cannot enter `/`.
+    let upper = proc.upper();
+    std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(0o755)).map_err(|source| {
+        EnvFilesError::Write {
+            path: upper,
+            source,
+        }
+    })?;
     // The overlay's work dir must not be readable by the app.
     let work = proc.work();
     std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))

@@ -137,6 +137,9 @@ pub async fn run_uptests(
         return Err(UptestError::ProcName(opts.proc_name.clone()));
     }
     LxcTools::find()?;
+    // A config that cannot be rendered fails every uptest the same way: say so once,
+    // as an error, rather than as N failed results (or none, with no uptests).
+    crate::lxc::render_config(&proc.spec())?;
     crate::lxc::ensure_mounted(&proc.paths, &proc.state, &proc.spec().host_system_dirs)?;
     let uptests = list_uptests(&proc.paths.rootfs(), &opts.proc_name)?;
     eprintln!(

@@ -113,9 +113,11 @@ fn run_serves_http_and_shell_shares_env_user_and_rootfs() {
 #[test]
 fn sigterm_reaches_the_app_and_its_status_is_vruns() {
     let opts = ProcOpts {
-        cmd: "trap 'echo got-term > /tmp/term-note; exit 42' TERM; \
+        cmd: Some(
+            "trap 'echo got-term > /tmp/term-note; exit 42' TERM; \
               echo up > /tmp/started; sleep 1000 & wait"
-            .into(),
+                .into(),
+        ),
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("trap", opts);
@@ -139,7 +141,7 @@ fn sigterm_reaches_the_app_and_its_status_is_vruns() {
 #[test]
 fn app_ignoring_term_is_killed_after_the_grace_period() {
     let opts = ProcOpts {
-        cmd: "trap '' TERM; echo up > /tmp/started; while :; do sleep 1; done".into(),
+        cmd: Some("trap '' TERM; echo up > /tmp/started; while :; do sleep 1; done".into()),
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("ignore", opts);
@@ -157,7 +159,7 @@ fn app_ignoring_term_is_killed_after_the_grace_period() {
 #[test]
 fn exit_status_of_the_app_is_vruns() {
     let opts = ProcOpts {
-        cmd: "exit 7".into(),
+        cmd: Some("exit 7".into()),
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("exit7", opts);
@@ -166,13 +168,25 @@ fn exit_status_of_the_app_is_vruns() {
     // The same through shell.
     let r = p.shell(&["sh", "-c", "exit 9"]);
     assert_eq!(r.code, 9, "{}", r.stderr);
+    // A background process left behind does not keep the container (or vrun) alive, and
+    // stopping it adds nothing to the output.
+    let r = p.shell(&["sh", "-c", "sleep 1000 & echo left-one; exit 4"]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (4, "left-one\n"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("pids.max"), "{}", r.stderr);
     assert!(p.leftover_cgroups().is_empty());
 }
 
 #[test]
 fn orphans_of_a_killed_run_are_cleaned_by_the_next_run() {
     let opts = ProcOpts {
-        cmd: "if [ -f /tmp/second ]; then exit 5; fi; touch /tmp/second; exec sleep 1000".into(),
+        cmd: Some(
+            "if [ -f /tmp/second ]; then exit 5; fi; touch /tmp/second; exec sleep 1000".into(),
+        ),
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("orphan", opts);
@@ -212,7 +226,7 @@ fn orphans_of_a_killed_run_are_cleaned_by_the_next_run() {
 #[test]
 fn kill_9_of_vrun_alone_stops_the_container() {
     let opts = ProcOpts {
-        cmd: "echo up > /tmp/started; exec sleep 1000".into(),
+        cmd: Some("echo up > /tmp/started; exec sleep 1000".into()),
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("pdeath", opts);
@@ -232,7 +246,7 @@ fn kill_9_of_vrun_alone_stops_the_container() {
 fn mem_limit_kills_an_app_that_allocates_more() {
     let opts = ProcOpts {
         // The shell itself holds 200 MB in a variable.
-        cmd: "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}".into(),
+        cmd: Some("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}".into()),
         mem_limit: Some(64 << 20),
         ..ProcOpts::default()
     };
@@ -261,7 +275,7 @@ fn volume_is_writable_by_the_app_and_lands_on_the_host() {
     let host = tempfile::tempdir().unwrap();
     std::os::unix::fs::chown(host.path(), Some(1000), Some(1000)).unwrap();
     let opts = ProcOpts {
-        cmd: "echo from-app > /data/out.txt".into(),
+        cmd: Some("echo from-app > /data/out.txt".into()),
         volumes: vec![(host.path().to_owned(), "/data".into())],
         ..ProcOpts::default()
     };
@@ -279,8 +293,8 @@ fn volume_is_writable_by_the_app_and_lands_on_the_host() {
 #[test]
 fn proc_without_image_runs_on_the_hosts_system_dirs_read_only() {
     let opts = ProcOpts {
-        cmd: "cat /app/www/index.html; id -u; touch /usr/vrun-write-test 2>/dev/null && echo WROTE; true"
-            .into(),
+        cmd: Some("cat /app/www/index.html; id -u; touch /usr/vrun-write-test 2>/dev/null && echo WROTE; true"
+            .into()),
         with_image: false,
         ..ProcOpts::default()
     };
@@ -521,7 +535,7 @@ fn a_killed_shell_is_stopped_and_its_leftovers_swept_by_the_next() {
 #[test]
 fn teardown_cleans_a_killed_runs_orphan_and_keeps_the_layers() {
     let opts = ProcOpts {
-        cmd: "echo up > /tmp/started; exec sleep 1000".into(),
+        cmd: Some("echo up > /tmp/started; exec sleep 1000".into()),
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("tdorphan", opts);
@@ -554,4 +568,152 @@ fn teardown_cleans_a_killed_runs_orphan_and_keeps_the_layers() {
     );
     assert!(image.join("bin/busybox").is_file());
     assert!(!image.join("tmp/started").exists());
+}
+
+#[test]
+fn vrun_teardown_refuses_while_running_then_removes_all_but_the_cache() {
+    let mut p = TestProc::new("teardown", ProcOpts::default());
+    let port = p.opts.port;
+    let (pid, _, err) = p.spawn_run(2);
+    assert!(
+        wait_for(READY, || lxc_proc::http_get(port)).is_some(),
+        "{}",
+        std::fs::read_to_string(err).unwrap()
+    );
+    let busy = vrun::lxc::is_running(&p.proc.paths, &p.proc.lxcpath, &p.name);
+    assert!(busy.run && busy.tmp.is_empty(), "{busy:?}");
+    // `run` holds the proc.yaml lock: teardown is refused and removes nothing.
+    let r = p.vrun(["teardown"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("is locked by another process"),
+        "{}",
+        r.stderr
+    );
+    assert!(lxc_proc::http_get(port).is_some());
+    assert!(p.proc.paths.state().exists());
+
+    // A shell beside it: after `run` stops, teardown is still refused while the shell lives.
+    let (shell, _, _) = p.spawn(
+        [
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo up > /tmp/shell-up; exec sleep 1000",
+        ],
+        &[],
+    );
+    let up = p.proc.paths.upper().join("tmp/shell-up");
+    assert!(wait_for(READY, || up.exists().then_some(())).is_some());
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(p.wait_child(pid), 143);
+    let r = p.vrun(["teardown"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("in use by"), "{}", r.stderr);
+    assert!(p.proc.paths.state().exists());
+    kill(Pid::from_raw(shell as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(p.wait_child(shell), 143);
+
+    let cache = p.root.cache_dir();
+    let build = p.proc.state.build_layer.clone().unwrap();
+    let r = p.vrun(["teardown"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!p.proc.paths.dir.exists());
+    assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
+    assert!(
+        p.leftover_cgroups().is_empty(),
+        "{:?}",
+        p.leftover_cgroups()
+    );
+    assert!(build.starts_with(&cache));
+    assert_eq!(
+        std::fs::read_to_string(build.join("app/www/index.html")).unwrap(),
+        image::APP_PAGE
+    );
+}
+
+#[test]
+fn second_proc_of_the_same_build_and_image_reuses_the_layers() {
+    let mut p = TestProc::new("first", ProcOpts::default());
+    let second = p.sibling_file("second");
+    let r = p.shell(&["true"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let root = p.root.dir().to_owned();
+    let vrun = move |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vrun"))
+            .arg(args[0])
+            .arg(&second)
+            .args(&args[1..])
+            .env("VR_ROOT", &root)
+            .output()
+            .unwrap()
+    };
+    /// Tears the second proc down even when an assertion fails.
+    struct Teardown<F: Fn(&[&str]) -> std::process::Output>(F);
+    impl<F: Fn(&[&str]) -> std::process::Output> Drop for Teardown<F> {
+        fn drop(&mut self) {
+            (self.0)(&["teardown"]);
+        }
+    }
+    let guard = Teardown(vrun);
+    let vrun = &guard.0;
+
+    let started = std::time::Instant::now();
+    let out = vrun(&["setup", "--timings"]);
+    let wall = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let timings: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(timings["build"]["cache"], "layer", "{timings}");
+    assert_eq!(timings["image"]["cache"], "layer", "{timings}");
+    eprintln!(
+        "second proc setup: total_s {} (wall incl. process start {:.3} s)",
+        timings["total_s"],
+        wall.as_secs_f64()
+    );
+    // It runs: a shell in the second proc sees the app.
+    let shell = vrun(&["shell", "--", "cat", "/app/www/index.html"]);
+    assert!(
+        shell.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shell.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&shell.stdout), image::APP_PAGE);
+    let config = vrun::config::ProcConfig::load(&p.dir().join("second.yaml")).unwrap();
+    let name = config.container_name().unwrap();
+    assert!(vrun(&["teardown"]).status.success());
+    assert!(!p.root.proc(&name).dir.exists());
+    // The first proc still runs on the shared layers.
+    let r = p.shell(&["cat", "/app/www/index.html"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, image::APP_PAGE));
+}
+
+#[test]
+fn volumes_that_cannot_be_one_mount_entry_are_refused_before_any_container() {
+    // Newlines are already refused by the proc.yaml parser; whitespace would split the
+    // fstab-style mount entry, so proc.lxc rendering refuses it, naming the key.
+    let host = tempfile::tempdir().unwrap();
+    let opts = ProcOpts {
+        cmd: Some("exit 0".into()),
+        volumes: vec![(host.path().to_owned(), "/da ta".into())],
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("badvol", opts);
+    for args in [vec!["run"], vec!["shell", "--", "true"], vec!["uptest"]] {
+        let r = p.vrun(args.clone());
+        assert_eq!(r.code, 1, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.starts_with("ERROR: invalid volume ")
+                && r.stderr.contains("must not contain whitespace"),
+            "{args:?}: {}",
+            r.stderr
+        );
+        assert_eq!(r.stdout, "", "{args:?}");
+    }
+    assert!(!p.proc.paths.lxc_config().exists());
+    assert!(p.leftover_cgroups().is_empty());
 }

@@ -4,13 +4,12 @@
 //! already torn down. The cache is never touched: other procs may share its layers.
 //!
 //! A live `vrun run` holds the proc.yaml lock, so teardown is refused by the lock
-//! itself; live shell/uptest containers are refused by [`vrun::lxc::teardown_containers`],
-//! whose mount lock is held until the directory is gone so none can start meanwhile.
+//! itself; live shell/uptest containers are refused by [`vrun::lxc::teardown`], which holds
+//! the proc's mount lock until the directory is gone so none can start meanwhile.
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use vrun::mounts;
 use vrun::paths::Root;
 
 pub fn teardown(root: &Root, file: &Path) -> anyhow::Result<ExitCode> {
@@ -24,12 +23,7 @@ pub fn teardown(root: &Root, file: &Path) -> anyhow::Result<ExitCode> {
         eprintln!("vrun: {name} is not set up; nothing to tear down");
         return Ok(ExitCode::SUCCESS);
     }
-    let _mount_lock = vrun::lxc::teardown_containers(&proc, &name)?;
-    let rootfs = proc.rootfs();
-    if mounts::is_mount_point(&rootfs)? {
-        mounts::unmount(&rootfs)?;
-    }
-    mounts::remove_dir_on_one_fs(&proc.dir)?;
+    vrun::lxc::teardown(&proc, &name)?;
     eprintln!("vrun: {name} is torn down");
     Ok(ExitCode::SUCCESS)
 }

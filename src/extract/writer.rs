@@ -56,7 +56,7 @@ pub enum Writers {
 /// The measured default (see the module note of `extract`).
 impl Default for Writers {
     fn default() -> Self {
-        Writers::Threads(1)
+        Writers::Threads(4)
     }
 }
 

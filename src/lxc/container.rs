@@ -17,12 +17,14 @@
 //!   cgroups": teardown sees the shell as soon as the dir exists. Dropping the guard kills
 //!   the container if it still runs and removes its cgroups and dir.
 //!
-//! Measured here, and the reason for [`workload_exit`]: LXC's init (`lxc-execute`'s pid 1)
-//! keeps the container alive while *any* process in it lives, not just the workload; it
-//! only cleans up (TERM to all, KILL one second later) when it is itself signalled. So vrun
-//! watches the workload through a pidfd and signals init when the workload ends: the
-//! container stops with its process, as the runner contract says, and `lxc-execute` still
-//! reports the workload's status (`exit 42` after a trap → 42).
+//! Measured here, and the reason for [`stop_with_workload`]: LXC's init (`lxc-execute`'s
+//! pid 1) keeps the container alive while *any* process in it lives, not just the
+//! workload; it only cleans up (TERM to all, KILL one second later) when it is itself
+//! signalled, and then prints a `pids.max` error into the container's output. So vrun
+//! watches the workload through a pidfd and, when it ends, stops what it left behind
+//! itself (TERM, one second, KILL): the container stops with its process, as the runner
+//! contract says, and `lxc-execute` still reports the workload's status (`exit 42` after a
+//! trap → 42).
 //!
 //! Every `lxc-execute` gets `PR_SET_PDEATHSIG = SIGTERM`: if vrun is SIGKILLed, LXC stops
 //! the container instead of leaving it orphaned. (The death signal fires when the spawning
@@ -179,15 +181,14 @@ pub async fn run_foreground(proc: &LxcProc, grace: Duration) -> Result<i32, LxcE
 
     let mut kill_at: Option<tokio::time::Instant> = None;
     let mut killed = false;
-    let watch = workload_exit(&proc.name, lxc_pid);
+    let watch = stop_with_workload(&proc.name, lxc_pid);
     tokio::pin!(watch);
-    let mut stopping = false;
+    let mut stopped = false;
     let status = loop {
         let sig = tokio::select! {
             status = child.wait() => break status.map_err(io_err(&tools.execute))?,
-            init = &mut watch, if !stopping => {
-                stopping = true;
-                let _ = kill(Pid::from_raw(init), Signal::SIGTERM);
+            () = &mut watch, if !stopped => {
+                stopped = true;
                 continue;
             }
             _ = term.recv() => "SIGTERM",
@@ -240,6 +241,17 @@ fn ppid(pid: i32) -> Option<i32> {
     after.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The workload's pid inside the container: LXC's init is 1 and forks it first.
+const WORKLOAD_NS_PID: i32 = 2;
+
+/// The pid of host process `pid` in its own (innermost) pid namespace, from the last
+/// field of `NSpid:` in /proc/PID/status.
+fn ns_pid(pid: i32) -> Option<i32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
 /// The container's init (the payload process whose parent is `lxc-execute`) and its
 /// children: the workload, plus any orphans of the workload that init adopted.
 fn find_workload(name: &str, lxc_pid: Option<i32>) -> Option<(i32, Vec<i32>)> {
@@ -272,22 +284,63 @@ fn kill_workload(name: &str, lxc_pid: Option<i32>, sig: Signal) {
 /// Poll interval while looking for a just-started container's workload.
 const WORKLOAD_POLL: Duration = Duration::from_millis(20);
 
-/// Resolves when the container's workload has exited, with the container's init pid.
+/// How long processes the workload left behind get between SIGTERM and SIGKILL once the
+/// workload has exited (what LXC's own init allows on shutdown).
+const LEFTOVER_GRACE: Duration = Duration::from_secs(1);
+
+/// Resolves once the container's workload has exited and whatever it left running has
+/// been stopped (SIGTERM, [`LEFTOVER_GRACE`], SIGKILL).
 ///
 /// LXC's init keeps the container alive while *any* process in it lives: an app that
 /// leaves a background child behind would keep `lxc-execute` (and vrun) waiting forever,
-/// although the runner contract says the container stops with the process. So the caller
-/// sends SIGTERM to init when this resolves; init then TERMs everything left, SIGKILLs
-/// after one second, and `lxc-execute` reports the workload's status.
-async fn workload_exit(name: &str, lxc_pid: Option<i32>) -> i32 {
-    loop {
+/// although the runner contract says the container stops with the process. Init itself
+/// is never signalled: when it is, it tries to write a `pids.max` its view of the cgroup
+/// tree does not have and prints `Failed to open ".../pids.max"` to the container's
+/// stderr — which is an uptest's Output. With its other children gone, init exits on its
+/// own and `lxc-execute` reports the workload's status.
+async fn stop_with_workload(name: &str, lxc_pid: Option<i32>) {
+    let init = loop {
         if let Some((init, children)) = find_workload(name, lxc_pid) {
-            if let Some(&workload) = children.first() {
-                process_exit(workload).await;
-                return init;
+            // The workload is the first process init forked: pid 2 in the container's pid
+            // namespace. Gone already (a fast app) while init has other children: those
+            // are its orphans, adopted by init.
+            match children
+                .iter()
+                .copied()
+                .find(|p| ns_pid(*p) == Some(WORKLOAD_NS_PID))
+            {
+                Some(workload) => {
+                    process_exit(workload).await;
+                    break init;
+                }
+                None if !children.is_empty() => break init,
+                None => {}
             }
         }
         tokio::time::sleep(WORKLOAD_POLL).await;
+    };
+    let leftovers = || -> Vec<i32> {
+        cgroups::payload_pids(name)
+            .into_iter()
+            .filter(|p| *p != init && is_alive(*p))
+            .collect()
+    };
+    let left = leftovers();
+    if left.is_empty() {
+        return;
+    }
+    for pid in left {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + LEFTOVER_GRACE;
+    while tokio::time::Instant::now() < deadline {
+        if leftovers().is_empty() {
+            return;
+        }
+        tokio::time::sleep(WORKLOAD_POLL).await;
+    }
+    for pid in leftovers() {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 
@@ -323,19 +376,16 @@ fn is_alive(pid: i32) -> bool {
 }
 
 /// Wait for `lxc-execute` to exit, stopping the container once its workload exited (see
-/// [`workload_exit`]).
+/// [`stop_with_workload`]).
 async fn wait_container(child: &mut Child, name: &str) -> std::io::Result<ExitStatus> {
     let lxc_pid = child.id().map(|p| p as i32);
-    let watch = workload_exit(name, lxc_pid);
+    let watch = stop_with_workload(name, lxc_pid);
     tokio::pin!(watch);
-    let mut stopping = false;
+    let mut stopped = false;
     loop {
         tokio::select! {
             status = child.wait() => return status,
-            init = &mut watch, if !stopping => {
-                stopping = true;
-                let _ = kill(Pid::from_raw(init), Signal::SIGTERM);
-            }
+            () = &mut watch, if !stopped => stopped = true,
         }
     }
 }
@@ -644,7 +694,7 @@ impl TmpContainer {
         self.output.take()
     }
 
-    /// Wait until the container ends (it ends with its workload; see [`workload_exit`]).
+    /// Wait until the container ends (it ends with its workload; see [`stop_with_workload`]).
     pub async fn wait(&mut self) -> Result<ExitStatus, LxcError> {
         let status = wait_container(&mut self.child, &self.name)
             .await
@@ -716,5 +766,61 @@ pub async fn read_capped(mut pipe: TmpOutput, cap: usize) -> (Vec<u8>, bool) {
                 dropped |= n > room;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tmp_names_are_exactly_name_tmp_and_eight_lowercase_hex() {
+        assert!(is_tmp_of(
+            "a-1-c-h-web-5000-TMP0123abcd",
+            "a-1-c-h-web-5000"
+        ));
+        assert!(!is_tmp_of("a-1-c-h-web-5000", "a-1-c-h-web-5000"));
+        assert!(!is_tmp_of(
+            "a-1-c-h-web-5000-TMP0123ABCD",
+            "a-1-c-h-web-5000"
+        ));
+        assert!(!is_tmp_of(
+            "a-1-c-h-web-5000-TMP0123abc",
+            "a-1-c-h-web-5000"
+        ));
+        assert!(!is_tmp_of(
+            "a-1-c-h-web-5000-TMP0123abcde",
+            "a-1-c-h-web-5000"
+        ));
+        assert!(!is_tmp_of(
+            "a-1-c-h-web-50000-TMP0123abcd",
+            "a-1-c-h-web-5000"
+        ));
+    }
+
+    #[test]
+    fn ns_pid_of_a_host_process_is_its_own_pid() {
+        let me = std::process::id() as i32;
+        // std reports the pid in the process's own (innermost) namespace, as NSpid's last.
+        assert_eq!(ns_pid(me), Some(me));
+    }
+
+    #[test]
+    fn exit_codes_read_like_a_shell() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(exit_code(ExitStatus::from_raw(7 << 8)), 7);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGKILL)), 137);
+    }
+
+    #[test]
+    fn ppid_and_start_time_of_this_process() {
+        let me = std::process::id() as i32;
+        assert_eq!(ppid(me), Some(nix::unistd::getppid().as_raw()));
+        assert!(start_time(me).is_some());
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(OWNER_FILE), owner_token()).unwrap();
+        assert!(owner_alive(dir.path()));
+        fs::write(dir.path().join(OWNER_FILE), format!("{me} 1")).unwrap();
+        assert!(!owner_alive(dir.path()), "same pid, other start time");
     }
 }

@@ -1,10 +1,11 @@
 //! A set-up proc for LXC tests, driven through the real `vrun` binary.
 //!
-//! [`TestProc::new`] writes a proc.yaml (as JSON, which is YAML), runs `vrun setup` on it
-//! in a fresh temp `VR_ROOT` (named with a space, so every LXC path needs quoting), then
-//! points the proc's `state.json` at a busybox image layer and an app build layer the test
-//! built and extracted itself — what setup will do once the fetch pipeline is wired into
-//! it. Container names are unique per test (LXC names are global). `Drop` kills every
+//! [`TestProc::new`] serves a busybox image tarball and an app build tarball (both built
+//! by the test, see `image.rs`) from `vrun::serve` on 127.0.0.1, writes a proc.yaml (as
+//! JSON, which is YAML) pointing at them, and runs the real `vrun setup` in a fresh temp
+//! `VR_ROOT` (named with a space, so every LXC path needs quoting): download, verify,
+//! extract into the cache, Procfile resolution, env files — exactly what a deploy does.
+//! Container names are unique per test (LXC names are global). `Drop` kills every
 //! container of the proc, removes their cgroups, unmounts the rootfs and only then deletes
 //! the temp dir (never through a mount), so a failing test leaves nothing behind.
 #![allow(dead_code)]
@@ -76,8 +77,8 @@ pub fn sq(s: &str) -> String {
 /// How to set up the test proc.
 #[derive(Debug, Clone)]
 pub struct ProcOpts {
-    /// The proc's command (`cmd` in proc.yaml). Default: the Procfile's web line.
-    pub cmd: String,
+    /// `cmd` in proc.yaml; `None`: the Procfile's `web` line (busybox httpd on $PORT).
+    pub cmd: Option<String>,
     pub port: u16,
     /// Extra entries of the app build (uptests, …).
     pub app_files: Vec<image::Entry>,
@@ -92,7 +93,7 @@ pub struct ProcOpts {
 impl Default for ProcOpts {
     fn default() -> Self {
         Self {
-            cmd: "busybox httpd -f -p $PORT -h /app/www".into(),
+            cmd: None,
             port: free_port(),
             app_files: Vec::new(),
             with_image: true,
@@ -100,6 +101,16 @@ impl Default for ProcOpts {
             group: 1000,
             volumes: Vec::new(),
             mem_limit: None,
+        }
+    }
+}
+
+impl ProcOpts {
+    /// Default options with `cmd` set.
+    pub fn cmd(cmd: &str) -> Self {
+        Self {
+            cmd: Some(cmd.into()),
+            ..Self::default()
         }
     }
 }
@@ -112,6 +123,34 @@ pub struct Finished {
     pub stderr: String,
 }
 
+/// The loopback server with the test's tarballs.
+pub struct Tarballs {
+    pub server: vrun::serve::Server,
+    pub image_url: String,
+    pub build_url: String,
+}
+
+impl Tarballs {
+    pub fn serve(app_files: &[image::Entry]) -> Self {
+        let server = vrun::serve::Server::start(
+            [
+                ("/images/busybox.tar.gz".to_string(), image::busybox_image()),
+                (
+                    "/builds/app.tar.gz".to_string(),
+                    image::app_build(app_files),
+                ),
+            ],
+            vrun::serve::ServerOptions::default(),
+        )
+        .unwrap();
+        Self {
+            image_url: server.url("/images/busybox.tar.gz"),
+            build_url: server.url("/builds/app.tar.gz"),
+            server,
+        }
+    }
+}
+
 /// A set-up proc in its own VR_ROOT.
 pub struct TestProc {
     tmp: Option<tempfile::TempDir>,
@@ -120,6 +159,7 @@ pub struct TestProc {
     pub name: String,
     pub opts: ProcOpts,
     pub proc: LxcProc,
+    pub tarballs: Tarballs,
     children: Vec<Child>,
     n_outputs: u32,
 }
@@ -131,28 +171,9 @@ impl TestProc {
             .tempdir()
             .unwrap();
         let root = Root::new(tmp.path().join("vr root"));
+        let tarballs = Tarballs::serve(&opts.app_files);
         let file = tmp.path().join("proc.yaml");
-        let mut yaml = serde_json::json!({
-            "app_name": "vrt",
-            "version": unique(tag),
-            "config_name": "cfg",
-            "release_hash": "abc123",
-            "proc_name": "web",
-            "port": opts.port,
-            "user": opts.user.to_string(),
-            "group": opts.group.to_string(),
-            "cmd": opts.cmd,
-            "env": {"FOO": "bar from env.sh"},
-            "settings": {"greeting": "hello settings"},
-            "volumes": opts.volumes.iter()
-                .map(|(h, c)| vec![h.to_string_lossy().into_owned(), c.clone()])
-                .collect::<Vec<_>>(),
-        });
-        if let Some(m) = opts.mem_limit {
-            yaml["mem_limit"] = m.into();
-        }
-        std::fs::write(&file, serde_json::to_string_pretty(&yaml).unwrap()).unwrap();
-
+        write_proc_yaml(&file, &unique(tag), &opts, &tarballs);
         let mut this = Self {
             tmp: Some(tmp),
             root: root.clone(),
@@ -160,6 +181,7 @@ impl TestProc {
             name: String::new(),
             opts: opts.clone(),
             proc: placeholder_proc(&root),
+            tarballs,
             children: Vec::new(),
             n_outputs: 0,
         };
@@ -168,31 +190,16 @@ impl TestProc {
 
         let config = vrun::config::ProcConfig::load(&file).unwrap();
         this.name = config.container_name().unwrap();
-        let paths = root.proc(&this.name);
-
-        // The layers setup will fetch once the pipeline is wired: built and extracted here.
-        let layers = this.dir().join("layers");
-        let build = layers.join("build");
-        image::gnu_untar(&image::app_build(&opts.app_files), &build.join("app"));
-        let chown = Command::new("chown")
-            .arg("-R")
-            .arg(format!("{}:{}", opts.user, opts.group))
-            .arg(build.join("app"))
-            .status()
-            .unwrap();
-        assert!(chown.success());
-        let mut state = ProcState::load(&paths.state()).unwrap();
-        state.build_layer = Some(build);
-        if opts.with_image {
-            let dir = layers.join("image");
-            image::gnu_untar(&image::busybox_image(), &dir);
-            state.image_layer = Some(dir);
-        }
-        state.save(&paths.state()).unwrap();
-
         this.proc =
             LxcProc::from_config(&root, &this.name, &config, &config.owner().unwrap()).unwrap();
         this
+    }
+
+    /// Another proc.yaml (another version, same build and image) in this VR_ROOT.
+    pub fn sibling_file(&self, tag: &str) -> PathBuf {
+        let file = self.dir().join(format!("{tag}.yaml"));
+        write_proc_yaml(&file, &unique(tag), &self.opts, &self.tarballs);
+        file
     }
 
     /// The test's temp dir (proc.yaml, layers, child outputs).
@@ -314,6 +321,37 @@ impl TestProc {
             })
             .unwrap_or_default()
     }
+}
+
+/// proc.yaml for `opts`, version `version`, fetching from `tarballs`.
+fn write_proc_yaml(file: &Path, version: &str, opts: &ProcOpts, tarballs: &Tarballs) {
+    let mut yaml = serde_json::json!({
+        "app_name": "vrt",
+        "version": version,
+        "config_name": "cfg",
+        "release_hash": "abc123",
+        "proc_name": "web",
+        "port": opts.port,
+        "user": opts.user.to_string(),
+        "group": opts.group.to_string(),
+        "env": {"FOO": "bar from env.sh"},
+        "settings": {"greeting": "hello settings"},
+        "build_url": tarballs.build_url,
+        "volumes": opts.volumes.iter()
+            .map(|(h, c)| vec![h.to_string_lossy().into_owned(), c.clone()])
+            .collect::<Vec<_>>(),
+    });
+    if let Some(cmd) = &opts.cmd {
+        yaml["cmd"] = cmd.clone().into();
+    }
+    if opts.with_image {
+        yaml["image_name"] = "busybox-test".into();
+        yaml["image_url"] = tarballs.image_url.clone().into();
+    }
+    if let Some(m) = opts.mem_limit {
+        yaml["mem_limit"] = m.into();
+    }
+    std::fs::write(file, serde_json::to_string_pretty(&yaml).unwrap()).unwrap();
 }
 
 /// Stand-in until setup has run and the container name is known.
