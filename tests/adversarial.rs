@@ -1651,5 +1651,35 @@ fn enospc_mid_extraction_is_a_clean_error() {
             tmpfs.used()
         );
     }
+    // The download itself does not fit: 3 MiB of incompressible bytes, so the blob write
+    // (the tee before the decoder) hits ENOSPC. Same promise.
+    let noise: Vec<u8> = {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..3 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let archive = compress(Format::Gzip, &Tar::new().file("noise", &noise).end());
+    assert!(archive.len() > 2 << 20);
+    let rt = runtime();
+    let server = Server::empty(ServerOptions::default()).unwrap();
+    server.insert("/big.tgz", archive).unwrap();
+    for mode in [BUILD, Mode::Image] {
+        let store = fs_dir.join("store");
+        let e = run_pipeline(&rt, &server, "/big.tgz", &store, mode, &no_reserve).unwrap_err();
+        assert!(e.contains("No space left on device"), "{mode:?}: {e}");
+        assert_eq!(store_leftovers(&store), Vec::<String>::new());
+        fs::remove_dir_all(&store).unwrap();
+        assert!(
+            tmpfs.used() <= empty,
+            "{mode:?}: {} bytes still used",
+            tmpfs.used()
+        );
+    }
     arena.check().unwrap();
 }
