@@ -25,7 +25,8 @@
 //!
 //! xz uses liblzma's multithreaded decoder, which decodes the independent blocks of a
 //! multi-block file (`xz -T0`, pixz) on several cores and falls back to single-threaded
-//! decoding for single-block files. Its memory is capped by [`XZ_MEMLIMIT_THREADING`].
+//! decoding for single-block files. Its memory is capped by [`XZ_MEMLIMIT_THREADING`]
+//! (which, for the usual 24 MiB blocks of `xz -6 -T0`, means one thread).
 
 use std::fmt;
 use std::io::{self, BufRead, Read};
@@ -37,9 +38,12 @@ pub const HEAD_LEN: usize = 512;
 /// and FFI overhead vanish), small enough to stay in L2.
 const INPUT_BUFFER: usize = 128 * 1024;
 
-/// Memory liblzma may use for threaded xz decoding before it falls back to one thread.
-/// Two threads of `xz -6 -T2` output need about 2 × 3 × 8 MiB of block buffers.
-pub const XZ_MEMLIMIT_THREADING: u64 = 128 * 1024 * 1024;
+/// Memory liblzma may use for threaded xz decoding; above it, it decodes with fewer
+/// threads (down to one). Measured: threaded decoding of `xz -6 -T2` output (24 MiB
+/// blocks) peaked at 155 MB RSS against a 64 MiB target for all of `vrun setup`, and gave
+/// no speed-up on our busy 2-core machine; so only files with small blocks (e.g.
+/// `xz -T2 --block-size=4MiB`) get two threads.
+pub const XZ_MEMLIMIT_THREADING: u64 = 32 * 1024 * 1024;
 
 /// Memory above which liblzma refuses an xz stream outright (a hostile header can ask for a
 /// 1.5 GiB dictionary). `xz -9e` needs 65 MiB to decode, so this is generous.
