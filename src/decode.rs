@@ -23,10 +23,12 @@
 //! So we drive each crate's single-member `bufread` decoder ourselves over one shared input
 //! buffer ([`Input`]), and at each member boundary look at what follows.
 //!
-//! xz uses liblzma's multithreaded decoder, which decodes the independent blocks of a
-//! multi-block file (`xz -T0`, pixz) on several cores and falls back to single-threaded
-//! decoding for single-block files. Its memory is capped by [`XZ_MEMLIMIT_THREADING`]
-//! (which, for the usual 24 MiB blocks of `xz -6 -T0`, means one thread).
+//! xz: liblzma's multithreaded decoder can decode the independent blocks of a multi-block
+//! file (`xz -T0`, pixz) on several cores, but we measured it and default to one thread:
+//! on the 248 MB build corpus (`xz -6 -T2`, 24 MiB blocks) two threads peaked at 155 MB
+//! RSS (target: 64 MiB for all of `vrun setup`), and capped to [`XZ_MEMLIMIT_THREADING`]
+//! it ran slower than the plain decoder (2.41 s vs 2.03 s, `cargo bench --bench decode`).
+//! [`DecodeOptions::xz_threads`] keeps the choice open.
 
 use std::fmt;
 use std::io::{self, BufRead, Read};
@@ -38,11 +40,8 @@ pub const HEAD_LEN: usize = 512;
 /// and FFI overhead vanish), small enough to stay in L2.
 const INPUT_BUFFER: usize = 128 * 1024;
 
-/// Memory liblzma may use for threaded xz decoding; above it, it decodes with fewer
-/// threads (down to one). Measured: threaded decoding of `xz -6 -T2` output (24 MiB
-/// blocks) peaked at 155 MB RSS against a 64 MiB target for all of `vrun setup`, and gave
-/// no speed-up on our busy 2-core machine; so only files with small blocks (e.g.
-/// `xz -T2 --block-size=4MiB`) get two threads.
+/// Memory liblzma may use for threaded xz decoding (when asked for more than one thread);
+/// above it, it decodes with fewer threads. Keeps within the 64 MiB RSS target.
 pub const XZ_MEMLIMIT_THREADING: u64 = 32 * 1024 * 1024;
 
 /// Memory above which liblzma refuses an xz stream outright (a hostile header can ask for a
@@ -259,16 +258,14 @@ pub fn decoder<'a>(format: Format, r: impl Read + Send + 'a) -> Box<dyn Read + S
 /// Tuning of the decoders (benches compare settings; callers use the default).
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeOptions {
-    /// Threads for xz decoding (only multi-block files use more than one).
-    /// Default: the number of cores.
+    /// Threads for xz decoding (only multi-block files can use more than one).
+    /// Default 1: see the module note for the measurement.
     pub xz_threads: u32,
 }
 
 impl Default for DecodeOptions {
     fn default() -> Self {
-        DecodeOptions {
-            xz_threads: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
-        }
+        DecodeOptions { xz_threads: 1 }
     }
 }
 
