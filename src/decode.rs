@@ -23,9 +23,12 @@
 //! So we drive each crate's single-member `bufread` decoder ourselves over one shared input
 //! buffer ([`Input`]), and at each member boundary look at what follows.
 //!
-//! xz uses liblzma's multithreaded decoder, which decodes the independent blocks of a
-//! multi-block file (`xz -T0`, pixz) on several cores and falls back to single-threaded
-//! decoding for single-block files. Its memory is capped by [`XZ_MEMLIMIT_THREADING`].
+//! xz: liblzma's multithreaded decoder can decode the independent blocks of a multi-block
+//! file (`xz -T0`, pixz) on several cores, but we measured it and default to one thread:
+//! on the 248 MB build corpus (`xz -6 -T2`, 24 MiB blocks) two threads peaked at 155 MB
+//! RSS (target: 64 MiB for all of `vrun setup`), and capped to [`XZ_MEMLIMIT_THREADING`]
+//! it ran slower than the plain decoder (2.41 s vs 2.03 s, `cargo bench --bench decode`).
+//! [`DecodeOptions::xz_threads`] keeps the choice open.
 
 use std::fmt;
 use std::io::{self, BufRead, Read};
@@ -37,9 +40,9 @@ pub const HEAD_LEN: usize = 512;
 /// and FFI overhead vanish), small enough to stay in L2.
 const INPUT_BUFFER: usize = 128 * 1024;
 
-/// Memory liblzma may use for threaded xz decoding before it falls back to one thread.
-/// Two threads of `xz -6 -T2` output need about 2 × 3 × 8 MiB of block buffers.
-pub const XZ_MEMLIMIT_THREADING: u64 = 128 * 1024 * 1024;
+/// Memory liblzma may use for threaded xz decoding (when asked for more than one thread);
+/// above it, it decodes with fewer threads. Keeps within the 64 MiB RSS target.
+pub const XZ_MEMLIMIT_THREADING: u64 = 32 * 1024 * 1024;
 
 /// Memory above which liblzma refuses an xz stream outright (a hostile header can ask for a
 /// 1.5 GiB dictionary). `xz -9e` needs 65 MiB to decode, so this is generous.
@@ -255,16 +258,14 @@ pub fn decoder<'a>(format: Format, r: impl Read + Send + 'a) -> Box<dyn Read + S
 /// Tuning of the decoders (benches compare settings; callers use the default).
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeOptions {
-    /// Threads for xz decoding (only multi-block files use more than one).
-    /// Default: the number of cores.
+    /// Threads for xz decoding (only multi-block files can use more than one).
+    /// Default 1: see the module note for the measurement.
     pub xz_threads: u32,
 }
 
 impl Default for DecodeOptions {
     fn default() -> Self {
-        DecodeOptions {
-            xz_threads: std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
-        }
+        DecodeOptions { xz_threads: 1 }
     }
 }
 

@@ -740,6 +740,19 @@ fn junk_after_end_truncation_and_missing_end_marker() {
         e.to_string().contains("truncated") && e.to_string().contains('f'),
         "{e}"
     );
+    // A blank numeric field reads as 0 (as Python's tarfile does); garbage is an error.
+    let mut blank = tar.clone();
+    blank[108..116].fill(0); // uid
+    let mut h = tar::Header::from_byte_slice(&blank[..512]).clone();
+    h.set_cksum();
+    blank[..512].copy_from_slice(h.as_bytes());
+    extract(&blank[..], tmp().path(), Mode::Image, &Limits::default()).unwrap();
+    blank[108] = b'x';
+    let mut h = tar::Header::from_byte_slice(&blank[..512]).clone();
+    h.set_cksum();
+    blank[..512].copy_from_slice(h.as_bytes());
+    let e = extract(&blank[..], tmp().path(), Mode::Image, &Limits::default()).unwrap_err();
+    assert!(e.to_string().contains("bad uid field"), "{e}");
     let mut bad = tar.clone();
     bad[0] = b'g';
     let e = extract(&bad[..], tmp().path(), BUILD, &Limits::default()).unwrap_err();
@@ -886,4 +899,31 @@ fn first_file_is_on_disk_before_the_stream_ends() {
         let stats = worker.join().unwrap().unwrap();
         assert_eq!((stats.files, stats.bytes), (2, 10 + (4 << 20)));
     }
+}
+
+/// Peak memory of decode + extract of a real archive, for the closing note:
+/// `VRUN_RSS_ARCHIVE=target/bench-corpus/build.tar.xz cargo test --test extract peak_rss -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement; needs VRUN_RSS_ARCHIVE"]
+fn peak_rss_of_streaming_extract() {
+    let archive = PathBuf::from(std::env::var_os("VRUN_RSS_ARCHIVE").expect("VRUN_RSS_ARCHIVE"));
+    let hwm = || {
+        let s = fs::read_to_string("/proc/self/status").unwrap();
+        let line = s
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .unwrap()
+            .to_string();
+        line
+    };
+    let before = hwm();
+    let dest = tmp();
+    let stats = extract_file(&archive, dest.path(), BUILD).unwrap();
+    println!(
+        "{}: {} files, {} bytes; before {before}, after {}",
+        archive.display(),
+        stats.files,
+        stats.bytes,
+        hwm()
+    );
 }

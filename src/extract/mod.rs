@@ -18,10 +18,12 @@
 //! desync fix; we use only its header/entry parsing — never its `unpack`), does the
 //! namespace work itself, and hands regular files (header + data, bounded by a byte budget)
 //! to writer threads (`writer`). The number of writers is [`Writers`]; the default (4) was
-//! measured with `VRUN_BENCH_ONESHOT=11 cargo bench --bench writer` on this 2-core machine
-//! (heavily shared, so noisy): a 248 MB / 12k-file build `.tar.gz` onto a fresh loop ext4
-//! took median 3.60 s inline, 3.54 s with 1 writer, 3.40 s with 2, 3.15 s with 4 (GNU
-//! `tar xzf`: 5.00 s). Writer threads let decompression overlap file creation; beyond the
+//! measured with `VRUN_BENCH_ONESHOT=7 cargo bench --bench writer` on this shared 2-core
+//! machine: a 248 MB / 12k-file build `.tar.gz` onto a fresh loop-mounted ext4 took median
+//! 1.64 s inline, 1.72 s with 1 writer, 1.64 s with 2, 1.52 s with 4 (GNU `tar xzf`:
+//! 2.57 s); on tmpfs 1.31 / 1.14 / 1.15 / 1.21 s (`tar xzf` 2.16 s). For the plain tar, where
+//! there is nothing to overlap, inline was best on ext4 (1.11 s; 4 writers 1.18 s; `tar xf`
+//! 1.16 s). Writer threads let decompression overlap file creation; beyond the
 //! second core they only help while a writer is blocked in the kernel (slow disks, dirty
 //! page throttling), which is what rustup measured too, and they cost no memory here: all
 //! writers share one byte budget.
