@@ -1026,6 +1026,37 @@ fn cache_verify_finds_damage_and_the_next_setup_heals_it() {
     t.vrun(["cache", "verify", "--deep"]).run().assert_ok();
 }
 
+/// Issue 8: `vrun cache gc` while a real `vrun setup` is half-way through its download.
+/// gc waits for the setup (store lock), the setup succeeds, and gc then keeps the layer
+/// the new proc references (the blob, referenced by no proc, may go).
+#[test]
+fn cache_gc_during_a_setup_waits_and_keeps_what_the_setup_published() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let (server, url) = serve("gc.tar.gz", &a.bytes);
+    let path = "/builds/gc.tar.gz";
+    server.set_fault(path, Fault::new().throttle(a.len() / 3));
+    let running = setup(&t, &proc_yaml(&t, 5000, &url, Some(&a.md5))).spawn();
+    wait_until("the download to start", PATIENCE, || {
+        server.bytes_sent(path) > 0
+    });
+    let gc = t.vrun(["cache", "gc"]).spawn();
+    let setup_run = running.finish();
+    setup_run.assert_ok();
+    let gc_run = gc.finish();
+    gc_run.assert_ok();
+    assert!(
+        gc_run.stderr.contains("waiting for the cache lock"),
+        "gc did not wait for the setup: {gc_run:#?}"
+    );
+    assert_eq!(timings(&setup_run.stdout)["build"]["cache"], "miss");
+    // gc ran after the setup (it waited): the proc's layer is intact.
+    assert!(t.proc_dir(&proc_name(5000)).join("state.json").exists());
+    let app = build_layer_app(&t, &a, 65534, 65534);
+    assert_same_tree(&walk(&app), &expected_for(&a, 65534, 65534));
+    t.vrun(["cache", "verify", "--deep"]).run().assert_ok();
+}
+
 // ---------------------------------------------------------------- build + image
 
 /// A small OS root: owners and modes of its own, an absolute symlink, a setuid binary and
