@@ -351,9 +351,15 @@ fn timings(stdout: &str) -> serde_json::Value {
 /// A server with the archive at `/builds/<name>`; returns it and the URL.
 fn serve(name: &str, body: &[u8]) -> (Server, String) {
     let path = format!("/builds/{name}");
-    let server = Server::start([(path.clone(), body.to_vec())], ServerOptions::default()).unwrap();
+    let server = serve_paths(&[(&path, body)]);
     let url = server.url(&path);
     (server, url)
+}
+
+/// A loopback server with these bodies at these paths, no faults.
+fn serve_paths(files: &[(&str, &[u8])]) -> Server {
+    let files = files.iter().map(|(p, b)| (p.to_string(), b.to_vec()));
+    Server::start(files, ServerOptions::default()).unwrap()
 }
 
 /// The GET requests the server saw for `url`'s path.
@@ -1097,14 +1103,10 @@ fn build_and_image_download_at_the_same_time_into_their_own_layers() {
         .arg(src.path())
         .arg("."));
     let image = Archive::new(compress(Fmt::Bzip2, &tar), src);
-    let server = Server::start(
-        [
-            ("/builds/shop.tar.gz", build.bytes.clone()),
-            ("/images/os.tar.bz2", image.bytes.clone()),
-        ],
-        ServerOptions::default(),
-    )
-    .unwrap();
+    let server = serve_paths(&[
+        ("/builds/shop.tar.gz", &build.bytes),
+        ("/images/os.tar.bz2", &image.bytes),
+    ]);
     let (build_url, image_url) = (
         server.url("/builds/shop.tar.gz"),
         server.url("/images/os.tar.bz2"),
@@ -1262,14 +1264,10 @@ fn builds_with_the_same_file_name_on_different_paths_do_not_collide() {
     // The original runner cached by the URL's basename: these two would have been one.
     let t = TestDir::new();
     let (a, b) = (Archive::build(Fmt::Gzip), Archive::build(Fmt::Xz));
-    let server = Server::start(
-        [
-            ("/team-a/app.tar.gz", a.bytes.clone()),
-            ("/team-b/app.tar.gz", b.bytes.clone()),
-        ],
-        ServerOptions::default(),
-    )
-    .unwrap();
+    let server = serve_paths(&[
+        ("/team-a/app.tar.gz", &a.bytes),
+        ("/team-b/app.tar.gz", &b.bytes),
+    ]);
     let (url_a, url_b) = (
         server.url("/team-a/app.tar.gz"),
         server.url("/team-b/app.tar.gz"),
@@ -1301,14 +1299,10 @@ fn builds_with_the_same_file_name_on_different_paths_do_not_collide() {
 fn a_mirror_url_with_the_same_md5_reuses_the_layer_without_a_get() {
     let t = TestDir::new();
     let a = Archive::build(Fmt::Gzip);
-    let server = Server::start(
-        [
-            ("/primary/shop.tar.gz", a.bytes.clone()),
-            ("/mirror/shop-copy.tgz", a.bytes.clone()),
-        ],
-        ServerOptions::default(),
-    )
-    .unwrap();
+    let server = serve_paths(&[
+        ("/primary/shop.tar.gz", &a.bytes),
+        ("/mirror/shop-copy.tgz", &a.bytes),
+    ]);
     let (primary, mirror) = (
         server.url("/primary/shop.tar.gz"),
         server.url("/mirror/shop-copy.tgz"),
@@ -1363,14 +1357,10 @@ fn two_mirrors_of_one_build_set_up_together_publish_one_blob_and_one_layer() {
     // Locks are per URL, so both download; the store must still end up with one copy.
     let t = TestDir::new();
     let a = Archive::build(Fmt::Gzip);
-    let server = Server::start(
-        [
-            ("/primary/shop.tar.gz", a.bytes.clone()),
-            ("/mirror/shop.tar.gz", a.bytes.clone()),
-        ],
-        ServerOptions::default(),
-    )
-    .unwrap();
+    let server = serve_paths(&[
+        ("/primary/shop.tar.gz", &a.bytes),
+        ("/mirror/shop.tar.gz", &a.bytes),
+    ]);
     for path in ["/primary/shop.tar.gz", "/mirror/shop.tar.gz"] {
         server.set_fault(path, Fault::new().throttle(a.len() / 2));
     }
