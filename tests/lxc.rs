@@ -194,8 +194,11 @@ fn orphans_of_a_killed_run_are_cleaned_by_the_next_run() {
     let (pid, _, _) = p.spawn_run(1);
     assert!(wait_for(READY, || second.exists().then_some(())).is_some());
     // vrun and lxc-execute die at once (an OOM kill, `kill -9 -PGID`): the payload is orphaned.
+    // vrun is stopped first: a live vrun that sees lxc-execute die cleans the container up
+    // itself, and under a loaded test run the two kills can be milliseconds apart.
     let monitors = vrun::lxc::cgroups::monitor_pids(&p.name);
     assert_eq!(monitors.len(), 1, "one lxc-execute: {monitors:?}");
+    kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
     kill(Pid::from_raw(monitors[0]), Signal::SIGKILL).unwrap();
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     assert_eq!(p.wait_child(pid), 137);
