@@ -1312,6 +1312,7 @@ fn run_pipeline(
         md5: None,
         uid: if matches!(mode, Mode::Image) { 0 } else { UID },
         gid: if matches!(mode, Mode::Image) { 0 } else { GID },
+        keep_blob: true,
     };
     let r = rt.block_on(pipeline::prepare(
         store,

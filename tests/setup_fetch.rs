@@ -953,6 +953,76 @@ fn a_proc_of_another_user_extracts_the_cached_blob_without_a_get() {
 }
 
 #[test]
+fn no_blob_keeps_only_the_layer_and_later_procs_still_find_it() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Gzip);
+    let (server, url) = serve("shop.tar.gz", &a.bytes);
+    let r = t
+        .vrun([
+            Path::new("setup"),
+            Path::new("--timings"),
+            Path::new("--no-blob"),
+            &proc_yaml(&t, 5001, &url, Some(&a.md5)),
+        ])
+        .run();
+    r.assert_ok();
+    let j = timings(&r.stdout);
+    assert_eq!(j["build"]["cache"], "miss");
+    for stage in ["download_s", "extracted_s", "flush_wait_s", "publish_s"] {
+        assert!(j["build"][stage].is_f64(), "{stage} in {j}");
+    }
+    let cache = Cache::of(&t);
+    assert_eq!(cache.blobs(), Vec::<String>::new(), "no blob kept");
+    assert_eq!(cache.md5_index(), vec![a.md5.clone()]);
+    assert_eq!(cache.url_index().len(), 1);
+    assert_eq!(cache.ingest(), Vec::<String>::new());
+    assert_same_tree(
+        &walk(&build_layer_app(&t, &a, OWNER, OWNER)),
+        &expected_for(&a, OWNER, OWNER),
+    );
+
+    // gc keeps the index entries of a blob-less layer: they are how setup finds it. The
+    // second proc (same user; the setting from the environment) reuses it without a GET.
+    t.vrun(["cache", "gc"]).run().assert_ok();
+    assert_eq!(
+        cache.md5_index(),
+        vec![a.md5.clone()],
+        "gc kept the md5 entry"
+    );
+    let r = setup(&t, &proc_yaml(&t, 5002, &url, Some(&a.md5)))
+        .env("VRUN_NO_BLOB", "1")
+        .run();
+    r.assert_ok();
+    assert_eq!(timings(&r.stdout)["build"]["cache"], "layer");
+    assert_eq!(gets(&server, &url).len(), 1, "no GET for the second proc");
+
+    // Another user needs another layer and there is no blob to make it from: download.
+    let who = "user: \"1234\"\ngroup: \"1234\"\n";
+    let r = setup(&t, &proc_yaml_as(&t, 5003, &url, None, who))
+        .env("VRUN_NO_BLOB", "yes")
+        .run();
+    r.assert_ok();
+    assert_eq!(timings(&r.stdout)["build"]["cache"], "miss");
+    assert_eq!(gets(&server, &url).len(), 2);
+    assert_same_tree(
+        &walk(&build_layer_app(&t, &a, 1234, 1234)),
+        &expected_for(&a, 1234, 1234),
+    );
+    assert_eq!(cache.blobs(), Vec::<String>::new());
+    assert_eq!(cache.layers().len(), 2);
+
+    // Once no proc uses them, gc removes the layers and then their index entries.
+    for port in [5001, 5002, 5003] {
+        let file = t.path().join(format!("proc-{port}.yaml"));
+        t.vrun([Path::new("teardown"), &file]).run().assert_ok();
+    }
+    t.vrun(["cache", "gc"]).run().assert_ok();
+    assert_eq!(cache.layers(), Vec::<String>::new());
+    assert_eq!(cache.md5_index(), Vec::<String>::new());
+    assert_eq!(cache.url_index(), Vec::<String>::new());
+}
+
+#[test]
 fn a_corrupt_cached_blob_is_quarantined_and_fetched_again() {
     let t = TestDir::new();
     let a = Archive::build(Fmt::Gzip);

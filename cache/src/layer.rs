@@ -9,7 +9,10 @@
 //! damaged by hand, or by a full disk on a filesystem without ordered renames, is a miss).
 //!
 //! Durability: one `syncfs` on the staging filesystem before the rename instead of an
-//! fsync per extracted file, then an fsync of `layers-v1/` after it.
+//! fsync per extracted file, then an fsync of `layers-v1/` after it. The first `syncfs`
+//! runs beside the manifest walk (I/O wait next to CPU on cached inodes; the walk took
+//! 0.14–0.18 s of the 262 MB / 12k-file bench build's publish), a second, cheap one
+//! covers the manifest and `layer.json`.
 //!
 //! Metadata lives beside the tree, not inside it, so nothing of the store shows up in
 //! the container's filesystem.
@@ -217,11 +220,19 @@ impl Store {
             return Ok(root);
         }
 
-        let started = Instant::now();
+        // The tree's data goes to disk while the manifest walk (CPU on inodes still in
+        // cache) runs beside it; the syncfs below then only has the two small files left.
         let content_hashed = mode == ManifestMode::Full;
-        let manifest = Manifest::scan(staging, content_hashed)?;
+        let (flushed, scanned) = std::thread::scope(|s| {
+            let flush = s.spawn(|| fsutil::syncfs(staging));
+            let started = Instant::now();
+            let scanned = Manifest::scan(staging, content_hashed)
+                .map(|m| (m, started.elapsed().as_secs_f64()));
+            (flush.join().expect("syncfs does not panic"), scanned)
+        });
+        flushed?;
+        let (manifest, manifest_seconds) = scanned?;
         let manifest_text = manifest.to_text();
-        let manifest_seconds = started.elapsed().as_secs_f64();
 
         let wrapper = self
             .layout

@@ -16,7 +16,9 @@
 //!   on the same filesystem and appears under its published name with one rename. Only
 //!   published names are ever read, so anything a killed process left in ingest is
 //!   invisible until gc removes it. Extracted trees are made durable with one `syncfs`
-//!   instead of thousands of fsyncs.
+//!   instead of thousands of fsyncs. A layer may exist without its blob (setup's
+//!   `--no-blob`, for slow disks): the md5/URL index then still leads to the layer, and
+//!   gc keeps those index entries while such a layer does.
 //! - **Locks, then re-check.** One writer per key across processes (flock on
 //!   `locks-v1/<key>.lock`); the waiter re-checks and finds the work done. A store-wide
 //!   lock, shared by every user and exclusive for gc/verify, keeps maintenance from

@@ -346,9 +346,10 @@ impl Store {
         Ok(())
     }
 
-    /// Index entries whose blob is gone are misses anyway; gc tidies them away, with the
-    /// temp files of index writes a killed process left (no writer is alive under the
-    /// exclusive lock).
+    /// Index entries whose blob and layers are all gone are misses anyway; gc tidies them
+    /// away, with the temp files of index writes a killed process left (no writer is
+    /// alive under the exclusive lock). An entry whose blob was never kept (`--no-blob`)
+    /// stays while a layer of its sha256 does: it is how setup finds that layer.
     fn remove_dangling_index(&self) -> Result<(), StoreError> {
         for dir in [
             self.layout.index_md5(),
@@ -362,8 +363,13 @@ impl Store {
             }
         }
         let rev = self.reverse_index()?;
+        let layered: std::collections::HashSet<String> =
+            fsutil::sorted_names(&self.layout.layers())?
+                .into_iter()
+                .filter_map(|(name, _)| LayerKey::parse(&name).map(|k| k.blob_sha256))
+                .collect();
         for (sha, files) in rev.md5.iter().chain(rev.urls.iter()) {
-            if !self.blob_path(sha).is_file() {
+            if !self.blob_path(sha).is_file() && !layered.contains(sha) {
                 for (_, path) in files {
                     let _ = std::fs::remove_file(path);
                 }

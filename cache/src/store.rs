@@ -266,6 +266,16 @@ impl Store {
             fs_err::rename(ingest.blob_path(), &dest)?;
             fsutil::fsync_dir(&self.layout.blobs())?;
         }
+        self.record_digest(d, url)?;
+        Ok(dest)
+    }
+
+    /// Records md5 → sha256 (and the URL, when given) without a blob: what setup does when
+    /// it keeps only the extracted layer (`--no-blob`). Lookups by md5 or URL then find
+    /// the layer by its key; gc keeps such entries while a layer of that sha256 exists.
+    pub fn record_digest(&self, d: &BlobDigest, url: Option<&UrlRecord>) -> Result<(), StoreError> {
+        check_hex("sha256", &d.sha256, 64)?;
+        check_hex("md5", &d.md5, 32)?;
         fsutil::write_atomic(
             &self.layout.index_md5().join(&d.md5),
             format!("{}\n", d.sha256).as_bytes(),
@@ -278,7 +288,7 @@ impl Store {
             };
             self.record_url(&rec)?;
         }
-        Ok(dest)
+        Ok(())
     }
 
     /// The sha256 recorded for an md5, if any. A malformed query or entry is a miss. The

@@ -53,6 +53,7 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
             md5: config.build_md5.clone(),
             uid: owner.uid,
             gid: owner.gid,
+            keep_blob: !args.no_blob,
         });
     }
     if let Some(url) = &config.image_url {
@@ -62,6 +63,7 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
             md5: config.image_md5.clone(),
             uid: 0,
             gid: 0,
+            keep_blob: !args.no_blob,
         });
     }
     for art in &artifacts {
