@@ -1,0 +1,631 @@
+//! bzip2 on all cores, for the files parallel compressors write.
+//!
+//! bzip2 is by far our slowest decoder (about 20 MB/s of output per core, five times slower
+//! than gzip), and the archives operators build with `pbzip2` are a concatenation of
+//! independent bzip2 *streams*, one per 900 kB of input. Those can be decoded side by side.
+//! This reader does that and hands the output back in order, through the same synchronous
+//! `Read` the tar parser pulls from.
+//!
+//! ## Shape
+//!
+//! The caller's thread reads the input in [`READ_CHUNK`]s and looks for byte-aligned
+//! *candidate* stream starts: `BZh`, a level digit, and the first block's magic `1AY&SY`
+//! (ten bytes). It cuts the input at candidates into segments (a segment is at least
+//! [`MIN_SEGMENT`] long, so runs of tiny streams travel together) and gives each to one of
+//! a few worker threads, which decodes it as a sequence of *whole* streams that must end
+//! exactly at the segment's end. Output comes back in [`OUTPUT_CHUNK`]s through a bounded
+//! channel per segment, and the reader returns it strictly in segment order. At most
+//! [`max_in_flight`] segments are cut ahead, so read-ahead stays at a few MB and a
+//! decompression bomb (bzip2's run-length stage expands a 900 kB block to ~45 MB) fills
+//! only [`OUTPUT_DEPTH`] chunks before its worker waits.
+//!
+//! ## Why the output is the sequential decoder's, byte for byte and error for error
+//!
+//! Induction over segments: if segment *i* starts at a true stream boundary (the first
+//! does: offset 0) and a worker decodes it as whole streams ending exactly at its end
+//! c(i+1), then the sequential decoder ([`Members`]) would be at c(i+1), between members,
+//! having produced the same bytes (a bzip2 stream decodes alone: its output depends only on
+//! its own bytes), and would start a member there, since c(i+1) carries the magic. So
+//! segment *i + 1* starts at a true boundary too.
+//!
+//! A candidate can be false (the ten bytes occurring by chance inside compressed data, or
+//! on purpose in hostile input); then some segment does not decode as whole streams. Any
+//! failure of a segment, whatever its cause, hands everything from that segment's start on
+//! to the existing sequential decoder, resumed with the member count and compressed offset
+//! it would have had there, over the bytes still held (that segment, the later ones, the
+//! uncut rest) followed by the rest of the input. The output bytes of the failed segment
+//! the caller already has are decoded again and skipped: a decoder's output is a function
+//! of its input prefix, so what the worker emitted is a prefix of what the sequential
+//! decoder emits. So real corruption surfaces as exactly the sequential decoder's error,
+//! with its member number and offset (the offset is libbz2-rs's count of bytes taken in,
+//! which may differ by up to the 8 bytes it reads ahead when the input is buffered
+//! differently, as it also does between two runs of the sequential decoder on a network
+//! stream). After such a hand-over this reader stays sequential: a false candidate costs
+//! speed, never correctness.
+//!
+//! The last segment is decoded by a worker too (it must then end exactly at end-of-file);
+//! zero padding, trailing garbage and truncation make it fail, and the sequential decoder
+//! then applies its own rules to them. Only a clean end needs no hand-over, and the
+//! sequential decoder would end cleanly there as well.
+//!
+//! ## When it stays sequential
+//!
+//! - One CPU ([`default_workers`]), or `DecodeOptions::bzip2_workers` ≤ 1: no threads at
+//!   all (`decoder_with` does not build this reader).
+//! - A single stream of many blocks (`bzip2`, `lbzip2`) has no candidate after offset 0.
+//!   Once [`MAX_SEGMENT`] bytes are pending without one, the reader stops reading ahead
+//!   and hands over; the threads are never started. Buffering a whole such file would cost
+//!   memory and delay the first file on disk (tests/setup_fetch.rs checks the latter).
+//!   pbzip2 `-9` streams of incompressible data are ~905 kB, under the limit.
+//!   Block-level parallelism inside one stream (what `lbzip2 -d` does) would need a bzip2
+//!   block decoder of our own; not done.
+//! - An error from the input (network, disk) is handed over the same way, at the same byte
+//!   offset, so the caller sees it exactly as the sequential decoder reports it.
+//!
+//! Dropping the reader early (an extraction error, a cancelled setup) sets a stop flag,
+//! drops the channels and joins the workers; a worker notices within one call into the
+//! decoder ([`FEED`] bytes of input or one output chunk).
+
+use std::collections::VecDeque;
+use std::io::{self, Cursor, Read};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use super::{DecodeOptions, Format, Members};
+
+/// Most worker threads one decoder starts. Each holds a bzip2 decoder (3.6 MB for `-9`
+/// blocks) and up to [`OUTPUT_DEPTH`] + 1 output chunks; four keep a decoder well inside
+/// the 64 MiB RSS target of `vrun setup`, and past four the caller's thread (tar parsing,
+/// writing) becomes the bottleneck anyway.
+pub const MAX_WORKERS: u32 = 4;
+
+/// Workers to use by default: the CPUs available to this process, at most
+/// [`MAX_WORKERS`]. 1 (decode on the caller's thread) when that cannot be determined.
+pub fn default_workers() -> u32 {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get() as u32)
+        .min(MAX_WORKERS)
+}
+
+/// Segments cut ahead of the one being returned: enough that every worker has one to
+/// decode while the reader drains another, plus one being queued; with `MAX_SEGMENT` this
+/// bounds the compressed read-ahead at a few MB.
+fn max_in_flight(workers: usize) -> usize {
+    2 * workers + 1
+}
+
+/// Input asked of the inner reader per call.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// A segment is cut only at a candidate at least this far from its start, so runs of tiny
+/// streams go to one worker together (each segment costs a channel, a thread hop and a
+/// fresh 3.6 MB decoder state). pbzip2's streams are larger (≥ ~90 kB even for text).
+const MIN_SEGMENT: usize = 64 * 1024;
+
+/// Pending input without a further candidate after which the reader hands over to the
+/// sequential decoder: a single-stream file must not be buffered whole. Above pbzip2 -9's
+/// largest streams (~905 kB, incompressible data), low enough that the first file of a
+/// `bzip2 -1` archive still reaches disk long before the download ends.
+const MAX_SEGMENT: usize = 1024 * 1024;
+
+/// Output handed back per message. A pbzip2 -9 segment yields ~900 kB, so a worker can
+/// finish a whole segment into its channel while the reader drains the previous one
+/// (which is what keeps both cores busy), yet a bomb is held back after 1.5 MiB.
+const OUTPUT_CHUNK: usize = 512 * 1024;
+
+/// Output chunks a worker may queue per segment before it waits for the reader.
+const OUTPUT_DEPTH: usize = 2;
+
+/// Input given to one decoder call: how often a worker looks at the stop flag while it
+/// reads a block (about 3 ms of work).
+const FEED: usize = 64 * 1024;
+
+/// `BZh`, level, and the first block's magic: what a stream with at least one block starts
+/// with. (An empty stream has no block; it never starts a segment, but may sit inside one.)
+const STREAM_START_LEN: usize = 10;
+const BLOCK_MAGIC: [u8; 6] = [0x31, 0x41, 0x59, 0x26, 0x53, 0x59];
+
+fn is_stream_start(b: &[u8]) -> bool {
+    b.len() >= STREAM_START_LEN
+        && b.starts_with(b"BZh")
+        && (b'1'..=b'9').contains(&b[3])
+        && b[4..10] == BLOCK_MAGIC
+}
+
+/// Where segments may be cut: the first candidate at or after `from` that lies wholly in
+/// `buf`. A function pointer so tests can add false candidates.
+type FindCut = fn(&[u8], usize) -> Option<usize>;
+
+/// The first candidate stream start at or after `from` that lies wholly in `buf`.
+fn find_stream_start(buf: &[u8], from: usize) -> Option<usize> {
+    let last = buf.len().checked_sub(STREAM_START_LEN)?;
+    let mut i = from;
+    while i <= last {
+        i += buf[i..=last].iter().position(|&b| b == b'B')?;
+        if is_stream_start(&buf[i..]) {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Decode `seg` as a sequence of whole bzip2 streams ending exactly at its end, giving the
+/// output to `emit` in chunks of at most [`OUTPUT_CHUNK`] bytes. Returns the number of
+/// streams, or `None` when `seg` is not such a sequence (truncated, corrupt, followed by
+/// anything, starting elsewhere than at a stream), when `emit` returns false, or when
+/// `stop` is set.
+fn decode_segment(
+    seg: &[u8],
+    stop: &AtomicBool,
+    mut emit: impl FnMut(Vec<u8>) -> bool,
+) -> Option<u64> {
+    let mut pos = 0;
+    let mut streams = 0;
+    let mut chunk = Vec::with_capacity(OUTPUT_CHUNK);
+    while pos < seg.len() {
+        if !Format::Bzip2.member_magic(&seg[pos..]) {
+            return None;
+        }
+        let mut d = bzip2::Decompress::new(false);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            if chunk.len() == chunk.capacity() {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(OUTPUT_CHUNK));
+                if !emit(full) {
+                    return None;
+                }
+            }
+            let input = &seg[pos..seg.len().min(pos + FEED)];
+            let (in_before, out_before) = (d.total_in(), d.total_out());
+            let status = d.decompress_vec(input, &mut chunk).ok()?;
+            let consumed = (d.total_in() - in_before) as usize;
+            let produced = d.total_out() - out_before;
+            pos += consumed;
+            match status {
+                bzip2::Status::StreamEnd => break,
+                bzip2::Status::Ok if consumed > 0 || produced > 0 => {}
+                // No progress with room for output: the segment ends inside the stream.
+                _ => return None,
+            }
+        }
+        streams += 1;
+    }
+    if !chunk.is_empty() && !emit(chunk) {
+        return None;
+    }
+    Some(streams)
+}
+
+/// A worker's word on its segment, in order: `Data`*, then `Done` or `Failed`.
+enum Output {
+    Data(Vec<u8>),
+    /// The segment was this many whole streams, ending exactly at its end.
+    Done {
+        streams: u64,
+    },
+    /// It was not; the reader hands over to the sequential decoder.
+    Failed,
+}
+
+struct Job {
+    bytes: Arc<[u8]>,
+    out: Sender<Output>,
+}
+
+fn work(jobs: Receiver<Job>, stop: Arc<AtomicBool>) {
+    while let Ok(job) = jobs.recv() {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        // A panic on hostile input must not leave the reader waiting for this segment;
+        // the sequential decoder then meets the same input on the caller's thread.
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            decode_segment(&job.bytes, &stop, |chunk| {
+                job.out.send(Output::Data(chunk)).is_ok()
+            })
+        }));
+        let verdict = match result {
+            Ok(Some(streams)) => Output::Done { streams },
+            _ => Output::Failed,
+        };
+        let _ = job.out.send(verdict);
+    }
+}
+
+/// The worker threads of one decoder, started on the first segment (a single-stream file
+/// never starts any). Dropping it stops and joins them.
+struct Pool {
+    jobs: Option<Sender<Job>>,
+    jobs_rx: Receiver<Job>,
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    workers: usize,
+}
+
+impl Pool {
+    fn new(workers: usize) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Pool {
+            jobs: Some(tx),
+            jobs_rx: rx,
+            threads: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            workers,
+        }
+    }
+
+    /// Queue `bytes` for a worker; its output arrives on the returned receiver. If no
+    /// thread can be started, the receiver reports a disconnect, which the reader treats
+    /// like a failed segment.
+    fn submit(&mut self, bytes: Arc<[u8]>) -> Receiver<Output> {
+        if self.threads.len() < self.workers {
+            let (jobs, stop) = (self.jobs_rx.clone(), self.stop.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vrun-bunzip2-{}", self.threads.len()))
+                .spawn(move || work(jobs, stop));
+            if let Ok(handle) = spawned {
+                self.threads.push(handle);
+            }
+        }
+        let (tx, rx) = crossbeam_channel::bounded(OUTPUT_DEPTH);
+        if !self.threads.is_empty() {
+            if let Some(jobs) = &self.jobs {
+                let _ = jobs.send(Job { bytes, out: tx });
+            }
+        }
+        rx
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.jobs = None;
+        // Queued jobs hold output senders; dropping them lets nothing wait on them.
+        while self.jobs_rx.try_recv().is_ok() {}
+        for handle in self.threads.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// A segment given to a worker, kept until its output has been returned in full.
+struct Segment {
+    /// Kept for a hand-over to the sequential decoder.
+    bytes: Arc<[u8]>,
+    /// Compressed offset of its first byte.
+    offset: u64,
+    out: Receiver<Output>,
+    /// Output bytes of this segment already returned to the caller.
+    delivered: u64,
+}
+
+/// The inner reader after a hand-over: first the error that caused it, if any (so the
+/// sequential decoder meets it at the same offset), then the rest of the input.
+struct Rest<R> {
+    error: Option<io::Error>,
+    inner: R,
+}
+
+impl<R: Read> Read for Rest<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.error.take() {
+            Some(e) => Err(e),
+            None => self.inner.read(buf),
+        }
+    }
+}
+
+type Sequential<R> = Members<io::Chain<Cursor<Vec<u8>>, Rest<R>>>;
+
+/// The parallel phase: segments in flight and the input not yet cut.
+struct Parallel<R> {
+    /// Declared before `pool`: receivers are dropped before the workers are joined.
+    segments: VecDeque<Segment>,
+    /// The output chunk being returned (of the first segment) and how much of it has been.
+    chunk: Vec<u8>,
+    chunk_pos: usize,
+    pool: Pool,
+    inner: R,
+    eof: bool,
+    read_error: Option<io::Error>,
+    /// Input read but not yet cut; starts at a stream boundary if the segments before
+    /// it decode.
+    pending: Vec<u8>,
+    pending_offset: u64,
+    /// What the inner reader reads into (a copy into `pending` is cheaper than zeroing
+    /// `pending`'s spare room for every read, as reads are often small).
+    scratch: Option<Box<[u8]>>,
+    /// Candidates before this index of `pending` have been looked for.
+    scanned: usize,
+    /// Whole streams returned before the first segment in flight (or before `pending`).
+    members: u64,
+    options: DecodeOptions,
+    find_cut: FindCut,
+    /// Segments decoded by workers (for tests and benches to see the path taken).
+    decoded: u64,
+}
+
+enum Step {
+    Data(usize),
+    End,
+    HandOver,
+}
+
+impl<R: Read> Parallel<R> {
+    fn max_in_flight(&self) -> usize {
+        max_in_flight(self.pool.workers)
+    }
+
+    /// Return output of the first segment, cutting and reading ahead as there is room;
+    /// or say the input ended cleanly, or that the sequential decoder must take over.
+    fn step(&mut self, out: &mut [u8]) -> Step {
+        loop {
+            if self.chunk_pos < self.chunk.len() {
+                let n = out.len().min(self.chunk.len() - self.chunk_pos);
+                out[..n].copy_from_slice(&self.chunk[self.chunk_pos..self.chunk_pos + n]);
+                self.chunk_pos += n;
+                if let Some(head) = self.segments.front_mut() {
+                    head.delivered += n as u64;
+                }
+                return Step::Data(n);
+            }
+            if let Some(head) = self.segments.front() {
+                match head.out.try_recv() {
+                    Ok(output) => {
+                        if self.take(output) {
+                            continue;
+                        }
+                        return Step::HandOver;
+                    }
+                    Err(TryRecvError::Disconnected) => return Step::HandOver,
+                    Err(TryRecvError::Empty) => {}
+                }
+            }
+            let room = self.segments.len() < self.max_in_flight();
+            if room {
+                self.cut();
+            }
+            let room = self.segments.len() < self.max_in_flight();
+            if room && !self.eof && self.pending.len() < MAX_SEGMENT {
+                if !self.fill() {
+                    return Step::HandOver;
+                }
+                continue;
+            }
+            if room && self.eof && !self.pending.is_empty() {
+                let last = std::mem::take(&mut self.pending);
+                self.submit(last);
+                continue;
+            }
+            if let Some(head) = self.segments.front() {
+                match head.out.recv() {
+                    Ok(output) => {
+                        if self.take(output) {
+                            continue;
+                        }
+                        return Step::HandOver;
+                    }
+                    Err(_) => return Step::HandOver,
+                }
+            }
+            // Nothing in flight: either all of the input decoded as whole streams, or
+            // `pending` grew too big without a candidate (a single-stream file).
+            if self.eof && self.pending.is_empty() && self.members > 0 {
+                return Step::End;
+            }
+            return Step::HandOver;
+        }
+    }
+
+    /// Act on a message of the first segment; false if it failed.
+    fn take(&mut self, output: Output) -> bool {
+        match output {
+            Output::Data(chunk) => {
+                self.chunk = chunk;
+                self.chunk_pos = 0;
+                true
+            }
+            Output::Done { streams } => {
+                self.members += streams;
+                self.decoded += 1;
+                self.segments.pop_front();
+                true
+            }
+            Output::Failed => false,
+        }
+    }
+
+    /// Read once from the inner reader into `pending`; false on an error (kept for the
+    /// hand-over).
+    fn fill(&mut self) -> bool {
+        let scratch = self
+            .scratch
+            .get_or_insert_with(|| vec![0; READ_CHUNK].into_boxed_slice());
+        match self.inner.read(scratch) {
+            Ok(0) => self.eof = true,
+            Ok(n) => self.pending.extend_from_slice(&scratch[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                self.read_error = Some(e);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Cut segments off `pending` at candidates while there is room in flight.
+    fn cut(&mut self) {
+        while self.segments.len() < self.max_in_flight() {
+            let from = self.scanned.max(MIN_SEGMENT);
+            match (self.find_cut)(&self.pending, from) {
+                Some(at) => {
+                    let rest = self.pending.split_off(at);
+                    let segment = std::mem::replace(&mut self.pending, rest);
+                    self.submit(segment);
+                    self.scanned = 0;
+                }
+                None => {
+                    let unsure = self.pending.len().saturating_sub(STREAM_START_LEN - 1);
+                    self.scanned = from.max(unsure);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Give the bytes at `pending_offset` to a worker.
+    fn submit(&mut self, bytes: Vec<u8>) {
+        let bytes: Arc<[u8]> = bytes.into();
+        let offset = self.pending_offset;
+        self.pending_offset += bytes.len() as u64;
+        let out = self.pool.submit(bytes.clone());
+        self.segments.push_back(Segment {
+            bytes,
+            offset,
+            out,
+            delivered: 0,
+        });
+    }
+
+    /// Stop the workers and build the sequential decoder for everything from the first
+    /// segment not yet returned in full; also returns how many of its output bytes the
+    /// caller already has.
+    fn hand_over(self) -> (Sequential<R>, u64) {
+        let Parallel {
+            segments,
+            pool,
+            inner,
+            read_error,
+            pending,
+            pending_offset,
+            members,
+            options,
+            ..
+        } = self;
+        let (offset, skip) = segments
+            .front()
+            .map_or((pending_offset, 0), |s| (s.offset, s.delivered));
+        let held = segments.iter().map(|s| s.bytes.len()).sum::<usize>() + pending.len();
+        let mut bytes = Vec::with_capacity(held);
+        for s in &segments {
+            bytes.extend_from_slice(&s.bytes);
+        }
+        bytes.extend_from_slice(&pending);
+        drop(segments);
+        drop(pool);
+        let rest = Rest {
+            error: read_error,
+            inner,
+        };
+        let input = Cursor::new(bytes).chain(rest);
+        let members = Members::resume(Format::Bzip2, options, input, members, offset);
+        (members, skip)
+    }
+}
+
+enum Mode<R: Read> {
+    Parallel(Box<Parallel<R>>),
+    Sequential {
+        members: Box<Sequential<R>>,
+        skip: u64,
+    },
+    /// Only while switching.
+    Switching,
+}
+
+/// The parallel bzip2 decoder (see the module note). Built by `decoder_with` when
+/// `bzip2_workers` > 1.
+pub(super) struct ParallelBzip2<R: Read> {
+    mode: Mode<R>,
+    /// Segments the workers decoded, kept after a hand-over (for tests).
+    decoded: u64,
+    handed_over: bool,
+}
+
+impl<R: Read> ParallelBzip2<R> {
+    pub(super) fn new(inner: R, options: DecodeOptions) -> Self {
+        Self::with_cuts(inner, options, find_stream_start)
+    }
+
+    fn with_cuts(inner: R, options: DecodeOptions, find_cut: FindCut) -> Self {
+        let workers = (options.bzip2_workers.max(1) as usize).min(MAX_WORKERS as usize);
+        ParallelBzip2 {
+            mode: Mode::Parallel(Box::new(Parallel {
+                segments: VecDeque::new(),
+                chunk: Vec::new(),
+                chunk_pos: 0,
+                pool: Pool::new(workers),
+                inner,
+                eof: false,
+                read_error: None,
+                pending: Vec::new(),
+                pending_offset: 0,
+                scratch: None,
+                scanned: 0,
+                members: 0,
+                options,
+                find_cut,
+                decoded: 0,
+            })),
+            decoded: 0,
+            handed_over: false,
+        }
+    }
+}
+
+impl<R: Read> Read for ParallelBzip2<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match &mut self.mode {
+                Mode::Parallel(p) => {
+                    let step = p.step(out);
+                    self.decoded = p.decoded;
+                    match step {
+                        Step::Data(n) => return Ok(n),
+                        Step::End => return Ok(0),
+                        Step::HandOver => {}
+                    }
+                }
+                Mode::Sequential { members, skip } => {
+                    while *skip > 0 {
+                        let n = out.len().min(usize::try_from(*skip).unwrap_or(usize::MAX));
+                        match members.read(&mut out[..n])? {
+                            0 => {
+                                return Err(io::Error::other(format!(
+                                    "bzip2 decoder ended {skip} bytes short of \
+                                     what it returned before (internal error)"
+                                )))
+                            }
+                            got => *skip -= got as u64,
+                        }
+                    }
+                    return members.read(out);
+                }
+                Mode::Switching => return Err(io::Error::other("bzip2 stream already failed")),
+            }
+            let Mode::Parallel(p) = std::mem::replace(&mut self.mode, Mode::Switching) else {
+                unreachable!("only the parallel phase hands over");
+            };
+            let (members, skip) = p.hand_over();
+            self.handed_over = true;
+            self.mode = Mode::Sequential {
+                members: Box::new(members),
+                skip,
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
