@@ -280,6 +280,11 @@ fn many_tiny_streams() {
     }
     assert!(i > 200);
     assert_decodes(&packed, &plain);
+    // Hostile variants: each hand-over must not restart the work from scratch.
+    let outcome = decode_all_ways(&[&packed[..], b"junk"].concat());
+    assert!(outcome.error.unwrap().1.contains("trailing garbage"));
+    let outcome = decode_all_ways(&packed[..packed.len() - 1]);
+    assert!(outcome.error.unwrap().1.contains("truncated"));
 }
 
 // ---------------------------------------------------------------- what must fail the same

@@ -8,66 +8,80 @@
 //!
 //! ## Shape
 //!
-//! The caller's thread reads the input in [`READ_CHUNK`]s and looks for byte-aligned
-//! *candidate* stream starts: `BZh`, a level digit, and the first block's magic `1AY&SY`
-//! (ten bytes). It cuts the input at candidates into segments (a segment is at least
-//! [`MIN_SEGMENT`] long, so runs of tiny streams travel together) and gives each to one of
-//! a few worker threads, which decodes it as a sequence of *whole* streams that must end
-//! exactly at the segment's end. Output comes back in [`OUTPUT_CHUNK`]s through a bounded
-//! channel per segment, and the reader returns it strictly in segment order. At most
-//! [`max_in_flight`] segments are cut ahead, so read-ahead stays at a few MB and a
-//! decompression bomb (bzip2's run-length stage expands a 900 kB block to ~45 MB) fills
-//! only [`OUTPUT_DEPTH`] chunks before its worker waits.
+//! Two phases, and the reader moves between them at stream boundaries:
+//!
+//! - **Sequential**: the existing decoder ([`Members`]) on the caller's thread. Every file
+//!   starts here, so a single-stream file (`bzip2`, `lbzip2`: one stream of many blocks)
+//!   streams exactly as before: first bytes out after its first block, nothing buffered,
+//!   no thread started. When a stream ends, the parallel phase takes over from there.
+//! - **Parallel**: the caller's thread reads ahead in [`READ_CHUNK`]s and looks for
+//!   byte-aligned *candidate* stream starts: `BZh`, a level digit and the first block's
+//!   magic `1AY&SY` (ten bytes). It cuts the input at candidates into segments (each at
+//!   least [`MIN_SEGMENT`] long, so runs of tiny streams travel together) and gives each to
+//!   one of a few worker threads, which decodes it as a sequence of *whole* streams that
+//!   must end exactly at the segment's end. Output comes back in [`OUTPUT_CHUNK`]s through
+//!   a bounded channel per segment, and the reader returns it strictly in segment order.
+//!   At most [`max_in_flight`] segments are cut ahead, so read-ahead stays at a few MB, and
+//!   a decompression bomb (bzip2's run-length stage expands a 900 kB block to ~45 MB) fills
+//!   only [`OUTPUT_DEPTH`] chunks before its worker waits for the reader.
+//!
+//! The parallel phase hands back to the sequential one when a segment fails (below), when
+//! [`MAX_SEGMENT`] bytes are pending without a candidate (a stream of many blocks: it is
+//! not buffered whole), and on an input error (network, disk), which then surfaces at the
+//! same offset as it would have.
+//!
+//! The brief was to start in the parallel phase and stay sequential after any hand-over.
+//! Measured on tests/setup_fetch.rs's throttled 2 MB single-stream `bzip2 -1` archive,
+//! that put the first file on disk after 1,083,630 of 2,114,415 bytes had been sent
+//! (26 kB for the other formats): the 1 MiB of read-ahead before giving up on finding a
+//! second stream. Starting sequential costs pbzip2 files only their first stream on one
+//! core, and moving back to the parallel phase at the next stream boundary keeps one false
+//! candidate or one big stream from making the rest of the file sequential.
 //!
 //! ## Why the output is the sequential decoder's, byte for byte and error for error
 //!
 //! Induction over segments: if segment *i* starts at a true stream boundary (the first
-//! does: offset 0) and a worker decodes it as whole streams ending exactly at its end
-//! c(i+1), then the sequential decoder ([`Members`]) would be at c(i+1), between members,
-//! having produced the same bytes (a bzip2 stream decodes alone: its output depends only on
-//! its own bytes), and would start a member there, since c(i+1) carries the magic. So
-//! segment *i + 1* starts at a true boundary too.
+//! does: the sequential phase hands over only between members) and a worker decodes it
+//! as whole streams ending exactly at its end c(i+1), then the sequential decoder would be
+//! at c(i+1), between members, having produced the same bytes (a bzip2 stream decodes
+//! alone: its output depends only on its own bytes), and would start a member there, since
+//! c(i+1) carries the magic. So segment *i + 1* starts at a true boundary too. The last
+//! segment must end exactly at end-of-file; a clean end there is what the sequential
+//! decoder would also see.
 //!
 //! A candidate can be false (the ten bytes occurring by chance inside compressed data, or
 //! on purpose in hostile input); then some segment does not decode as whole streams. Any
-//! failure of a segment, whatever its cause, hands everything from that segment's start on
-//! to the existing sequential decoder, resumed with the member count and compressed offset
-//! it would have had there, over the bytes still held (that segment, the later ones, the
-//! uncut rest) followed by the rest of the input. The output bytes of the failed segment
-//! the caller already has are decoded again and skipped: a decoder's output is a function
-//! of its input prefix, so what the worker emitted is a prefix of what the sequential
-//! decoder emits. So real corruption surfaces as exactly the sequential decoder's error,
-//! with its member number and offset (the offset is libbz2-rs's count of bytes taken in,
-//! which may differ by up to the 8 bytes it reads ahead when the input is buffered
-//! differently, as it also does between two runs of the sequential decoder on a network
-//! stream). After such a hand-over this reader stays sequential: a false candidate costs
-//! speed, never correctness.
+//! failure of a segment, whatever its cause (a false cut, corruption, truncation, zero
+//! padding or garbage after the last stream), hands everything from that segment's start
+//! on to the sequential decoder, resumed with the member count and compressed offset it
+//! would have had there ([`Members::resume`]), over the bytes still held (that segment,
+//! the later ones, the uncut rest) followed by the rest of the input. The output bytes of
+//! the failed segment the caller already has are decoded again and skipped: a decoder's
+//! output is a function of its input prefix, so what the worker emitted is a prefix of what
+//! the sequential decoder emits. So a bad file fails with exactly the sequential decoder's
+//! error, and its padding and garbage rules apply unchanged. (The offset in a corrupt-data
+//! message is libbz2-rs's count of bytes taken in, which can differ by up to the 8 bytes it
+//! reads ahead when the input is buffered differently; so it does between two runs of the
+//! sequential decoder on a network stream.)
 //!
-//! The last segment is decoded by a worker too (it must then end exactly at end-of-file);
-//! zero padding, trailing garbage and truncation make it fail, and the sequential decoder
-//! then applies its own rules to them. Only a clean end needs no hand-over, and the
-//! sequential decoder would end cleanly there as well.
+//! After a hand-over the sequential phase runs at least to the end of the failed segment
+//! (`sequential_until`), so however hostile the input, no byte is decoded more than about
+//! twice and a false candidate costs speed, never correctness.
 //!
-//! ## When it stays sequential
+//! ## Threads
 //!
-//! - One CPU ([`default_workers`]), or `DecodeOptions::bzip2_workers` ≤ 1: no threads at
-//!   all (`decoder_with` does not build this reader).
-//! - A single stream of many blocks (`bzip2`, `lbzip2`) has no candidate after offset 0.
-//!   Once [`MAX_SEGMENT`] bytes are pending without one, the reader stops reading ahead
-//!   and hands over; the threads are never started. Buffering a whole such file would cost
-//!   memory and delay the first file on disk (tests/setup_fetch.rs checks the latter).
-//!   pbzip2 `-9` streams of incompressible data are ~905 kB, under the limit.
-//!   Block-level parallelism inside one stream (what `lbzip2 -d` does) would need a bzip2
-//!   block decoder of our own; not done.
-//! - An error from the input (network, disk) is handed over the same way, at the same byte
-//!   offset, so the caller sees it exactly as the sequential decoder reports it.
+//! None with one CPU ([`default_workers`]) or `DecodeOptions::bzip2_workers` ≤ 1
+//! (`decoder_with` does not build this reader then). Otherwise up to [`MAX_WORKERS`],
+//! started with the first segment and joined when the reader is dropped. Dropping the
+//! reader early (an extraction error, a cancelled setup) cancels the segments in flight and
+//! joins the workers; a worker notices within one call into the decoder ([`FEED`] bytes of
+//! input or one output chunk).
 //!
-//! Dropping the reader early (an extraction error, a cancelled setup) sets a stop flag,
-//! drops the channels and joins the workers; a worker notices within one call into the
-//! decoder ([`FEED`] bytes of input or one output chunk).
+//! Block-level parallelism inside one stream (what `lbzip2 -d` does for single-stream
+//! files) would need a bzip2 block decoder of our own; not done.
 
 use std::collections::VecDeque;
-use std::io::{self, Cursor, Read};
+use std::io::{self, Read};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -107,9 +121,8 @@ const READ_CHUNK: usize = 256 * 1024;
 const MIN_SEGMENT: usize = 64 * 1024;
 
 /// Pending input without a further candidate after which the reader hands over to the
-/// sequential decoder: a single-stream file must not be buffered whole. Above pbzip2 -9's
-/// largest streams (~905 kB, incompressible data), low enough that the first file of a
-/// `bzip2 -1` archive still reaches disk long before the download ends.
+/// sequential decoder: a stream of many blocks must not be buffered whole. Above pbzip2
+/// -9's largest streams (~905 kB, incompressible data), so those stay parallel.
 const MAX_SEGMENT: usize = 1024 * 1024;
 
 /// Output handed back per message. A pbzip2 -9 segment yields ~900 kB, so a worker can
@@ -217,17 +230,19 @@ enum Output {
 struct Job {
     bytes: Arc<[u8]>,
     out: Sender<Output>,
+    /// Set when the reader no longer wants this segment.
+    cancel: Arc<AtomicBool>,
 }
 
-fn work(jobs: Receiver<Job>, stop: Arc<AtomicBool>) {
+fn work(jobs: Receiver<Job>) {
     while let Ok(job) = jobs.recv() {
-        if stop.load(Ordering::Relaxed) {
-            return;
+        if job.cancel.load(Ordering::Relaxed) {
+            continue;
         }
         // A panic on hostile input must not leave the reader waiting for this segment;
         // the sequential decoder then meets the same input on the caller's thread.
         let result = catch_unwind(AssertUnwindSafe(|| {
-            decode_segment(&job.bytes, &stop, |chunk| {
+            decode_segment(&job.bytes, &job.cancel, |chunk| {
                 job.out.send(Output::Data(chunk)).is_ok()
             })
         }));
@@ -239,13 +254,12 @@ fn work(jobs: Receiver<Job>, stop: Arc<AtomicBool>) {
     }
 }
 
-/// The worker threads of one decoder, started on the first segment (a single-stream file
-/// never starts any). Dropping it stops and joins them.
+/// The worker threads of one decoder, started with the first segment (a single-stream
+/// file never starts any) and kept across hand-overs. Dropping it joins them.
 struct Pool {
     jobs: Option<Sender<Job>>,
     jobs_rx: Receiver<Job>,
     threads: Vec<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
     workers: usize,
 }
 
@@ -256,7 +270,6 @@ impl Pool {
             jobs: Some(tx),
             jobs_rx: rx,
             threads: Vec::new(),
-            stop: Arc::new(AtomicBool::new(false)),
             workers,
         }
     }
@@ -264,21 +277,23 @@ impl Pool {
     /// Queue `bytes` for a worker; its output arrives on the returned receiver. If no
     /// thread can be started, the receiver reports a disconnect, which the reader treats
     /// like a failed segment.
-    fn submit(&mut self, bytes: Arc<[u8]>) -> Receiver<Output> {
+    fn submit(&mut self, bytes: Arc<[u8]>, cancel: Arc<AtomicBool>) -> Receiver<Output> {
         if self.threads.len() < self.workers {
-            let (jobs, stop) = (self.jobs_rx.clone(), self.stop.clone());
+            let jobs = self.jobs_rx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vrun-bunzip2-{}", self.threads.len()))
-                .spawn(move || work(jobs, stop));
+                .spawn(move || work(jobs));
             if let Ok(handle) = spawned {
                 self.threads.push(handle);
             }
         }
         let (tx, rx) = crossbeam_channel::bounded(OUTPUT_DEPTH);
-        if !self.threads.is_empty() {
-            if let Some(jobs) = &self.jobs {
-                let _ = jobs.send(Job { bytes, out: tx });
-            }
+        if let (false, Some(jobs)) = (self.threads.is_empty(), &self.jobs) {
+            let _ = jobs.send(Job {
+                bytes,
+                out: tx,
+                cancel,
+            });
         }
         rx
     }
@@ -286,7 +301,6 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
         self.jobs = None;
         // Queued jobs hold output senders; dropping them lets nothing wait on them.
         while self.jobs_rx.try_recv().is_ok() {}
@@ -297,25 +311,59 @@ impl Drop for Pool {
 }
 
 /// A segment given to a worker, kept until its output has been returned in full.
+/// Dropping it tells the worker to stop.
 struct Segment {
     /// Kept for a hand-over to the sequential decoder.
     bytes: Arc<[u8]>,
     /// Compressed offset of its first byte.
     offset: u64,
     out: Receiver<Output>,
+    cancel: Arc<AtomicBool>,
     /// Output bytes of this segment already returned to the caller.
     delivered: u64,
 }
 
-/// The inner reader after a hand-over: first the error that caused it, if any (so the
-/// sequential decoder meets it at the same offset), then the rest of the input.
-struct Rest<R> {
+impl Drop for Segment {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The input as both phases read it: bytes already read from the inner reader but handed
+/// back by the phase before, then an error that phase met reading ahead (so it surfaces at
+/// the same offset), then the rest of the inner reader.
+struct Source<R> {
+    held: Vec<u8>,
+    pos: usize,
     error: Option<io::Error>,
     inner: R,
 }
 
-impl<R: Read> Read for Rest<R> {
+impl<R: Read> Source<R> {
+    /// `held` + `self`'s own unread held bytes, then its error (or `error`), then its reader.
+    fn behind(mut self, mut held: Vec<u8>, error: Option<io::Error>) -> Self {
+        held.extend_from_slice(&self.held[self.pos..]);
+        Source {
+            held,
+            pos: 0,
+            error: error.or(self.error.take()),
+            inner: self.inner,
+        }
+    }
+}
+
+impl<R: Read> Read for Source<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos < self.held.len() {
+            let n = buf.len().min(self.held.len() - self.pos);
+            buf[..n].copy_from_slice(&self.held[self.pos..self.pos + n]);
+            self.pos += n;
+            if self.pos == self.held.len() {
+                self.held = Vec::new();
+                self.pos = 0;
+            }
+            return Ok(n);
+        }
         match self.error.take() {
             Some(e) => Err(e),
             None => self.inner.read(buf),
@@ -323,33 +371,27 @@ impl<R: Read> Read for Rest<R> {
     }
 }
 
-type Sequential<R> = Members<io::Chain<Cursor<Vec<u8>>, Rest<R>>>;
-
 /// The parallel phase: segments in flight and the input not yet cut.
 struct Parallel<R> {
-    /// Declared before `pool`: receivers are dropped before the workers are joined.
     segments: VecDeque<Segment>,
     /// The output chunk being returned (of the first segment) and how much of it has been.
     chunk: Vec<u8>,
     chunk_pos: usize,
-    pool: Pool,
-    inner: R,
+    source: Source<R>,
     eof: bool,
     read_error: Option<io::Error>,
     /// Input read but not yet cut; starts at a stream boundary if the segments before
     /// it decode.
     pending: Vec<u8>,
     pending_offset: u64,
-    /// What the inner reader reads into (a copy into `pending` is cheaper than zeroing
+    /// What the source reads into (a copy into `pending` is cheaper than zeroing
     /// `pending`'s spare room for every read, as reads are often small).
-    scratch: Option<Box<[u8]>>,
+    scratch: Box<[u8]>,
     /// Candidates before this index of `pending` have been looked for.
     scanned: usize,
     /// Whole streams returned before the first segment in flight (or before `pending`).
     members: u64,
-    options: DecodeOptions,
-    find_cut: FindCut,
-    /// Segments decoded by workers (for tests and benches to see the path taken).
+    /// Segments the workers decoded.
     decoded: u64,
 }
 
@@ -360,13 +402,29 @@ enum Step {
 }
 
 impl<R: Read> Parallel<R> {
-    fn max_in_flight(&self) -> usize {
-        max_in_flight(self.pool.workers)
+    /// Start at a stream boundary: `members` whole streams end at compressed `offset`,
+    /// where `source` continues.
+    fn new(source: Source<R>, members: u64, offset: u64) -> Self {
+        Parallel {
+            segments: VecDeque::new(),
+            chunk: Vec::new(),
+            chunk_pos: 0,
+            source,
+            eof: false,
+            read_error: None,
+            pending: Vec::new(),
+            pending_offset: offset,
+            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            scanned: 0,
+            members,
+            decoded: 0,
+        }
     }
 
     /// Return output of the first segment, cutting and reading ahead as there is room;
     /// or say the input ended cleanly, or that the sequential decoder must take over.
-    fn step(&mut self, out: &mut [u8]) -> Step {
+    fn step(&mut self, pool: &mut Pool, find_cut: FindCut, out: &mut [u8]) -> Step {
+        let max_in_flight = max_in_flight(pool.workers);
         loop {
             if self.chunk_pos < self.chunk.len() {
                 let n = out.len().min(self.chunk.len() - self.chunk_pos);
@@ -389,11 +447,10 @@ impl<R: Read> Parallel<R> {
                     Err(TryRecvError::Empty) => {}
                 }
             }
-            let room = self.segments.len() < self.max_in_flight();
-            if room {
-                self.cut();
+            if self.segments.len() < max_in_flight {
+                self.cut(pool, find_cut, max_in_flight);
             }
-            let room = self.segments.len() < self.max_in_flight();
+            let room = self.segments.len() < max_in_flight;
             if room && !self.eof && self.pending.len() < MAX_SEGMENT {
                 if !self.fill() {
                     return Step::HandOver;
@@ -402,7 +459,7 @@ impl<R: Read> Parallel<R> {
             }
             if room && self.eof && !self.pending.is_empty() {
                 let last = std::mem::take(&mut self.pending);
-                self.submit(last);
+                self.submit(pool, last);
                 continue;
             }
             if let Some(head) = self.segments.front() {
@@ -417,7 +474,7 @@ impl<R: Read> Parallel<R> {
                 }
             }
             // Nothing in flight: either all of the input decoded as whole streams, or
-            // `pending` grew too big without a candidate (a single-stream file).
+            // `pending` grew too big without a candidate (a stream of many blocks).
             if self.eof && self.pending.is_empty() && self.members > 0 {
                 return Step::End;
             }
@@ -443,15 +500,12 @@ impl<R: Read> Parallel<R> {
         }
     }
 
-    /// Read once from the inner reader into `pending`; false on an error (kept for the
+    /// Read once from the source into `pending`; false on an error (kept for the
     /// hand-over).
     fn fill(&mut self) -> bool {
-        let scratch = self
-            .scratch
-            .get_or_insert_with(|| vec![0; READ_CHUNK].into_boxed_slice());
-        match self.inner.read(scratch) {
+        match self.source.read(&mut self.scratch) {
             Ok(0) => self.eof = true,
-            Ok(n) => self.pending.extend_from_slice(&scratch[..n]),
+            Ok(n) => self.pending.extend_from_slice(&self.scratch[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 self.read_error = Some(e);
@@ -462,14 +516,14 @@ impl<R: Read> Parallel<R> {
     }
 
     /// Cut segments off `pending` at candidates while there is room in flight.
-    fn cut(&mut self) {
-        while self.segments.len() < self.max_in_flight() {
+    fn cut(&mut self, pool: &mut Pool, find_cut: FindCut, max_in_flight: usize) {
+        while self.segments.len() < max_in_flight {
             let from = self.scanned.max(MIN_SEGMENT);
-            match (self.find_cut)(&self.pending, from) {
+            match find_cut(&self.pending, from) {
                 Some(at) => {
                     let rest = self.pending.split_off(at);
                     let segment = std::mem::replace(&mut self.pending, rest);
-                    self.submit(segment);
+                    self.submit(pool, segment);
                     self.scanned = 0;
                 }
                 None => {
@@ -482,37 +536,38 @@ impl<R: Read> Parallel<R> {
     }
 
     /// Give the bytes at `pending_offset` to a worker.
-    fn submit(&mut self, bytes: Vec<u8>) {
+    fn submit(&mut self, pool: &mut Pool, bytes: Vec<u8>) {
         let bytes: Arc<[u8]> = bytes.into();
         let offset = self.pending_offset;
         self.pending_offset += bytes.len() as u64;
-        let out = self.pool.submit(bytes.clone());
+        let cancel = Arc::new(AtomicBool::new(false));
+        let out = pool.submit(bytes.clone(), cancel.clone());
         self.segments.push_back(Segment {
             bytes,
             offset,
             out,
+            cancel,
             delivered: 0,
         });
     }
 
-    /// Stop the workers and build the sequential decoder for everything from the first
-    /// segment not yet returned in full; also returns how many of its output bytes the
-    /// caller already has.
-    fn hand_over(self) -> (Sequential<R>, u64) {
+    /// Cancel the segments in flight and build the sequential decoder for everything from
+    /// the first one not yet returned in full; also returns how many of its output bytes
+    /// the caller already has, and where that segment (or the pending input) ends.
+    fn hand_over(self, options: DecodeOptions) -> (Members<Source<R>>, u64, u64) {
         let Parallel {
             segments,
-            pool,
-            inner,
+            source,
             read_error,
             pending,
             pending_offset,
             members,
-            options,
             ..
         } = self;
-        let (offset, skip) = segments
-            .front()
-            .map_or((pending_offset, 0), |s| (s.offset, s.delivered));
+        let (offset, skip, end) = segments.front().map_or(
+            (pending_offset, 0, pending_offset + pending.len() as u64),
+            |s| (s.offset, s.delivered, s.offset + s.bytes.len() as u64),
+        );
         let held = segments.iter().map(|s| s.bytes.len()).sum::<usize>() + pending.len();
         let mut bytes = Vec::with_capacity(held);
         for s in &segments {
@@ -520,21 +575,17 @@ impl<R: Read> Parallel<R> {
         }
         bytes.extend_from_slice(&pending);
         drop(segments);
-        drop(pool);
-        let rest = Rest {
-            error: read_error,
-            inner,
-        };
-        let input = Cursor::new(bytes).chain(rest);
-        let members = Members::resume(Format::Bzip2, options, input, members, offset);
-        (members, skip)
+        let source = source.behind(bytes, read_error);
+        let members = Members::resume(Format::Bzip2, options, source, members, offset);
+        (members, skip, end)
     }
 }
 
 enum Mode<R: Read> {
     Parallel(Box<Parallel<R>>),
     Sequential {
-        members: Box<Sequential<R>>,
+        members: Box<Members<Source<R>>>,
+        /// Output bytes to drop: the caller has them from a worker already.
         skip: u64,
     },
     /// Only while switching.
@@ -544,10 +595,19 @@ enum Mode<R: Read> {
 /// The parallel bzip2 decoder (see the module note). Built by `decoder_with` when
 /// `bzip2_workers` > 1.
 pub(super) struct ParallelBzip2<R: Read> {
+    /// Declared before `pool`: segments are cancelled before the workers are joined.
     mode: Mode<R>,
-    /// Segments the workers decoded, kept after a hand-over (for tests).
+    pool: Pool,
+    options: DecodeOptions,
+    find_cut: FindCut,
+    /// After a hand-over, the sequential decoder keeps going until this compressed offset
+    /// (the end of what the workers failed on), so no byte is decoded more than twice
+    /// however hostile the input.
+    sequential_until: u64,
+    /// Segments the workers decoded, and switches between the phases (for tests).
     decoded: u64,
-    handed_over: bool,
+    to_parallel: u64,
+    hand_overs: u64,
 }
 
 impl<R: Read> ParallelBzip2<R> {
@@ -557,26 +617,36 @@ impl<R: Read> ParallelBzip2<R> {
 
     fn with_cuts(inner: R, options: DecodeOptions, find_cut: FindCut) -> Self {
         let workers = (options.bzip2_workers.max(1) as usize).min(MAX_WORKERS as usize);
+        let source = Source {
+            held: Vec::new(),
+            pos: 0,
+            error: None,
+            inner,
+        };
+        let members = Members::resume(Format::Bzip2, options, source, 0, 0);
         ParallelBzip2 {
-            mode: Mode::Parallel(Box::new(Parallel {
-                segments: VecDeque::new(),
-                chunk: Vec::new(),
-                chunk_pos: 0,
-                pool: Pool::new(workers),
-                inner,
-                eof: false,
-                read_error: None,
-                pending: Vec::new(),
-                pending_offset: 0,
-                scratch: None,
-                scanned: 0,
-                members: 0,
-                options,
-                find_cut,
-                decoded: 0,
-            })),
+            mode: Mode::Sequential {
+                members: Box::new(members),
+                skip: 0,
+            },
+            pool: Pool::new(workers),
+            options,
+            find_cut,
+            sequential_until: 0,
             decoded: 0,
-            handed_over: false,
+            to_parallel: 0,
+            hand_overs: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+impl<R: Read> ParallelBzip2<R> {
+    /// Segments the workers decoded so far.
+    fn decoded(&self) -> u64 {
+        match &self.mode {
+            Mode::Parallel(p) => self.decoded + p.decoded,
+            _ => self.decoded,
         }
     }
 }
@@ -589,8 +659,7 @@ impl<R: Read> Read for ParallelBzip2<R> {
         loop {
             match &mut self.mode {
                 Mode::Parallel(p) => {
-                    let step = p.step(out);
-                    self.decoded = p.decoded;
+                    let step = p.step(&mut self.pool, self.find_cut, out);
                     match step {
                         Step::Data(n) => return Ok(n),
                         Step::End => return Ok(0),
@@ -610,18 +679,38 @@ impl<R: Read> Read for ParallelBzip2<R> {
                             got => *skip -= got as u64,
                         }
                     }
-                    return members.read(out);
+                    match members.read_member(out)? {
+                        Some(n) => return Ok(n),
+                        // A stream ended: let the workers take the next ones, unless we are
+                        // still in what they failed on.
+                        None if members
+                            .boundary_offset()
+                            .is_some_and(|at| at >= self.sequential_until) => {}
+                        None => continue,
+                    }
                 }
                 Mode::Switching => return Err(io::Error::other("bzip2 stream already failed")),
             }
-            let Mode::Parallel(p) = std::mem::replace(&mut self.mode, Mode::Switching) else {
-                unreachable!("only the parallel phase hands over");
-            };
-            let (members, skip) = p.hand_over();
-            self.handed_over = true;
-            self.mode = Mode::Sequential {
-                members: Box::new(members),
-                skip,
+            self.mode = match std::mem::replace(&mut self.mode, Mode::Switching) {
+                Mode::Parallel(p) => {
+                    self.decoded += p.decoded;
+                    self.hand_overs += 1;
+                    let (members, skip, end) = p.hand_over(self.options);
+                    self.sequential_until = end;
+                    Mode::Sequential {
+                        members: Box::new(members),
+                        skip,
+                    }
+                }
+                Mode::Sequential { members, skip } => match members.into_boundary() {
+                    Ok((held, source, streams, offset)) => {
+                        self.to_parallel += 1;
+                        let source = source.behind(held, None);
+                        Mode::Parallel(Box::new(Parallel::new(source, streams, offset)))
+                    }
+                    Err(members) => Mode::Sequential { members, skip },
+                },
+                Mode::Switching => unreachable!("returned above"),
             };
         }
     }

@@ -515,10 +515,41 @@ fn xz_stream(threads: u32) -> io::Result<liblzma::stream::Stream> {
     stream.map_err(|e| io::Error::other(format!("cannot start xz decoder: {e}")))
 }
 
-impl<R: Read> Read for Members<R> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+impl<R: Read> Members<R> {
+    /// [`Read::read`], but a member's end is reported (`Ok(None)`) before the next one is
+    /// looked at, so the caller can take the reader apart there ([`Members::into_boundary`]).
+    fn read_member(&mut self, out: &mut [u8]) -> io::Result<Option<usize>> {
+        self.read_until(out, true)
+    }
+
+    /// Between members: the compressed offset reached.
+    fn boundary_offset(&self) -> Option<u64> {
+        match &self.state {
+            State::Between(input) => Some(input.offset()),
+            _ => None,
+        }
+    }
+
+    /// Between members: the input bytes buffered but not yet used, the input, the number of
+    /// members decoded and the compressed offset reached. Anywhere else: `self` back.
+    fn into_boundary(self: Box<Self>) -> Result<(Vec<u8>, R, u64, u64), Box<Self>> {
+        match self.state {
+            State::Between(input) => {
+                let offset = input.offset();
+                let held = input.buf[input.pos..input.end].to_vec();
+                Ok((held, input.inner, self.member, offset))
+            }
+            _ => Err(self),
+        }
+    }
+
+    fn read_until(
+        &mut self,
+        out: &mut [u8],
+        stop_at_member_end: bool,
+    ) -> io::Result<Option<usize>> {
         if out.is_empty() {
-            return Ok(0);
+            return Ok(Some(0));
         }
         loop {
             let got = match &mut self.state {
@@ -527,7 +558,7 @@ impl<R: Read> Read for Members<R> {
                 State::Xz(d) => d.read(out),
                 State::Zstd(d) => d.read(out),
                 State::Between(_) => Ok(0),
-                State::Done => return Ok(0),
+                State::Done => return Ok(Some(0)),
                 State::Failed => {
                     return Err(io::Error::other(format!(
                         "{} stream already failed",
@@ -537,7 +568,7 @@ impl<R: Read> Read for Members<R> {
             };
             match got {
                 Ok(0) => {}
-                Ok(n) => return Ok(n),
+                Ok(n) => return Ok(Some(n)),
                 Err(e) => {
                     let e = self.wrap(e);
                     self.state = State::Failed;
@@ -545,6 +576,7 @@ impl<R: Read> Read for Members<R> {
                 }
             }
             // The member ended (or we are between members): decide what comes next.
+            let member_ended = !matches!(self.state, State::Between(_));
             let input = match std::mem::replace(&mut self.state, State::Failed) {
                 State::Gzip(d) => d.into_inner(),
                 State::Bzip2(d) => d.into_inner(),
@@ -553,8 +585,18 @@ impl<R: Read> Read for Members<R> {
                 State::Between(i) => i,
                 State::Done | State::Failed => unreachable!("handled above"),
             };
+            if stop_at_member_end && member_ended {
+                self.state = State::Between(input);
+                return Ok(None);
+            }
             self.state = self.next_member(input).map_err(|e| self.wrap(e))?;
         }
+    }
+}
+
+impl<R: Read> Read for Members<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        Ok(self.read_until(out, false)?.unwrap_or(0))
     }
 }
 
