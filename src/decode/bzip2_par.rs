@@ -10,23 +10,23 @@
 //!
 //! Two phases, and the reader moves between them at stream boundaries:
 //!
-//! - **Sequential**: the existing decoder ([`Members`]) on the caller's thread. Every file
+//! - **Sequential**: the existing decoder (`Members`) on the caller's thread. Every file
 //!   starts here, so a single-stream file (`bzip2`, `lbzip2`: one stream of many blocks)
 //!   streams exactly as before: first bytes out after its first block, nothing buffered,
 //!   no thread started. When a stream ends, the parallel phase takes over from there.
-//! - **Parallel**: the caller's thread reads ahead in [`READ_CHUNK`]s and looks for
+//! - **Parallel**: the caller's thread reads ahead in `READ_CHUNK`s and looks for
 //!   byte-aligned *candidate* stream starts: `BZh`, a level digit and the first block's
 //!   magic `1AY&SY` (ten bytes). It cuts the input at candidates into segments (each at
-//!   least [`MIN_SEGMENT`] long, so runs of tiny streams travel together) and gives each to
+//!   least `MIN_SEGMENT` long, so runs of tiny streams travel together) and gives each to
 //!   one of a few worker threads, which decodes it as a sequence of *whole* streams that
-//!   must end exactly at the segment's end. Output comes back in [`OUTPUT_CHUNK`]s through
+//!   must end exactly at the segment's end. Output comes back in `OUTPUT_CHUNK`s through
 //!   a bounded channel per segment, and the reader returns it strictly in segment order.
-//!   At most [`max_in_flight`] segments are cut ahead, so read-ahead stays at a few MB, and
+//!   At most `max_in_flight` segments are cut ahead, so read-ahead stays at a few MB, and
 //!   a decompression bomb (bzip2's run-length stage expands a 900 kB block to ~45 MB) fills
-//!   only [`OUTPUT_DEPTH`] chunks before its worker waits for the reader.
+//!   only `OUTPUT_DEPTH` chunks before its worker waits for the reader.
 //!
 //! The parallel phase hands back to the sequential one when a segment fails (below), when
-//! [`MAX_SEGMENT`] bytes are pending without a candidate (a stream of many blocks: it is
+//! `MAX_SEGMENT` bytes are pending without a candidate (a stream of many blocks: it is
 //! not buffered whole), and on an input error (network, disk), which then surfaces at the
 //! same offset as it would have.
 //!
@@ -54,7 +54,7 @@
 //! failure of a segment, whatever its cause (a false cut, corruption, truncation, zero
 //! padding or garbage after the last stream), hands everything from that segment's start
 //! on to the sequential decoder, resumed with the member count and compressed offset it
-//! would have had there ([`Members::resume`]), over the bytes still held (that segment,
+//! would have had there (`Members::resume`), over the bytes still held (that segment,
 //! the later ones, the uncut rest) followed by the rest of the input. The output bytes of
 //! the failed segment the caller already has are decoded again and skipped: a decoder's
 //! output is a function of its input prefix, so what the worker emitted is a prefix of what
@@ -74,7 +74,7 @@
 //! (`decoder_with` does not build this reader then). Otherwise up to [`MAX_WORKERS`],
 //! started with the first segment and joined when the reader is dropped. Dropping the
 //! reader early (an extraction error, a cancelled setup) cancels the segments in flight and
-//! joins the workers; a worker notices within one call into the decoder ([`FEED`] bytes of
+//! joins the workers; a worker notices within one call into the decoder (`FEED` bytes of
 //! input or one output chunk).
 //!
 //! Block-level parallelism inside one stream (what `lbzip2 -d` does for single-stream
@@ -92,7 +92,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use super::{DecodeOptions, Format, Members};
 
 /// Most worker threads one decoder starts. Each holds a bzip2 decoder (3.6 MB for `-9`
-/// blocks) and up to [`OUTPUT_DEPTH`] + 1 output chunks; four keep a decoder well inside
+/// blocks) and up to `OUTPUT_DEPTH` + 1 output chunks; four keep a decoder well inside
 /// the 64 MiB RSS target of `vrun setup`, and past four the caller's thread (tar parsing,
 /// writing) becomes the bottleneck anyway.
 pub const MAX_WORKERS: u32 = 4;
@@ -117,7 +117,8 @@ const READ_CHUNK: usize = 256 * 1024;
 
 /// A segment is cut only at a candidate at least this far from its start, so runs of tiny
 /// streams go to one worker together (each segment costs a channel, a thread hop and a
-/// fresh 3.6 MB decoder state). pbzip2's streams are larger (≥ ~90 kB even for text).
+/// fresh 3.6 MB decoder state). pbzip2 -9's streams, 900 kB of input each, are mostly
+/// larger (30–905 kB on the bench corpus).
 const MIN_SEGMENT: usize = 64 * 1024;
 
 /// Pending input without a further candidate after which the reader hands over to the
