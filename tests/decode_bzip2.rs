@@ -224,7 +224,7 @@ fn pbzip2_multi_stream_file() {
 fn pbzip2_small_blocks_many_streams() {
     let _serial = serial();
     let plain = content(3_000_000, 2);
-    let packed = tool(&["pbzip2", "-1", "-p2", "-c"], &plain);
+    let packed = tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain);
     assert_decodes(&packed, &plain);
 }
 
@@ -293,7 +293,7 @@ fn many_tiny_streams() {
 fn truncation_fails_as_the_sequential_decoder_does() {
     let _serial = serial();
     let plain = content(3_000_000, 7);
-    let packed = tool(&["pbzip2", "-1", "-p2", "-c"], &plain);
+    let packed = tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain);
     let len = packed.len();
     for cut in [0, 10, 100, len / 5, len / 2, len / 2 + 1, len - 20, len - 1] {
         let outcome = decode_all_ways(&packed[..cut]);
@@ -312,7 +312,7 @@ fn truncation_fails_as_the_sequential_decoder_does() {
 fn trailing_garbage_fails_and_zero_padding_passes() {
     let _serial = serial();
     let plain = content(2_000_000, 8);
-    let packed = tool(&["pbzip2", "-1", "-p2", "-c"], &plain);
+    let packed = tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain);
     let with = |tail: &[u8]| [&packed[..], tail].concat();
 
     for tail in [&b"garbage"[..], b"\n", b"BZh", b"\0\0\0\0x"] {
@@ -335,7 +335,7 @@ fn trailing_garbage_fails_and_zero_padding_passes() {
 fn corruption_fails_as_the_sequential_decoder_does() {
     let _serial = serial();
     let plain = content(2_000_000, 9);
-    let packed = tool(&["pbzip2", "-1", "-p2", "-c"], &plain);
+    let packed = tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain);
     for at in [20, packed.len() / 3, packed.len() / 2, packed.len() - 30] {
         let mut bad = packed.clone();
         bad[at] ^= 0x55;
@@ -369,7 +369,7 @@ fn a_bomb_is_not_buffered() {
         &bomb,
         &bomb,
         &bomb,
-        &tool(&["pbzip2", "-1", "-p2", "-c"], &plain),
+        &tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain),
     ]
     .concat();
 
@@ -399,7 +399,7 @@ fn a_bomb_is_not_buffered() {
 fn dropping_the_reader_early_stops_the_workers() {
     let _serial = serial();
     let plain = content(4_000_000, 11);
-    let packed = tool(&["pbzip2", "-1", "-p2", "-c"], &plain);
+    let packed = tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for read_first in [0usize, 1, 300_000] {
@@ -420,7 +420,7 @@ fn dropping_the_reader_early_stops_the_workers() {
 fn open_detects_and_decodes_in_parallel_by_default() {
     let _serial = serial();
     let plain = content(2_000_000, 12);
-    let packed = tool(&["pbzip2", "-1", "-p2", "-c"], &plain);
+    let packed = tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain);
     let (format, mut r) = decode::open(&packed[..]).unwrap();
     assert_eq!(format, Format::Bzip2);
     let mut out = Vec::new();

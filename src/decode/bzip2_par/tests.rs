@@ -156,7 +156,7 @@ fn a_segment_must_be_whole_streams() {
 #[test]
 fn a_pbzip2_file_is_decoded_by_the_workers() {
     let plain = content(3_000_000, 3);
-    let packed = tool(&["pbzip2", "-1", "-p2", "-c"], &plain);
+    let packed = tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain);
     let mut r = ParallelBzip2::new(&packed[..], options(2));
     let (out, error) = outcome(&mut r);
     assert_eq!(error, None);
@@ -228,7 +228,7 @@ fn with_false_cuts(buf: &[u8], from: usize) -> Option<usize> {
 #[test]
 fn false_candidates_hand_over_with_the_same_output() {
     let plain = content(2_000_000, 5);
-    let packed = tool(&["pbzip2", "-1", "-p2", "-c"], &plain);
+    let packed = tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain);
     let mut r = ParallelBzip2::with_cuts(&packed[..], options(2), with_false_cuts);
     let (out, error) = outcome(&mut r);
     assert_eq!(error, None);
@@ -241,7 +241,7 @@ fn false_candidates_hand_over_with_the_same_output() {
 #[test]
 fn false_candidates_over_bad_input_fail_as_the_sequential_decoder_does() {
     let plain = content(2_000_000, 6);
-    let packed = tool(&["pbzip2", "-1", "-p2", "-c"], &plain);
+    let packed = tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain);
     let mut corrupt = packed.clone();
     corrupt[packed.len() / 2] ^= 0x10;
     let cases = [
@@ -284,7 +284,7 @@ impl Read for FailingAfter<'_> {
 #[test]
 fn an_input_error_surfaces_as_in_the_sequential_decoder() {
     let plain = content(2_000_000, 7);
-    let packed = tool(&["pbzip2", "-1", "-p2", "-c"], &plain);
+    let packed = tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain);
     for at in [0, 5, 100_000, packed.len() / 2, packed.len()] {
         let input = || FailingAfter {
             data: &packed[..at],
@@ -295,5 +295,43 @@ fn an_input_error_surfaces_as_in_the_sequential_decoder() {
         assert!(expected.1.is_some());
         assert_same_error(&got.1, &expected.1, &format!("error at {at}"));
         assert!(got.0 == expected.0, "error at {at}: output differs");
+    }
+}
+
+/// Hands out `data` in pieces of at most `piece` bytes, as a network does.
+struct Pieces<'a> {
+    data: &'a [u8],
+    piece: usize,
+}
+
+impl Read for Pieces<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.piece).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn input_in_small_pieces_still_goes_to_the_workers() {
+    let plain = content(1_500_000, 8);
+    let packed = tool(&["pbzip2", "-1", "-b1", "-p2", "-c"], &plain);
+    // Odd sizes, so stream starts straddle the reads at every possible split.
+    for piece in [3, 7, 4093, 65_537] {
+        let input = Pieces {
+            data: &packed,
+            piece,
+        };
+        let mut r = ParallelBzip2::new(input, options(2));
+        let (out, error) = outcome(&mut r);
+        assert_eq!(error, None, "pieces of {piece}");
+        assert!(out == plain, "pieces of {piece}: output differs");
+        assert_eq!(r.hand_overs, 0, "pieces of {piece}");
+        assert!(
+            r.decoded() >= 2,
+            "pieces of {piece}: {} segments",
+            r.decoded()
+        );
     }
 }
