@@ -186,13 +186,30 @@ fn decode_all_ways(data: &[u8]) -> Outcome {
             sequential.error
         );
         assert!(
-            parallel.out == sequential.out,
+            same_output(&parallel, &sequential),
             "{workers} workers: output differs ({} vs {} bytes)",
             parallel.out.len(),
             sequential.out.len()
         );
     }
     sequential
+}
+
+/// Equal output; or, when the data is corrupt, output that agrees as far as both go. libbz2
+/// checks a block's CRC only after handing out its bytes, and the bytes of the call that
+/// meets the mismatch are dropped, so how much of a corrupt block comes out depends on the
+/// size of the reads, in the sequential decoder alone as well.
+fn same_output(a: &Outcome, b: &Outcome) -> bool {
+    let corrupt = a
+        .error
+        .as_ref()
+        .is_some_and(|(_, message)| message.contains("is corrupt"));
+    let n = a.out.len().min(b.out.len());
+    if corrupt {
+        a.out[..n] == b.out[..n]
+    } else {
+        a.out == b.out
+    }
 }
 
 /// Decode all ways and compare with `bzip2 -dc` (which also decodes concatenated streams).

@@ -57,9 +57,11 @@
 //! would have had there (`Members::resume`), over the bytes still held (that segment,
 //! the later ones, the uncut rest) followed by the rest of the input. The output bytes of
 //! the failed segment the caller already has are decoded again and skipped: a decoder's
-//! output is a function of its input prefix, so what the worker emitted is a prefix of what
-//! the sequential decoder emits. So a bad file fails with exactly the sequential decoder's
-//! error, and its padding and garbage rules apply unchanged. (The offset in a corrupt-data
+//! output is a function of its input prefix, so what the worker emitted is what the
+//! sequential decoder emits, as far as either gets. So a bad file fails with exactly the sequential decoder's
+//! error, and its padding and garbage rules apply unchanged. (libbz2 checks a block's CRC
+//! after handing out the block's bytes, so before a CRC error both readers return part of
+//! the bad block, as much as their reads happened to take. The offset in a corrupt-data
 //! message is libbz2-rs's count of bytes taken in, which can differ by up to the 8 bytes it
 //! reads ahead when the input is buffered differently; so it does between two runs of the
 //! sequential decoder on a network stream.)

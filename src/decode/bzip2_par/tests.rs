@@ -255,7 +255,14 @@ fn false_candidates_over_bad_input_fail_as_the_sequential_decoder_does() {
         for cuts in [find_stream_start as FindCut, with_false_cuts] {
             let got = outcome(ParallelBzip2::with_cuts(&data[..], options(2), cuts));
             assert_same_error(&got.1, &expected.1, what);
-            assert!(got.0 == expected.0, "{what}: output differs");
+            // A corrupt block's bytes come out before its CRC is checked, as many as the
+            // reads happened to take (see tests/decode_bzip2.rs `same_output`).
+            let n = got.0.len().min(expected.0.len());
+            let same = match what {
+                "corrupt" => got.0[..n] == expected.0[..n],
+                _ => got.0 == expected.0,
+            };
+            assert!(same, "{what}: output differs");
         }
     }
 }
