@@ -517,6 +517,34 @@ fn every_format_extracts_exactly_what_gnu_tar_does_with_the_build_rules() {
 }
 
 #[test]
+fn threaded_xz_opt_in_extracts_a_multi_block_file_exactly() {
+    let t = TestDir::new();
+    let src = tempdir("vrun-src-");
+    make_build_tree(src.path());
+    let tar = gnu_tar_of(src.path(), &["."]);
+    // Small independent blocks, as `xz -T` writes them, so threads have blocks to share.
+    let mut child = Command::new("xz")
+        .args(["-c", "-2", "-T2", "--block-size=4096"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &tar).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(out.status.success());
+    let a = Archive::new(out.stdout, src);
+    let (_server, url) = serve("shop.tar.xz", &a.bytes);
+    let r = setup(&t, &proc_yaml(&t, 5000, &url, Some(&a.md5)))
+        .env("VRUN_XZ_THREADS", "2")
+        .run();
+    r.assert_ok();
+    assert_eq!(timings(&r.stdout)["build"]["format"], "xz");
+    Cache::of(&t).assert_published(&t, &a, &url, 5000);
+}
+
+#[test]
 fn md5_mismatch_is_the_exact_error_and_publishes_nothing() {
     let t = TestDir::new();
     let a = Archive::build(Fmt::Gzip);
