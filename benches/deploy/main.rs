@@ -168,7 +168,7 @@ fn artifact(
         url: server.url(name),
         info: tree.archives[&f].clone(),
         image,
-        files: tree.stats.files,
+        files: tree.stats.files + tree.stats.hardlinks,
     }
 }
 

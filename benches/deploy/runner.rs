@@ -55,7 +55,7 @@ pub struct Artifact {
     pub info: ArchiveInfo,
     /// Image extraction keeps numeric owners (containerd rules).
     pub image: bool,
-    /// Regular files in the tree, to cross-check `--timings` `files`.
+    /// Regular files plus hard links in the tree (what `--timings` `files` counts).
     pub files: u64,
 }
 
@@ -316,7 +316,7 @@ fn vrun_pair(
         {
             if n != a.files {
                 warnings.push(format!(
-                    "pair {pair}: vrun reported {k}.files = {n}, the corpus has {} regular files",
+                    "pair {pair}: vrun reported {k}.files = {n}, the corpus has {} regular files and hard links",
                     a.files
                 ));
             }
