@@ -156,6 +156,11 @@ fn compress(fmt: Fmt, tar: &[u8]) -> Vec<u8> {
     let Some(argv) = fmt.compressor() else {
         return tar.to_vec();
     };
+    pipe_through(argv, tar)
+}
+
+/// `input` through the command `argv` (stdin → stdout), which must succeed.
+fn pipe_through(argv: &[&str], input: &[u8]) -> Vec<u8> {
     let mut child = Command::new(argv[0])
         .args(&argv[1..])
         .stdin(Stdio::piped())
@@ -163,7 +168,7 @@ fn compress(fmt: Fmt, tar: &[u8]) -> Vec<u8> {
         .spawn()
         .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     let mut stdin = child.stdin.take().unwrap();
-    let input = tar.to_vec();
+    let input = input.to_vec();
     let feeder = std::thread::spawn(move || {
         use std::io::Write;
         stdin.write_all(&input).unwrap();
@@ -523,18 +528,8 @@ fn threaded_xz_opt_in_extracts_a_multi_block_file_exactly() {
     make_build_tree(src.path());
     let tar = gnu_tar_of(src.path(), &["."]);
     // Small independent blocks, as `xz -T` writes them, so threads have blocks to share.
-    let mut child = Command::new("xz")
-        .args(["-c", "-2", "-T2", "--block-size=4096"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &tar).unwrap());
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    assert!(out.status.success());
-    let a = Archive::new(out.stdout, src);
+    let xz = pipe_through(&["xz", "-c", "-2", "-T2", "--block-size=4096"], &tar);
+    let a = Archive::new(xz, src);
     let (_server, url) = serve("shop.tar.xz", &a.bytes);
     let r = setup(&t, &proc_yaml(&t, 5000, &url, Some(&a.md5)))
         .env("VRUN_XZ_THREADS", "2")
