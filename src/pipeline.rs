@@ -53,17 +53,20 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use serde::Serialize;
 use tokio::sync::mpsc;
-use vrun_cache::{BlobDigest, LayerKey, LayerKind, ManifestMode, Store, UrlRecord};
+use vrun_cache::{
+    BlobDigest, LayerKey, LayerKind, ManifestMode, Partial, PartialMeta, Store, UrlRecord,
+};
 
 use crate::decode::{self, DecodeError};
 use crate::extract::{self, ExtractError, ExtractStats, Limits, Mode};
 use crate::fetch::{
-    self, BodySink, FetchError, FetchRequest, HttpClient, Md5Mismatch, Progress, SinkError,
+    self, BodySink, FetchError, FetchRequest, HttpClient, Md5Mismatch, Progress, Resume,
+    SinkError, Validators,
 };
 
 /// Chunks in flight between the fetcher and the unpack thread. hyper hands out body
@@ -115,6 +118,30 @@ impl Artifact {
     fn name(&self) -> &'static str {
         self.kind.as_str()
     }
+    /// The URL as every message and record shows it (credentials redacted).
+    pub fn shown_url(&self) -> String {
+        fetch::redact_url(&self.url)
+    }
+
+    /// Refuse what proc.yaml gives that cannot be right, before any I/O: the URL (see
+    /// [`Artifact::check_url`]) and the md5, which must be 32 hex digits (the original
+    /// compared it only after the download).
+    pub fn check(&self) -> Result<(), ArtifactError> {
+        self.check_url().map_err(ArtifactError::Url)?;
+        if let Some(md5) = &self.md5 {
+            let ok = md5.len() == 32 && md5.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ok {
+                return Err(ArtifactError::Md5 {
+                    key: match self.kind {
+                        LayerKind::Build => "build_md5",
+                        LayerKind::Image => "image_md5",
+                    },
+                    value: md5.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
 
     /// Refuse a URL the HTTP client would refuse, with the same error, so that setup can
     /// check every URL before it creates anything under `$VR_ROOT` (bad input leaves the
@@ -126,11 +153,20 @@ impl Artifact {
             Err(e) => e.to_string(),
         };
         Err(FetchError {
-            url: self.url.clone(),
+            url: self.shown_url(),
             attempts: 0,
             kind: fetch::FetchErrorKind::InvalidUrl { reason },
         })
     }
+}
+
+/// What [`Artifact::check`] refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error(transparent)]
+    Url(FetchError),
+    #[error("{key}: {value:?} is not an md5 (32 hex digits)")]
+    Md5 { key: &'static str, value: String },
 }
 
 /// Where a layer came from (`--timings` "cache").
@@ -220,6 +256,10 @@ pub enum PipelineError {
     },
     #[error("{url}: the unpack thread panicked")]
     Panicked { url: String },
+    /// An archive with no entries (only end-of-archive blocks): never a real build or
+    /// image, and a proc without files would fail later in a more confusing way.
+    #[error("{url}: the {what} archive has no entries (only end-of-archive blocks)")]
+    Empty { url: String, what: &'static str },
 }
 
 /// Get `art` into the store as a layer, reusing whatever is already there.
@@ -231,7 +271,7 @@ pub async fn prepare(
     progress: Option<Arc<Progress>>,
 ) -> Result<Prepared, PipelineError> {
     let started = Instant::now();
-    let url = art.url.clone();
+    let url = art.shown_url();
     let store_err = |source| PipelineError::Store {
         url: url.clone(),
         source,
@@ -241,14 +281,7 @@ pub async fn prepare(
         return Ok(hit);
     }
     // One downloader per URL across processes; the others wait here and then reuse.
-    let lock_key = vrun_cache::url_lock_key(&art.url);
-    let _lock = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.lock(&lock_key))
-            .await
-            .expect("lock task does not panic")
-            .map_err(store_err)?
-    };
+    let _lock = lock_url(&store, &http, &art).await.map_err(store_err)?;
     if let Some(hit) = layer_hit(&store, &art, started) {
         return Ok(hit);
     }
@@ -265,7 +298,78 @@ pub async fn prepare(
             }
         }
     }
-    download(&store, &http, &art, &limits, progress, started).await
+    match download(&store, &http, &art, &limits, progress.clone(), started, true).await {
+        // A resume without a validator (allowed because an md5 checks the whole) may
+        // have spliced two versions: once more, from byte 0.
+        Err(Retry::Clean(e)) => {
+            http.notice(&format!("{e}; the download was resumed without a validator, so it is fetched again from byte 0"));
+            download(&store, &http, &art, &limits, progress, started, false)
+                .await
+                .map_err(Retry::into_error)
+        }
+        other => other.map_err(Retry::into_error),
+    }
+}
+
+/// How often a wait for a lock looks again.
+const LOCK_POLL: Duration = Duration::from_millis(100);
+
+/// The URL's key lock, waiting for whoever holds it (another setup downloading the same
+/// URL) without blocking a thread, so that a failing sibling artifact or a signal can
+/// cancel the wait; after [`fetch::HttpOptions::notice_after`] the wait is announced with
+/// the holder's pid and command line.
+async fn lock_url(
+    store: &Store,
+    http: &HttpClient,
+    art: &Artifact,
+) -> Result<vrun_cache::KeyLock, vrun_cache::StoreError> {
+    let key = vrun_cache::url_lock_key(&art.url);
+    let began = Instant::now();
+    let mut noticed = false;
+    loop {
+        if let Some(lock) = store.try_lock(&key)? {
+            return Ok(lock);
+        }
+        if !noticed && began.elapsed() >= http.options().notice_after {
+            noticed = true;
+            let path = store.lock_path(&key);
+            http.notice(&format!(
+                "waiting for {} to finish with {} (lock {})",
+                describe_holders(&path),
+                art.shown_url(),
+                path.display()
+            ));
+        }
+        tokio::time::sleep(LOCK_POLL).await;
+    }
+}
+
+/// "pid 1234 (vrun setup proc.yaml)" for the processes holding a lock file.
+pub fn describe_holders(lock: &Path) -> String {
+    let pids = vrun_cache::lock_holders(lock);
+    if pids.is_empty() {
+        return "another process".to_string();
+    }
+    let described: Vec<String> = pids
+        .iter()
+        .map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| {
+                    b.split(|&c| c == 0)
+                        .filter(|a| !a.is_empty())
+                        .map(|a| fetch::redact_url(&String::from_utf8_lossy(a)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            if cmd.is_empty() {
+                format!("pid {pid}")
+            } else {
+                format!("pid {pid} ({cmd})")
+            }
+        })
+        .collect();
+    described.join(", ")
 }
 
 /// The sha256 the store already associates with this artifact: by md5 when proc.yaml
@@ -325,7 +429,7 @@ fn from_blob(
     limits: &Limits,
     started: Instant,
 ) -> Result<Option<Prepared>, PipelineError> {
-    let url = &art.url;
+    let url = &art.shown_url();
     let io_err = |source| PipelineError::Io {
         url: url.clone(),
         path: blob.to_owned(),
@@ -368,6 +472,12 @@ fn from_blob(
     };
     let (format, stats) =
         unpack(&mut reader, &dest, art.mode(), limits).map_err(|e| e.with_url(url))?;
+    if stats.entries == 0 {
+        return Err(PipelineError::Empty {
+            url: url.clone(),
+            what: art.name(),
+        });
+    }
     let extracted = Instant::now();
     drop(reader); // waits for a flush in progress
     let flush_wait = extracted.elapsed();
@@ -456,13 +566,18 @@ fn unpack(
     Ok((format, stats))
 }
 
-/// The unpack thread's end of the channel: every chunk is appended to the ingest blob,
-/// then handed to the decoder.
+/// The unpack thread's end of the channel: the bytes of an interrupted download first
+/// (replayed from the partial blob), then every chunk from the network, appended to the
+/// blob and handed to the decoder.
 struct TeeReader {
+    replay: Option<io::Take<std::fs::File>>,
     rx: mpsc::Receiver<Bytes>,
     current: Bytes,
-    /// The ingest blob, unless setup keeps no blob.
+    /// The blob being written, unless setup keeps no blob.
     blob: Option<std::fs::File>,
+    /// Why writing the blob failed: reported as such, not as whatever the decoder makes
+    /// of the short read that follows ("gzip stream is corrupt" for a full disk).
+    blob_error: Option<io::Error>,
     flusher: Flusher,
 }
 
@@ -541,11 +656,24 @@ impl Drop for Flusher {
 
 impl Read for TeeReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(replay) = &mut self.replay {
+            match replay.read(buf)? {
+                0 => self.replay = None,
+                n => {
+                    self.flusher.advance(n);
+                    return Ok(n);
+                }
+            }
+        }
         while self.current.is_empty() {
             match self.rx.blocking_recv() {
                 Some(chunk) => {
                     if let Some(blob) = &mut self.blob {
-                        blob.write_all(&chunk)?;
+                        if let Err(e) = blob.write_all(&chunk) {
+                            let kind = e.kind();
+                            self.blob_error = Some(e);
+                            return Err(io::Error::new(kind, "cannot write the blob"));
+                        }
                     }
                     self.flusher.advance(chunk.len());
                     self.current = chunk;
@@ -576,18 +704,31 @@ type Worker = JoinHandle<Result<Unpacked, UnpackError>>;
 struct UnpackSink {
     tx: Option<mpsc::Sender<Bytes>>,
     worker: Option<Worker>,
-    blob: Option<PathBuf>,
+    /// The resumable blob (a [`vrun_cache::Partial`]), unless setup keeps no blob.
+    partial: Option<Partial>,
+    /// Bytes of the partial blob to replay through the decoder before the network's.
+    replay: u64,
+    url: String,
     staging: PathBuf,
     mode: Mode,
     limits: Limits,
 }
 
 impl UnpackSink {
-    fn start(blob: Option<&Path>, staging: &Path, mode: Mode, limits: Limits) -> io::Result<Self> {
+    fn start(
+        partial: Option<Partial>,
+        replay: u64,
+        url: String,
+        staging: &Path,
+        mode: Mode,
+        limits: Limits,
+    ) -> io::Result<Self> {
         let mut sink = UnpackSink {
             tx: None,
             worker: None,
-            blob: blob.map(Path::to_owned),
+            partial,
+            replay,
+            url,
             staging: staging.to_owned(),
             mode,
             limits,
@@ -598,9 +739,24 @@ impl UnpackSink {
 
     fn spawn(&mut self) -> io::Result<()> {
         let dest = extraction_root(self.mode, &self.staging)?;
-        let blob = match &self.blob {
-            Some(path) => Some(std::fs::File::create(path)?),
-            None => None,
+        let blob_path = self.partial.as_ref().map(|p| p.blob_path().to_owned());
+        let (blob, replay) = match &blob_path {
+            Some(path) => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .open(path)?;
+                f.set_len(self.replay)?;
+                let replay = (self.replay > 0)
+                    .then(|| std::fs::File::open(path).map(|r| r.take(self.replay)))
+                    .transpose()?;
+                let mut f = f;
+                io::Seek::seek(&mut f, io::SeekFrom::End(0))?;
+                (Some(f), replay)
+            }
+            None => (None, None),
         };
         let flusher = Flusher::start(&self.staging)?;
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
@@ -609,12 +765,18 @@ impl UnpackSink {
             .name("vrun-unpack".into())
             .spawn(move || {
                 let mut reader = TeeReader {
+                    replay,
                     rx,
                     current: Bytes::new(),
                     blob,
+                    blob_error: None,
                     flusher,
                 };
-                let (format, stats) = unpack(&mut reader, &dest, mode, &limits)?;
+                let unpacked = unpack(&mut reader, &dest, mode, &limits);
+                if let (Some(e), Some(path)) = (reader.blob_error.take(), blob_path) {
+                    return Err(UnpackError::Io(path, e));
+                }
+                let (format, stats) = unpacked?;
                 let extracted = Instant::now();
                 drop(reader); // waits for a flush in progress
                 Ok(Unpacked {
@@ -648,6 +810,10 @@ impl BodySink for UnpackSink {
         // Start from an empty staging dir and an empty blob.
         std::fs::remove_dir_all(&self.staging)?;
         std::fs::create_dir(&self.staging)?;
+        self.replay = 0;
+        if let Some(p) = &self.partial {
+            p.clear().map_err(SinkError::new)?;
+        }
         self.spawn()?;
         Ok(())
     }
@@ -667,6 +833,18 @@ impl BodySink for UnpackSink {
             }
         }
     }
+
+    fn begin(&mut self, v: &Validators) -> Result<(), SinkError> {
+        if let Some(p) = &self.partial {
+            p.set_meta(&PartialMeta {
+                url: self.url.clone(),
+                etag: v.etag.clone(),
+                last_modified: v.last_modified.clone(),
+            })
+            .map_err(SinkError::new)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for UnpackSink {
@@ -675,6 +853,64 @@ impl Drop for UnpackSink {
     }
 }
 
+/// A download that failed; `Clean` means "once more from byte 0 may well succeed".
+enum Retry {
+    Clean(PipelineError),
+    Fail(PipelineError),
+}
+
+impl Retry {
+    fn into_error(self) -> PipelineError {
+        match self {
+            Retry::Clean(e) | Retry::Fail(e) => e,
+        }
+    }
+}
+
+impl From<PipelineError> for Retry {
+    fn from(e: PipelineError) -> Self {
+        Retry::Fail(e)
+    }
+}
+
+/// Whether a failed download leaves bytes worth resuming: network trouble does; a
+/// definite answer (4xx, a refused redirect or certificate) or bad content does not.
+fn worth_resuming(e: &FetchError) -> bool {
+    use fetch::FetchErrorKind as K;
+    match &e.kind {
+        K::Status { status } => status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429,
+        K::Connect { .. }
+        | K::ProxyConnect { .. }
+        | K::Timeout { .. }
+        | K::Transfer { .. }
+        | K::Truncated { .. }
+        | K::TooSlow { .. } => true,
+        _ => false,
+    }
+}
+
+/// The resume point a partial download offers: its bytes re-hashed, with the validator
+/// they came with. `None` (and the partial cleared) when it cannot be trusted: no
+/// validator and no md5 to check the whole.
+fn resume_point(partial: &Partial, art: &Artifact) -> Option<Resume> {
+    let len = partial.len();
+    let meta = partial.meta();
+    let validator = meta.as_ref().and_then(|m| {
+        m.etag
+            .clone()
+            .filter(|e| !e.starts_with("W/"))
+            .or_else(|| m.last_modified.clone())
+    });
+    if len == 0 || meta.is_none() || (validator.is_none() && art.md5.is_none()) {
+        let _ = partial.clear();
+        return None;
+    }
+    let file = std::fs::File::open(partial.blob_path()).ok()?;
+    let hasher = fetch::BodyHasher::new().hash_reader(file.take(len)).ok()?;
+    (hasher.bytes() == len).then_some(Resume { hasher, validator })
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn download(
     store: &Store,
     http: &HttpClient,
@@ -682,15 +918,31 @@ async fn download(
     limits: &Limits,
     progress: Option<Arc<Progress>>,
     started: Instant,
-) -> Result<Prepared, PipelineError> {
-    let url = &art.url;
+    may_retry_clean: bool,
+) -> Result<Prepared, Retry> {
+    let url = &art.shown_url();
     let store_err = |source| PipelineError::Store {
         url: url.clone(),
         source,
     };
+    let partial = match art.keep_blob {
+        true => Some(store.partial(&art.url).map_err(store_err)?),
+        false => None,
+    };
+    let resume = match (&partial, may_retry_clean) {
+        (Some(p), true) => tokio::task::block_in_place(|| resume_point(p, art)),
+        (Some(p), false) => {
+            p.clear().map_err(store_err)?;
+            None
+        }
+        (None, _) => None,
+    };
+    let replay = resume.as_ref().map_or(0, |r| r.hasher.bytes());
     let ingest = store.new_ingest().map_err(store_err)?;
     let mut sink = UnpackSink::start(
-        art.keep_blob.then(|| ingest.blob_path()),
+        partial,
+        replay,
+        url.clone(),
         ingest.staging_dir(),
         art.mode(),
         limits.clone(),
@@ -700,25 +952,61 @@ async fn download(
         path: ingest.dir().to_owned(),
         source,
     })?;
-    let mut req = FetchRequest::new(url);
+    let mut req = FetchRequest::new(&art.url).whole_checked(art.md5.is_some());
+    if let Some(r) = resume {
+        http.notice(&format!(
+            "resuming the {} download of {url} at byte {replay} (left by an interrupted setup)",
+            art.name()
+        ));
+        req = req.resume(r);
+    }
     if let Some(p) = progress {
         req = req.progress(p);
     }
     let fetched = http.fetch_request(req, &mut sink).await;
     let download_s = started.elapsed().as_secs_f64();
     let unpacked = tokio::task::block_in_place(|| sink.finish());
+    let partial = sink.partial.take();
+    let discard = |partial: Option<Partial>| {
+        if let Some(p) = partial {
+            p.discard();
+        }
+    };
     let (outcome, unpacked) = match (fetched, unpacked) {
         // The unpack thread's error is the precise one when it made the fetch stop.
         (Err(e), Some(Err(u))) if matches!(e.kind, fetch::FetchErrorKind::Sink(_)) => {
-            return Err(u.with_url(url))
+            discard(partial);
+            return Err(u.with_url(url).into());
         }
-        (Err(e), _) => return Err(e.into()),
-        (Ok(_), Some(Err(u))) => return Err(u.with_url(url)),
+        (Err(e), _) => {
+            if !worth_resuming(&e) {
+                discard(partial);
+            }
+            return Err(PipelineError::from(e).into());
+        }
+        (Ok(_), Some(Err(u))) => {
+            discard(partial);
+            return Err(u.with_url(url).into());
+        }
         (Ok(o), Some(Ok(u))) => (o, u),
         (Ok(_), None) => unreachable!("the sink has a worker until finished"),
     };
     if let Some(expected) = &art.md5 {
-        fetch::verify_md5(url, expected, &outcome.md5_hex)?;
+        if let Err(e) = outcome.verify_md5(url, expected) {
+            discard(partial);
+            return Err(match outcome.unvalidated_resumes > 0 && may_retry_clean {
+                true => Retry::Clean(e.into()),
+                false => Retry::Fail(e.into()),
+            });
+        }
+    }
+    if unpacked.stats.entries == 0 {
+        discard(partial);
+        return Err(PipelineError::Empty {
+            url: url.clone(),
+            what: art.name(),
+        }
+        .into());
     }
     let publish_started = Instant::now();
     let digest = BlobDigest {
@@ -727,7 +1015,8 @@ async fn download(
         size: outcome.bytes,
     };
     let record = UrlRecord {
-        url: url.clone(),
+        url: art.url.clone(),
+        url_sha256: None,
         sha256: outcome.sha256_hex.clone(),
         etag: outcome.etag.clone(),
         last_modified: outcome.last_modified.clone(),
@@ -742,14 +1031,27 @@ async fn download(
             ingest.staging_dir(),
             LAYER_MANIFEST,
         )?;
-        if art.keep_blob {
-            store.publish_blob(&ingest, &digest, Some(&record))?;
-        } else {
-            store.record_digest(&digest, Some(&record))?;
+        match &partial {
+            Some(p) => {
+                store.publish_blob_file(p.blob_path(), &digest, Some(&record))?;
+                // The md5 proc.yaml named (the wire bytes' when a Content-Encoding was
+                // decoded) leads to this blob too.
+                if let Some(expected) = art.md5.as_ref().filter(|m| **m != digest.md5) {
+                    store.record_digest(
+                        &BlobDigest {
+                            md5: expected.clone(),
+                            ..digest.clone()
+                        },
+                        None,
+                    )?;
+                }
+            }
+            None => store.record_digest(&digest, Some(&record))?,
         }
         Ok(layer)
     })
     .map_err(store_err)?;
+    discard(partial);
     Ok(Prepared {
         layer,
         timings: ArtifactTimings {

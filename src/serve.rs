@@ -27,6 +27,10 @@
 //! `Retry-After`), delay the response head, cut the connection after K body bytes,
 //! stall for D after K bytes, hold the body at K bytes until [`Server::open_gate`],
 //! ignore `Range`, serve a range other than the one asked for, throttle to R bytes/s.
+//! Also: trickle K bytes per pause, never answer, cut every connection after K bytes,
+//! replace the body with a new version after N bodies (with or without validators, per
+//! [`ServerOptions`]), redirect, label bodies with a `Content-Encoding`, and serve HTTPS
+//! ([`ServerOptions::tls_from_pem`], rustls with the ring provider reqwest already uses).
 //! A request-target in absolute form (`GET http://host/path`) is served by its path
 //! and logged with [`RequestRecord::proxied`] set, so the same server can stand in
 //! for an HTTP proxy in proxy tests.
@@ -97,6 +101,30 @@ pub struct ServerOptions {
     pub content_length: bool,
     /// Honour `Range`; when false every GET answers 200 with the whole body.
     pub ranges: bool,
+    /// Serve HTTPS with this configuration ([`ServerOptions::tls_from_pem`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl ServerOptions {
+    /// Serve HTTPS with a PEM certificate chain (server first) and its PEM private key.
+    pub fn tls_from_pem(mut self, chain_pem: &[u8], key_pem: &[u8]) -> io::Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: rustls::pki_types::pem::Error| io::Error::other(e.to_string());
+        let chain = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(bad)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| io::Error::other(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.tls = Some(Arc::new(config));
+        Ok(self)
+    }
 }
 
 impl Default for ServerOptions {
@@ -106,6 +134,7 @@ impl Default for ServerOptions {
             last_modified: true,
             content_length: true,
             ranges: true,
+            tls: None,
         }
     }
 }
@@ -141,6 +170,16 @@ pub struct Fault {
     /// Hold every body at this many bytes until [`Server::open_gate`] is called for the
     /// path (deterministic "the download is not finished yet" for streaming tests).
     pub gate_after: Option<u64>,
+    /// Send the body this many bytes at a time with this pause between pieces (a server
+    /// whose every byte resets an idle timer).
+    pub trickle: Option<(u64, Duration)>,
+    /// Once this many bodies were sent, replace the path's body with this one (a new
+    /// version appears between two requests; new validators when the server sends them).
+    pub replace_after: Option<(u32, Body)>,
+    /// Answer every request with this redirect status and `Location`.
+    pub redirect: Option<(u16, String)>,
+    /// Send this `Content-Encoding` header with bodies (the body is served as stored).
+    pub content_encoding: Option<String>,
 }
 
 impl Fault {
@@ -195,6 +234,34 @@ impl Fault {
     /// Limit the body to `bytes_per_sec`.
     pub fn throttle(mut self, bytes_per_sec: u64) -> Self {
         self.throttle = Some(bytes_per_sec.max(1));
+        self
+    }
+    /// Send `bytes` body bytes, then pause `every`, and so on.
+    pub fn trickle(mut self, bytes: u64, every: Duration) -> Self {
+        self.trickle = Some((bytes.max(1), every));
+        self
+    }
+    /// Accept the connection and never answer (a wedged server or proxy).
+    pub fn never_answer(self) -> Self {
+        self.delay_head(Duration::from_secs(24 * 3600), u32::MAX)
+    }
+    /// Cut every connection after `bytes` body bytes (a proxy capping connection length).
+    pub fn cut_every(self, bytes: u64) -> Self {
+        self.drop_after(bytes, u32::MAX)
+    }
+    /// After `bodies` bodies, serve `body` instead (a new version of the file).
+    pub fn replace_after(mut self, bodies: u32, body: impl Into<Body>) -> Self {
+        self.replace_after = Some((bodies, body.into()));
+        self
+    }
+    /// Redirect every request (`status` 301/302/307/308) to `location`.
+    pub fn redirect(mut self, status: u16, location: impl Into<String>) -> Self {
+        self.redirect = Some((status, location.into()));
+        self
+    }
+    /// Label bodies with `Content-Encoding: value`.
+    pub fn content_encoding(mut self, value: impl Into<String>) -> Self {
+        self.content_encoding = Some(value.into());
         self
     }
 }
@@ -271,6 +338,7 @@ struct FaultState {
     fault: Fault,
     requests: u32,
     bodies: u32,
+    replaced: bool,
 }
 
 impl Server {
@@ -316,7 +384,12 @@ impl Server {
 
     /// `http://127.0.0.1:PORT` (no trailing slash).
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.shared.opts.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Full URL of a path.
@@ -338,27 +411,7 @@ impl Server {
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?
                 .len(),
         };
-        let mut st = self.shared.lock();
-        st.generation += 1;
-        // Unique per version even when two inserts share a second, so If-Range by date
-        // never mistakes a replaced body for the old one.
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        st.last_modified_secs = now.max(st.last_modified_secs + 1);
-        let last_modified =
-            httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(st.last_modified_secs));
-        let etag = format!("\"v{}-{len:x}\"", st.generation);
-        st.files.insert(
-            path,
-            Resource {
-                body,
-                len,
-                etag,
-                last_modified,
-            },
-        );
+        self.shared.lock().put(path, body, len);
         Ok(())
     }
 
@@ -428,6 +481,32 @@ impl Drop for Server {
         for c in conns {
             let _ = c.thread.join();
         }
+    }
+}
+
+impl State {
+    /// Add or replace a path's body with fresh validators.
+    fn put(&mut self, path: String, body: Body, len: u64) {
+        self.generation += 1;
+        // Unique per version even when two inserts share a second, so If-Range by date
+        // never mistakes a replaced body for the old one.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.last_modified_secs = now.max(self.last_modified_secs + 1);
+        let last_modified =
+            httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(self.last_modified_secs));
+        let etag = format!("\"v{}-{len:x}\"", self.generation);
+        self.files.insert(
+            path,
+            Resource {
+                body,
+                len,
+                etag,
+                last_modified,
+            },
+        );
     }
 }
 
@@ -505,23 +584,33 @@ impl Request {
     }
 }
 
+/// A connection's byte stream: plain TCP or TLS over it.
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
 fn serve_connection(stream: TcpStream, shared: &Shared) {
     let _ = stream.set_nodelay(true);
-    let Ok(read_half) = stream.try_clone() else {
+    let Ok(raw) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(read_half);
-    let mut writer = stream;
+    let conn: Box<dyn Stream> = match &shared.opts.tls {
+        None => Box::new(stream),
+        Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
+            Ok(tls) => Box::new(rustls::StreamOwned::new(tls, stream)),
+            Err(_) => return,
+        },
+    };
+    let mut reader = BufReader::new(conn);
     while !shared.stopped() {
         let req = match read_request(&mut reader) {
             Ok(Some(r)) => r,
             Ok(None) | Err(_) => return,
         };
-        match respond(shared, &mut writer, &req) {
+        match respond(shared, reader.get_mut(), &req) {
             Ok(true) if !req.close => continue,
             _ => {
-                let _ = writer.flush();
-                let _ = writer.shutdown(Shutdown::Both);
+                let _ = reader.get_mut().flush();
+                let _ = raw.shutdown(Shutdown::Both);
                 return;
             }
         }
@@ -614,11 +703,13 @@ struct BodyPlan {
     stall: Option<(u64, Duration)>,
     gate: Option<(u64, Arc<AtomicBool>)>,
     throttle: Option<u64>,
+    trickle: Option<(u64, Duration)>,
+    content_encoding: Option<String>,
     sent: Arc<AtomicU64>,
 }
 
 /// Answer one request. `Ok(true)` keeps the connection open.
-fn respond(shared: &Shared, w: &mut TcpStream, req: &Request) -> io::Result<bool> {
+fn respond(shared: &Shared, w: &mut dyn Write, req: &Request) -> io::Result<bool> {
     let (path, proxied) = split_target(&req.target);
     let (plan, delay) = plan(shared, req, &path, proxied);
     if let Some(d) = delay {
@@ -681,6 +772,16 @@ fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> (Plan, Opt
     fs.requests += 1;
     let request_no = fs.requests; // 1-based
     let fault = fs.fault.clone();
+    if let Some((after, body)) = &fault.replace_after {
+        if fs.bodies >= *after && !fs.replaced {
+            fs.replaced = true;
+            let len = match body {
+                Body::Bytes(b) => b.len() as u64,
+                Body::File(p) => std::fs::metadata(p).map_or(0, |m| m.len()),
+            };
+            st.put(path.to_string(), body.clone(), len);
+        }
+    }
 
     let mut record = RequestRecord {
         method: req.method.clone(),
@@ -698,6 +799,12 @@ fn plan(shared: &Shared, req: &Request, path: &str, proxied: bool) -> (Plan, Opt
             status: 405,
             retry_after: None,
             extra: Some("Allow: GET, HEAD\r\n".into()),
+        }
+    } else if let Some((status, location)) = &fault.redirect {
+        Plan::Status {
+            status: *status,
+            retry_after: None,
+            extra: Some(format!("Location: {location}\r\n")),
         }
     } else if request_no <= fault.fail_first {
         Plan::Status {
@@ -786,6 +893,8 @@ fn body_plan(
             .filter(|_| body_no <= fault.stall_bodies)
             .map(|k| (k, fault.stall_for)),
         throttle: fault.throttle,
+        trickle: fault.trickle,
+        content_encoding: fault.content_encoding.clone(),
         gate: fault
             .gate_after
             .map(|k| (k, Arc::clone(st.gates.entry(path.to_string()).or_default()))),
@@ -848,7 +957,7 @@ fn parse_range(v: &str) -> Option<(u64, Option<u64>)> {
 
 fn write_body(
     shared: &Shared,
-    w: &mut TcpStream,
+    w: &mut dyn Write,
     p: BodyPlan,
     head_only: bool,
 ) -> io::Result<bool> {
@@ -862,6 +971,9 @@ fn write_body(
         head.push_str("Accept-Ranges: bytes\r\n");
     }
     push_validators(&mut head, opts, &p.res);
+    if let Some(enc) = &p.content_encoding {
+        head.push_str(&format!("Content-Encoding: {enc}\r\n"));
+    }
     if p.status == 206 {
         head.push_str(&format!(
             "Content-Range: bytes {}-{}/{}\r\n",
@@ -934,6 +1046,9 @@ fn write_body(
             // Twenty pieces a second keeps the rate smooth without a syscall per byte.
             want = want.min((rate / 20).max(1));
         }
+        if let Some((n, _)) = p.trickle {
+            want = want.min(n);
+        }
         let piece = source.read(&mut buf[..want as usize], want)?;
         if piece.is_empty() {
             return Err(io::ErrorKind::UnexpectedEof.into()); // file shrank under us
@@ -947,6 +1062,12 @@ fn write_body(
         }
         done += piece.len() as u64;
         p.sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        if let Some((_, every)) = p.trickle {
+            w.flush()?;
+            if done < total && !shared.sleep(every) {
+                return Ok(false);
+            }
+        }
         if let Some(rate) = p.throttle {
             let due = Duration::from_secs_f64(done as f64 / rate as f64);
             let elapsed = began.elapsed();
@@ -1006,6 +1127,11 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         206 => "Partial Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",

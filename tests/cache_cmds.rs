@@ -32,6 +32,7 @@ fn publish_blob(store: &Store, bytes: &[u8], url: &str) -> BlobDigest {
     };
     let rec = UrlRecord {
         url: url.into(),
+        url_sha256: None,
         sha256: d.sha256.clone(),
         etag: None,
         last_modified: None,

@@ -481,12 +481,13 @@ async fn bad_urls_are_refused_before_any_request() {
 }
 
 #[tokio::test]
-async fn stall_beyond_idle_timeout_fails_after_retries() {
+async fn stall_beyond_idle_timeout_without_progress_fails_after_retries() {
     let data = body(100_000, 12);
     let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
+    // Every response stalls before its first body byte: no attempt makes progress.
     server.set_fault(
         "/b.tgz",
-        Fault::new().stall_after(10_000, Duration::from_secs(30), 100),
+        Fault::new().stall_after(0, Duration::from_secs(30), 100),
     );
     let opts = HttpOptions {
         read_timeout: Duration::from_secs(1),
@@ -510,11 +511,35 @@ async fn stall_beyond_idle_timeout_fails_after_retries() {
         err.to_string(),
         format!("GET {url}: idle read timeout of 1s exceeded (gave up after 2 attempts)")
     );
+    assert_eq!(server.requests("/b.tgz").len(), 2);
+    assert!(sink.data.is_empty());
+}
+
+#[tokio::test]
+async fn stalls_after_progress_do_not_spend_the_retry_budget() {
+    // Issue 14 point 4: each attempt gets 10 000 new bytes, then stalls; with one retry
+    // allowed, the old client gave up after 20 000 bytes. Progress resets the budget.
+    let data = body(100_000, 12);
+    let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
+    server.set_fault(
+        "/b.tgz",
+        Fault::new().stall_after(10_000, Duration::from_secs(30), 100),
+    );
+    let opts = HttpOptions {
+        read_timeout: Duration::from_millis(300),
+        retries: 1,
+        ..quick()
+    };
+    let mut sink = Collect::default();
+    let out = client(opts)
+        .fetch(&server.url("/b.tgz"), &mut sink)
+        .await
+        .unwrap();
+    assert_eq!(out.attempts, 10);
+    assert_eq!(out.resumed, 9);
     let reqs = server.requests("/b.tgz");
-    assert_eq!(reqs.len(), 2);
     assert_eq!(reqs[1].range.as_deref(), Some("bytes=10000-"));
-    // Each attempt got 10 000 bytes before its stall; the second continued the first.
-    assert!(sink.data == data[..20_000]);
+    assert!(sink.data == data);
 }
 
 #[tokio::test]
@@ -540,7 +565,7 @@ fn env_timeouts_apply() {
     let server = serve_one("/b.tgz", data, ServerOptions::default());
     server.set_fault(
         "/b.tgz",
-        Fault::new().stall_after(1_000, Duration::from_secs(30), 100),
+        Fault::new().stall_after(0, Duration::from_secs(30), 100),
     );
     run_child(
         "child_env_stall",

@@ -22,10 +22,24 @@ pub(crate) fn random_name() -> String {
 /// fsyncs it and renames it over `path`. Readers see the old or the new file, never a
 /// torn one.
 pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> Result<(), StoreError> {
+    write_atomic_mode(path, body, 0o644)
+}
+
+/// [`write_atomic`] for a file only its owner may read (index entries name URLs).
+pub(crate) fn write_atomic_private(path: &Path, body: &[u8]) -> Result<(), StoreError> {
+    write_atomic_mode(path, body, 0o600)
+}
+
+fn write_atomic_mode(path: &Path, body: &[u8], mode: u32) -> Result<(), StoreError> {
+    use fs_err::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().expect("store paths have a parent");
     let tmp = dir.join(format!(".tmp-{}", random_name()));
     let result = (|| {
-        let mut f = fs_err::File::create(&tmp)?;
+        let mut f = fs_err::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(body)?;
         f.sync_all()?;
         fs_err::rename(&tmp, path)?;

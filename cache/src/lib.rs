@@ -34,7 +34,8 @@
 //! <cache>/CACHEDIR.TAG  VERSION
 //!   blobs-v1/sha256/<hex>        index-v1/md5/<md5>   index-v1/url/<sha256(url)>
 //!   layers-v1/<kind>-<sha256>-<uid>-<gid>/{root/, layer.json, manifest-v1.tsv}
-//!   ingest-v1/<random>/  locks-v1/<key>.lock  quarantine-v1/<time>-<random>-<what>
+//!   ingest-v1/<random>/  ingest-v1/partial-<sha256(url)>/{blob, partial.json}
+//!   locks-v1/<key>.lock  quarantine-v1/<time>-<random>-<what>
 //! ```
 //!
 //! Typical use by setup:
@@ -66,13 +67,30 @@ mod store;
 
 pub use error::StoreError;
 pub use layer::{LayerKey, LayerKind, LayerMeta, ManifestMode};
-pub use lock::KeyLock;
+pub use lock::{lock_holders, KeyLock};
 pub use maint::{
     BadEntry, CacheEntry, EntryKind, GcOptions, GcReport, Leftover, References, VerifyReport,
     LEFTOVER_MAX_AGE,
 };
 pub use manifest::TreeStats;
-pub use store::{blob_lock_key, url_lock_key, BlobDigest, Ingest, Store, UrlRecord};
+pub use store::{
+    blob_lock_key, url_lock_key, BlobDigest, Ingest, Partial, PartialMeta, Store, UrlRecord,
+};
+
+/// `url` with its userinfo (`user:password@`) replaced by `***@`, for every message and
+/// everything stored: credentials in a build URL must not reach logs or the cache index.
+/// Works on any string shaped `scheme://authority…`; anything else is returned as is.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}://***@{}", &url[..scheme_end], &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
 
 /// sha256 of some bytes as lowercase hex (the store's naming function).
 pub fn sha256_hex(bytes: &[u8]) -> String {

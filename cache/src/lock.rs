@@ -48,6 +48,41 @@ pub(crate) fn acquire(
     blocking: bool,
 ) -> Result<Option<KeyLock>, StoreError> {
     let file = open_lock_file(path)?;
+    flock(file, path, mode, blocking)
+}
+
+/// Takes an flock on a directory itself (no lock file: the lock lives and dies with the
+/// directory, so removing it never strands a waiter). Ingest dirs are held so by their
+/// writer; gc removes exactly those it can lock.
+pub(crate) fn acquire_dir(path: &Path, blocking: bool) -> Result<Option<KeyLock>, StoreError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| StoreError::io("cannot open", path, e))?;
+    flock(file, path, LockMode::Exclusive, blocking)
+}
+
+/// Takes a non-blocking exclusive flock on whatever `path` is (file or directory), opened
+/// read-only and without following a symlink: `Ok(true)` when nobody holds it.
+pub(crate) fn is_unheld(path: &Path) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    else {
+        // A symlink or something we cannot open: nobody can be holding it by flock.
+        return true;
+    };
+    matches!(flock(file, path, LockMode::Exclusive, false), Ok(Some(_)))
+}
+
+fn flock(
+    file: std::fs::File,
+    path: &Path,
+    mode: LockMode,
+    blocking: bool,
+) -> Result<Option<KeyLock>, StoreError> {
     let mut op = match mode {
         LockMode::Shared => libc::LOCK_SH,
         LockMode::Exclusive => libc::LOCK_EX,
@@ -71,6 +106,39 @@ pub(crate) fn acquire(
             _ => return Err(StoreError::io("cannot lock", path, err)),
         }
     }
+}
+
+/// The processes holding an flock on `path` (from `/proc/locks`), for "waiting for …"
+/// messages. Waiters are not listed; empty when unknown.
+pub fn lock_holders(path: &Path) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    let dev = meta.dev();
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let Ok(table) = std::fs::read_to_string("/proc/locks") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = table
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INO START END"; waiters have "->".
+            if f.get(1) != Some(&"FLOCK") || f.get(5) != Some(&want.as_str()) {
+                return None;
+            }
+            f.get(4)?.parse().ok()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 /// Opens (creating) a lock file. An existing one we may not write to (`vrun cache ls` run

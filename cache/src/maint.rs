@@ -26,8 +26,9 @@ use crate::layout::{LAYER_MANIFEST, LAYER_ROOT};
 use crate::manifest::Manifest;
 use crate::store::{read_md5_entry, read_url_entry, Store};
 
-/// Ingest and quarantine leftovers younger than this are kept by gc: a day leaves time
-/// to look at what a crashed or failed setup left behind.
+/// Quarantine leftovers younger than this are kept by gc: a day leaves time to look at
+/// what verify or a failed check set aside. (Ingest leftovers go as soon as no live
+/// process holds them: [`Store::remove_unheld_ingest`].)
 pub const LEFTOVER_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// How many manifest differences verify reports per layer (the rest are counted).
@@ -188,7 +189,7 @@ impl Store {
                 continue;
             }
             rev.checked += 1;
-            match read_url_entry(&path).filter(|r| crate::sha256_hex(r.url.as_bytes()) == name) {
+            match read_url_entry(&path).filter(|r| r.key_sha256() == name) {
                 Some(rec) => rev
                     .urls
                     .entry(rec.sha256)
@@ -316,22 +317,46 @@ impl Store {
             self.remove_dangling_index()?;
             self.remove_idle_key_locks()?;
         }
-        for dir in [self.layout.ingest(), self.layout.quarantine()] {
-            for (_, path) in fsutil::sorted_names(&dir)? {
-                let age = now.duration_since(fsutil::mtime(&path)).unwrap_or_default();
-                if age < LEFTOVER_MAX_AGE {
-                    continue;
-                }
-                let size = fsutil::disk_usage(&path);
-                if !opts.dry_run {
-                    fsutil::remove_tree(&path)
-                        .map_err(|e| StoreError::io("cannot remove", &path, e))?;
-                }
-                report.freed_bytes += size;
-                report.leftovers.push(Leftover { path, size });
+        for left in self.remove_unheld_ingest(opts.dry_run)? {
+            report.freed_bytes += left.size;
+            report.leftovers.push(left);
+        }
+        for (_, path) in fsutil::sorted_names(&self.layout.quarantine())? {
+            let age = now.duration_since(fsutil::mtime(&path)).unwrap_or_default();
+            if age < LEFTOVER_MAX_AGE {
+                continue;
             }
+            let size = fsutil::disk_usage(&path);
+            if !opts.dry_run {
+                fsutil::remove_tree(&path)
+                    .map_err(|e| StoreError::io("cannot remove", &path, e))?;
+            }
+            report.freed_bytes += size;
+            report.leftovers.push(Leftover { path, size });
         }
         Ok(report)
+    }
+
+    /// Ingest entries no live process holds: what a killed or crashed setup left (its
+    /// staging tree, a partial download no setup is continuing). A live writer holds an
+    /// flock on its ingest dir ([`crate::Ingest`], [`crate::Partial`]), and the kernel
+    /// drops that lock when the process dies, even on `kill -9`, so a free lock proves
+    /// the entry is garbage now, whatever its age. (A partial download removed here is
+    /// downloaded from byte 0 by the next setup.) Kept apart from the policy decisions of
+    /// [`Store::gc`] so callers with their own policy can reuse it.
+    pub fn remove_unheld_ingest(&self, dry_run: bool) -> Result<Vec<Leftover>, StoreError> {
+        let mut out = Vec::new();
+        for (_, path) in fsutil::sorted_names(&self.layout.ingest())? {
+            if !crate::lock::is_unheld(&path) {
+                continue;
+            }
+            let size = fsutil::disk_usage(&path);
+            if !dry_run {
+                fsutil::remove_tree(&path).map_err(|e| StoreError::io("cannot remove", &path, e))?;
+            }
+            out.push(Leftover { path, size });
+        }
+        Ok(out)
     }
 
     /// Key lock files accumulate (one per URL and layer ever fetched). Every key lock is

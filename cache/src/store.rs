@@ -44,9 +44,17 @@ pub struct BlobDigest {
 
 /// What the store remembers about a URL, so a later setup without an md5 can revalidate
 /// (ETag / Last-Modified) instead of downloading again.
+///
+/// `url` is the URL as it may be shown: its userinfo (credentials) is redacted
+/// ([`crate::redact_url`]) before it is written; the entry's file name, and `url_sha256`,
+/// are the sha256 of the full URL, which is how lookups find it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UrlRecord {
     pub url: String,
+    /// sha256 of the full URL (absent in entries written before credentials were redacted,
+    /// where it is the sha256 of `url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_sha256: Option<String>,
     pub sha256: String,
     #[serde(default)]
     pub etag: Option<String>,
@@ -64,6 +72,78 @@ pub struct Ingest {
     dir: PathBuf,
     blob: PathBuf,
     staging: PathBuf,
+    /// An flock on the dir itself: gc removes ingest dirs nobody holds.
+    _held: KeyLock,
+}
+
+/// The resumable download of one URL: `ingest-v1/partial-<sha256(url)>/` holding `blob`
+/// (the bytes received so far) and `partial.json` (the validator they came with). Its
+/// name is stable, so a setup killed half-way (kill -9, or a deploy timeout's TERM) leaves
+/// it for the next setup of the same URL to continue with `Range` + `If-Range`; an flock
+/// on the dir marks it in use, so gc removes it only when no live setup holds it. Take the
+/// URL's key lock ([`url_lock_key`]) before [`Store::partial`]. Dropping a `Partial`
+/// keeps it; [`Partial::discard`] removes it (after a publish, or a failure that a resume
+/// could not cure).
+#[derive(Debug)]
+pub struct Partial {
+    dir: PathBuf,
+    blob: PathBuf,
+    meta: PathBuf,
+    _held: KeyLock,
+}
+
+/// What `partial.json` records about a partial download.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialMeta {
+    /// The URL, redacted (for people looking at the store).
+    pub url: String,
+    #[serde(default)]
+    pub etag: Option<String>,
+    #[serde(default)]
+    pub last_modified: Option<String>,
+}
+
+impl Partial {
+    /// The bytes received so far (may be absent or empty).
+    pub fn blob_path(&self) -> &Path {
+        &self.blob
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// What was recorded with the bytes; `None` when there is nothing to resume.
+    pub fn meta(&self) -> Option<PartialMeta> {
+        let bytes = std::fs::read(&self.meta).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+    /// Bytes held (0 when there is no blob).
+    pub fn len(&self) -> u64 {
+        std::fs::metadata(&self.blob).map_or(0, |m| m.len())
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Record the validators of the body being written (atomically; private: it names
+    /// the URL).
+    pub fn set_meta(&self, meta: &PartialMeta) -> Result<(), StoreError> {
+        let body = serde_json::to_vec_pretty(meta).expect("partial meta serializes");
+        fsutil::write_atomic_private(&self.meta, &body)
+    }
+    /// Forget the bytes and the record (the dir stays, still held, for a fresh start).
+    pub fn clear(&self) -> Result<(), StoreError> {
+        for p in [&self.blob, &self.meta] {
+            match std::fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("cannot remove", p, e)),
+            }
+        }
+        Ok(())
+    }
+    /// Remove the partial download altogether.
+    pub fn discard(self) {
+        let _ = fsutil::remove_tree(&self.dir);
+    }
 }
 
 impl Ingest {
@@ -168,13 +248,57 @@ impl Store {
     pub fn new_ingest(&self) -> Result<Ingest, StoreError> {
         let dir = self.layout.ingest().join(fsutil::random_name());
         fs_err::create_dir(&dir)?;
+        let held = match lock::acquire_dir(&dir, false) {
+            Ok(Some(l)) => l,
+            Ok(None) => unreachable!("a fresh random dir is not locked"),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(e);
+            }
+        };
         let ingest = Ingest {
             blob: dir.join("blob"),
             staging: dir.join("staging"),
             dir,
+            _held: held,
         };
         fs_err::create_dir(&ingest.staging)?;
         Ok(ingest)
+    }
+
+    fn partial_dir(&self, url: &str) -> PathBuf {
+        self.layout
+            .ingest()
+            .join(format!("partial-{}", crate::sha256_hex(url.as_bytes())))
+    }
+
+    /// Bytes of `url` a partial download holds now (0 when none), without taking it.
+    pub fn partial_bytes(&self, url: &str) -> u64 {
+        std::fs::metadata(self.partial_dir(url).join("blob")).map_or(0, |m| m.len())
+    }
+
+    /// The partial download of `url` (created empty if there is none), held until dropped.
+    /// Hold the URL's key lock first: that lock is what keeps two setups apart; this one
+    /// only tells gc the dir is in use.
+    pub fn partial(&self, url: &str) -> Result<Partial, StoreError> {
+        let dir = self.partial_dir(url);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StoreError::io("cannot create", &dir, e)),
+        }
+        let held = lock::acquire_dir(&dir, true)?.expect("blocking lock returns a lock");
+        Ok(Partial {
+            blob: dir.join("blob"),
+            meta: dir.join("partial.json"),
+            dir,
+            _held: held,
+        })
+    }
+
+    /// The lock file of a key (for naming who holds it, [`crate::lock_holders`]).
+    pub fn lock_path(&self, key: &str) -> PathBuf {
+        self.layout.locks().join(lock::lock_file_name(key))
     }
 
     /// Path of blob files by sha256 (whether or not present).
@@ -244,26 +368,34 @@ impl Store {
         d: &BlobDigest,
         url: Option<&UrlRecord>,
     ) -> Result<PathBuf, StoreError> {
+        self.publish_blob_file(ingest.blob_path(), d, url)
+    }
+
+    /// [`Store::publish_blob`] for a downloaded file anywhere on the store's filesystem
+    /// (a [`Partial`]'s blob). The file is moved.
+    pub fn publish_blob_file(
+        &self,
+        file: &Path,
+        d: &BlobDigest,
+        url: Option<&UrlRecord>,
+    ) -> Result<PathBuf, StoreError> {
         check_hex("sha256", &d.sha256, 64)?;
         check_hex("md5", &d.md5, 32)?;
         let dest = self.blob_path(&d.sha256);
         if !dest.is_file() {
-            let f = fs_err::File::open(ingest.blob_path())?;
+            let f = fs_err::File::open(file)?;
             let actual = f.metadata()?.len();
             if actual != d.size {
                 return Err(StoreError::SizeMismatch {
-                    path: ingest.blob_path().to_owned(),
+                    path: file.to_owned(),
                     expected: d.size,
                     actual,
                 });
             }
             f.sync_all()?;
-            fs_err::set_permissions(
-                ingest.blob_path(),
-                std::fs::Permissions::from_mode(BLOB_MODE),
-            )?;
+            fs_err::set_permissions(file, std::fs::Permissions::from_mode(BLOB_MODE))?;
             drop(f);
-            fs_err::rename(ingest.blob_path(), &dest)?;
+            fs_err::rename(file, &dest)?;
             fsutil::fsync_dir(&self.layout.blobs())?;
         }
         self.record_digest(d, url)?;
@@ -276,7 +408,7 @@ impl Store {
     pub fn record_digest(&self, d: &BlobDigest, url: Option<&UrlRecord>) -> Result<(), StoreError> {
         check_hex("sha256", &d.sha256, 64)?;
         check_hex("md5", &d.md5, 32)?;
-        fsutil::write_atomic(
+        fsutil::write_atomic_private(
             &self.layout.index_md5().join(&d.md5),
             format!("{}\n", d.sha256).as_bytes(),
         )?;
@@ -305,14 +437,21 @@ impl Store {
     /// URL differs (hash collision, foreign file), is a miss.
     pub fn lookup_url(&self, url: &str) -> Option<UrlRecord> {
         let rec = read_url_entry(&self.url_index_path(url))?;
-        (rec.url == url).then_some(rec)
+        let key = crate::sha256_hex(url.as_bytes());
+        (rec.url == crate::redact_url(url) && rec.key_sha256() == key).then_some(rec)
     }
 
-    /// Records (or replaces) what is known about a URL.
+    /// Records (or replaces) what is known about a URL. `rec.url` is the full URL; what
+    /// is written has its credentials redacted, in a file only the owner can read.
     pub fn record_url(&self, rec: &UrlRecord) -> Result<(), StoreError> {
         check_hex("sha256", &rec.sha256, 64)?;
-        let body = serde_json::to_vec_pretty(rec).expect("url record serializes");
-        fsutil::write_atomic(&self.url_index_path(&rec.url), &body)
+        let stored = UrlRecord {
+            url: crate::redact_url(&rec.url),
+            url_sha256: Some(crate::sha256_hex(rec.url.as_bytes())),
+            ..rec.clone()
+        };
+        let body = serde_json::to_vec_pretty(&stored).expect("url record serializes");
+        fsutil::write_atomic_private(&self.url_index_path(&rec.url), &body)
     }
 
     fn url_index_path(&self, url: &str) -> PathBuf {
@@ -346,6 +485,15 @@ impl Store {
             Err(e) => return Err(e.into()),
         }
         fsutil::remove_tree(&trash).map_err(|e| StoreError::io("cannot remove", &trash, e))
+    }
+}
+
+impl UrlRecord {
+    /// The sha256 of the full URL this record is about (its index file's name).
+    pub fn key_sha256(&self) -> String {
+        self.url_sha256
+            .clone()
+            .unwrap_or_else(|| crate::sha256_hex(self.url.as_bytes()))
     }
 }
 

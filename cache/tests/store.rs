@@ -51,6 +51,7 @@ fn publish_blob_bytes(store: &Store, bytes: &[u8], url: Option<&str>) -> BlobDig
     let d = download(&ingest, bytes);
     let rec = url.map(|u| UrlRecord {
         url: u.into(),
+        url_sha256: None,
         sha256: String::new(),
         etag: Some("\"e1\"".into()),
         last_modified: None,
@@ -299,6 +300,7 @@ fn corrupt_entries_are_misses() {
     // A well-formed record for another URL under this URL's name is a miss too.
     let other = UrlRecord {
         url: "http://elsewhere/".into(),
+        url_sha256: None,
         sha256: d.sha256.clone(),
         etag: None,
         last_modified: None,
@@ -545,12 +547,16 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
     age(&cache.join("blobs-v1/sha256").join(&b.sha256), 7);
     age(&layer_dir(&lb), 6);
     age(&cache.join("blobs-v1/sha256").join(&c.sha256), 1);
-    // Leftovers of killed setups: one two days old (goes), one fresh (stays).
+    // Ingest dirs: one a killed setup left (nobody holds its flock: it goes, whatever
+    // its age), one a live process holds (stays).
     let old_ingest = cache.join("ingest-v1/1-old");
     std::fs::create_dir_all(&old_ingest).unwrap();
     std::fs::write(old_ingest.join("blob"), b"partial").unwrap();
-    age(&old_ingest, 2);
-    std::fs::create_dir_all(cache.join("ingest-v1/2-new")).unwrap();
+    let live_ingest = cache.join("ingest-v1/2-live");
+    std::fs::create_dir_all(&live_ingest).unwrap();
+    let live = std::fs::File::open(&live_ingest).unwrap();
+    // SAFETY: flock on a valid fd.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&live), libc::LOCK_EX) }, 0);
     let torn_index_write = cache.join("index-v1/md5/.tmp-1-dead");
     std::fs::write(&torn_index_write, b"3f").unwrap();
 
@@ -601,6 +607,8 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
     assert_eq!(report.removed, dry.removed);
     assert_eq!(report.leftovers.len(), 1);
     assert_eq!(report.leftovers[0].path, old_ingest);
+    assert!(live_ingest.exists(), "a held ingest dir stays");
+    drop(live);
     let left: Vec<_> = store
         .entries(&refs)
         .unwrap()

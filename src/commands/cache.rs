@@ -112,7 +112,8 @@ pub fn verify(root: &Root, deep: bool) -> anyhow::Result<()> {
 
 fn announce_wait(lock: &Path) {
     eprintln!(
-        "waiting for the cache lock {} (another vrun is using the cache)",
+        "vrun: waiting for {} to finish with the cache (lock {})",
+        vrun::pipeline::describe_holders(lock),
         lock.display()
     );
 }

@@ -67,7 +67,8 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
         });
     }
     for art in &artifacts {
-        art.check_url()?;
+        art.check()
+            .with_context(|| format!("{}", file.display()))?;
     }
     // The store (and its shared lock) stays open until state.json names the layers:
     // a `vrun cache gc` in between would see them unreferenced and remove them.
@@ -75,7 +76,16 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
         (None, Vec::new())
     } else {
         let store = open_store(root)?;
-        let prepared = fetch_all(store.clone(), artifacts)?;
+        let prepared = match fetch_all(store.clone(), artifacts) {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(Interrupted { signal, .. }) = e.downcast_ref::<Interrupted>() {
+                    eprintln!("ERROR: {}", super::one_line(&e));
+                    return Ok(ExitCode::from(128 + *signal as u8));
+                }
+                return Err(e);
+            }
+        };
         (Some(store), prepared)
     };
     let layer_of = |kind: LayerKind| {
@@ -121,12 +131,14 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Open the store shared (waiting, with a message, while gc or verify run).
+/// Open the store shared (waiting, with a message naming the holder, while gc or verify
+/// run).
 fn open_store(root: &Root) -> anyhow::Result<Arc<Store>> {
     let cache_dir = root.cache_dir();
     let store = Store::open_with(&cache_dir, false, |lock| {
         eprintln!(
-            "vrun: waiting for cache maintenance to finish ({} is locked)",
+            "vrun: waiting for cache maintenance by {} to finish ({} is locked)",
+            pipeline::describe_holders(lock),
             lock.display()
         )
     })
@@ -134,33 +146,79 @@ fn open_store(root: &Root) -> anyhow::Result<Arc<Store>> {
     Ok(Arc::new(store))
 }
 
-/// Fetch every artifact concurrently into the store.
+/// Setup was stopped by a signal while downloading (what a deploy timeout sends).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {name} while downloading; {kept}")]
+struct Interrupted {
+    signal: i32,
+    name: &'static str,
+    kept: String,
+}
+
+/// Fetch every artifact concurrently into the store, each on its own task. The first
+/// failure cancels the others at once (a failing build does not wait for the image's
+/// download to end); a cancelled download keeps its partial blob for the next setup to
+/// resume, and so does one stopped by SIGTERM, SIGINT or SIGHUP.
 fn fetch_all(
     store: Arc<Store>,
     artifacts: Vec<Artifact>,
 ) -> anyhow::Result<Vec<(LayerKind, Prepared)>> {
-    let http = HttpClient::from_env()?;
+    let notify: vrun::fetch::Notify = Arc::new(|text: &str| eprintln!("vrun: {text}"));
+    let http = HttpClient::from_env()?.with_notices(notify);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let urls: Vec<(String, String)> = artifacts
+        .iter()
+        .map(|a| (a.url.clone(), a.shown_url()))
+        .collect();
     runtime.block_on(async {
-        let bars = &super::progress::Bars::new();
-        let tasks = artifacts.into_iter().map(|art| {
-            let progress = bars.add(art.kind.as_str(), &art.url);
+        use tokio::signal::unix::{signal, SignalKind};
+        let bars = super::progress::Bars::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut bars_of = Vec::new();
+        for art in artifacts {
+            let progress = bars.add(art.kind.as_str(), &art.shown_url());
+            bars_of.push(progress.clone());
             let (store, http) = (store.clone(), http.clone());
-            async move {
+            tasks.spawn(async move {
                 let kind = art.kind;
-                let result =
-                    pipeline::prepare(store, http, art, Limits::default(), progress.clone()).await;
-                bars.finish(&progress);
+                let result = pipeline::prepare(store, http, art, Limits::default(), progress).await;
                 result.map(|p| (kind, p))
-            }
-        });
-        let results = futures::future::join_all(tasks).await;
+            });
+        }
+        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
         let mut prepared = Vec::new();
-        for r in results {
-            prepared.push(r?);
+        loop {
+            let stop = tokio::select! {
+                next = tasks.join_next() => match next {
+                    None => break,
+                    Some(Ok(Ok(p))) => { prepared.push(p); continue; }
+                    Some(Ok(Err(e))) => Err(anyhow::Error::from(e)),
+                    Some(Err(join)) => Err(anyhow::anyhow!("a download task failed: {join}")),
+                },
+                _ = term.recv() => Ok((libc::SIGTERM, "SIGTERM")),
+                _ = int.recv() => Ok((libc::SIGINT, "SIGINT")),
+                _ = hup.recv() => Ok((libc::SIGHUP, "SIGHUP")),
+            };
+            // Cancel the rest and wait until their cleanup (staging dirs) has run.
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            return Err(match stop {
+                Err(e) => e,
+                Ok((signal, name)) => Interrupted {
+                    signal,
+                    name,
+                    kept: kept_partials(&store, &urls),
+                }
+                .into(),
+            });
+        }
+        for p in &bars_of {
+            bars.finish(p);
         }
         for (kind, p) in &prepared {
             if p.timings.skipped_devices > 0 {
@@ -174,6 +232,21 @@ fn fetch_all(
         }
         Ok(prepared)
     })
+}
+
+/// What an interrupted setup leaves for the next one to resume, for its last message.
+fn kept_partials(store: &Store, urls: &[(String, String)]) -> String {
+    let kept: Vec<String> = urls
+        .iter()
+        .filter_map(|(url, shown)| {
+            let n = store.partial_bytes(url);
+            (n > 0).then(|| format!("{n} bytes of {shown}"))
+        })
+        .collect();
+    if kept.is_empty() {
+        return "no partial download was kept".to_string();
+    }
+    format!("kept {} for the next setup to resume", kept.join(" and "))
 }
 
 fn timings_json(started: Instant, prepared: &[(LayerKind, Prepared)]) -> String {

@@ -29,6 +29,40 @@ pub enum FetchErrorKind {
     Status { status: StatusCode },
     #[error("cannot connect: {reason}")]
     Connect { reason: String },
+    /// The proxy chosen from the environment could not be reached (not the server).
+    #[error("cannot connect to the proxy {proxy} (from {var}): {reason}")]
+    ProxyConnect {
+        proxy: String,
+        var: &'static str,
+        reason: String,
+    },
+    /// The low-speed rule: fewer than `limit` bytes/s over the last `window` of network
+    /// time (what curl's `--speed-limit`/`--speed-time` do). Never retried: the window
+    /// spans attempts, so another attempt would only repeat it.
+    #[error(
+        "too slow: {bytes} bytes in the last {}, below the low-speed limit of {limit} B/s (VRUN_SPEED_LIMIT, VRUN_SPEED_TIME)",
+        secs(*window)
+    )]
+    TooSlow {
+        bytes: u64,
+        window: Duration,
+        limit: u64,
+    },
+    /// A TLS failure; certificate errors are never retried.
+    #[error("{reason}")]
+    Tls { reason: String },
+    /// A redirect reqwest handed back instead of following (no usable `Location`).
+    #[error("{status} {}", match location {
+        Some(l) => format!("redirect to {l} was not followed (not an http or https URL)"),
+        None => "redirect without a Location header".to_string(),
+    })]
+    Redirect {
+        status: StatusCode,
+        location: Option<String>,
+    },
+    /// A `Content-Encoding` vrun cannot undo (it asks for `identity`).
+    #[error("the server applied Content-Encoding: {encoding} although vrun asked for identity; vrun decodes only gzip: serve the file as it is")]
+    Encoding { encoding: String },
     #[error("{which} timeout of {} exceeded", secs(*limit))]
     Timeout { which: TimeoutKind, limit: Duration },
     /// The connection broke (reset, closed early, protocol error) after `received`
@@ -61,6 +95,8 @@ pub enum TimeoutKind {
     ResponseHead,
     /// No body bytes for this long (per chunk, not for the whole body).
     IdleRead,
+    /// The optional overall limit of one download, retries included (`VRUN_DEADLINE`).
+    Deadline,
 }
 
 impl std::fmt::Display for TimeoutKind {
@@ -69,6 +105,7 @@ impl std::fmt::Display for TimeoutKind {
             TimeoutKind::Connect => "connect",
             TimeoutKind::ResponseHead => "response head (connect + idle read)",
             TimeoutKind::IdleRead => "idle read",
+            TimeoutKind::Deadline => "overall deadline (VRUN_DEADLINE)",
         })
     }
 }

@@ -32,10 +32,13 @@
 //! [`body_pipe`] is the usual sink's core: a bounded channel to the blocking decoder
 //! thread, whose reader tells a restart and a failed download apart from a clean end.
 //!
-//! Timeouts are per step, never per download: connecting has
-//! [`HttpOptions::connect_timeout`], and the body has an *idle* limit
-//! ([`HttpOptions::read_timeout`]) on each chunk, so a 2 GB image on a slow but steady
-//! link is fine and a stalled one fails in 30 s.
+//! Timeouts are per step, plus a floor on speed: connecting has
+//! [`HttpOptions::connect_timeout`], the body has an *idle* limit
+//! ([`HttpOptions::read_timeout`]) on each chunk, and the low-speed rule
+//! ([`HttpOptions::speed_limit`] over [`HttpOptions::speed_time`]) catches a server that
+//! trickles, so a 2 GB image on a slow but steady link is fine and a stalled or trickling
+//! one fails within a minute. An overall deadline is optional (`VRUN_DEADLINE`). Long
+//! waits are reported as they happen through [`HttpClient::with_notices`].
 
 mod error;
 mod hash;
@@ -52,9 +55,10 @@ use bytes::Bytes;
 pub use error::{FetchError, FetchErrorKind, TimeoutKind};
 pub use hash::{BodyDigest, BodyHasher};
 pub use http::{
-    FetchRequest, HttpClient, HttpOptions, HttpSetupError, Resume, Validators,
-    DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
-    DEFAULT_RETRIES, RETRY_AFTER_CAP,
+    FetchRequest, HttpClient, HttpOptions, HttpSetupError, Notify, Resume, Validators,
+    DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_NOTICE_AFTER,
+    DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES, DEFAULT_SPEED_LIMIT, DEFAULT_SPEED_TIME,
+    MAX_REDIRECTS, RETRY_AFTER_CAP,
 };
 pub use pipe::{body_pipe, is_restart, BodyRestarted, PipeReader, PipeSink};
 
@@ -66,6 +70,11 @@ pub trait BodySink {
     fn reset(&mut self) -> Result<(), SinkError>;
     /// Consume the next piece of the body.
     fn chunk(&mut self, data: Bytes) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// A body starts from byte 0 with these validators (called before its first chunk),
+    /// so a sink that keeps a resumable partial can record what its bytes belong to.
+    fn begin(&mut self, _validators: &Validators) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// Why a sink refused a chunk. Wraps the sink's own error so it reaches the caller intact.
@@ -168,7 +177,33 @@ pub struct FetchOutcome {
     pub resumed: u32,
     /// Times the sink was reset because a server answered 200 to a resume.
     pub restarts: u32,
+    /// Resumes sent without `If-Range` (no validator; allowed because the request was
+    /// `whole_checked`): an md5 mismatch may then be a splice of two versions.
+    pub unvalidated_resumes: u32,
+    /// md5 of the bytes on the wire, when the server applied a `Content-Encoding` that
+    /// was decoded (`md5_hex` is of the decoded body). An md5 in proc.yaml may name either.
+    pub wire_md5_hex: Option<String>,
 }
+
+impl FetchOutcome {
+    /// Check the md5 proc.yaml asserts against the body (or, for a body the server sent
+    /// with a `Content-Encoding`, against the bytes on the wire).
+    pub fn verify_md5(&self, url: &str, expected: &str) -> Result<(), Md5Mismatch> {
+        match verify_md5(url, expected, &self.md5_hex) {
+            Err(_) if self
+                .wire_md5_hex
+                .as_deref()
+                .is_some_and(|w| verify_md5(url, expected, w).is_ok()) =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+}
+
+/// Credentials never reach a message or the store (the store crate owns the function).
+pub use vrun_cache::redact_url;
 
 /// A proc.yaml md5 that does not match the body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -195,6 +230,17 @@ pub fn verify_md5(url: &str, expected: &str, got: &str) -> Result<(), Md5Mismatc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn userinfo_is_redacted() {
+        assert_eq!(
+            redact_url("http://user:p@ss@h:8/a@b?x=@"),
+            "http://***@h:8/a@b?x=@"
+        );
+        assert_eq!(redact_url("https://TOKEN@h/x"), "https://***@h/x");
+        assert_eq!(redact_url("http://h/a@b"), "http://h/a@b");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
 
     #[test]
     fn md5_message() {
