@@ -55,6 +55,7 @@ fn settings(format: Format) -> Vec<(String, DecodeOptions)> {
     let with = |xz_threads, bzip2_workers| DecodeOptions {
         xz_threads,
         bzip2_workers,
+        ..DecodeOptions::default()
     };
     match format {
         Format::Xz => vec![("t1".into(), with(1, 1)), ("t2".into(), with(2, 1))],

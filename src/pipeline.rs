@@ -65,8 +65,8 @@ use vrun_cache::{
 use crate::decode::{self, DecodeError};
 use crate::extract::{self, ExtractError, ExtractStats, Limits, Mode};
 use crate::fetch::{
-    self, BodySink, FetchError, FetchRequest, HttpClient, Md5Mismatch, Progress, Resume,
-    SinkError, Validators,
+    self, BodySink, FetchError, FetchRequest, HttpClient, Md5Mismatch, Progress, Resume, SinkError,
+    Validators,
 };
 
 /// Chunks in flight between the fetcher and the unpack thread. hyper hands out body
@@ -298,7 +298,17 @@ pub async fn prepare(
             }
         }
     }
-    match download(&store, &http, &art, &limits, progress.clone(), started, true).await {
+    match download(
+        &store,
+        &http,
+        &art,
+        &limits,
+        progress.clone(),
+        started,
+        true,
+    )
+    .await
+    {
         // A resume without a validator (allowed because an md5 checks the whole) may
         // have spliced two versions: once more, from byte 0.
         Err(Retry::Clean(e)) => {
@@ -878,7 +888,9 @@ impl From<PipelineError> for Retry {
 fn worth_resuming(e: &FetchError) -> bool {
     use fetch::FetchErrorKind as K;
     match &e.kind {
-        K::Status { status } => status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429,
+        K::Status { status } => {
+            status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429
+        }
         K::Connect { .. }
         | K::ProxyConnect { .. }
         | K::Timeout { .. }

@@ -377,13 +377,15 @@ fn gets(server: &Server, url: &str) -> Vec<vrun::serve::RequestRecord> {
         .collect()
 }
 
-/// Whether process `pid` waits in `flock()`: the kernel lists such a waiter in
-/// /proc/locks as `N: -> FLOCK ADVISORY WRITE PID ...`.
+/// Whether setup `pid` is past opening the store and so waits for the URL lock (it polls
+/// that lock, so it is not blocked in flock: it holds the store lock shared, which the
+/// kernel lists in /proc/locks as `N: FLOCK ADVISORY READ PID ...`). Callers check that
+/// it sent no request.
 fn blocked_in_flock(pid: u32) -> bool {
     let pid = pid.to_string();
     fs::read_to_string("/proc/locks").unwrap().lines().any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
-        f.get(1) == Some(&"->") && f.get(2) == Some(&"FLOCK") && f.get(5) == Some(&&*pid)
+        f.get(1) == Some(&"FLOCK") && f.get(3) == Some(&"READ") && f.get(4) == Some(&&*pid)
     })
 }
 
@@ -633,7 +635,7 @@ fn a_stall_longer_than_the_idle_timeout_fails_naming_the_url() {
     let (server, url) = serve("shop.tar.gz", &a.bytes);
     server.set_fault(
         "/builds/shop.tar.gz",
-        Fault::new().stall_after(100_000, Duration::from_secs(600), 10),
+        Fault::new().stall_after(0, Duration::from_secs(600), 10),
     );
     let file = proc_yaml(&t, 5000, &url, None);
     let r = setup(&t, &file)
@@ -642,9 +644,13 @@ fn a_stall_longer_than_the_idle_timeout_fails_naming_the_url() {
         .run();
     r.assert_error(&[&url, "idle read timeout of 1s exceeded"]);
     let log = gets(&server, &url);
-    assert_eq!(log.len(), 2, "one retry: {log:#?}");
-    assert_eq!(log[1].range.as_deref(), Some("bytes=100000-"));
-    Cache::of(&t).assert_nothing_published(&t);
+    assert_eq!(log.len(), 2, "one retry without progress: {log:#?}");
+    let cache = Cache::of(&t);
+    // Nothing published; only the (empty) resumable partial of the URL is left.
+    let url_key = hex::encode(Sha256::digest(url.as_bytes()));
+    assert_eq!(cache.ingest(), vec![format!("partial-{url_key}")]);
+    fs::remove_dir_all(cache.0.join("ingest-v1").join(format!("partial-{url_key}"))).unwrap();
+    cache.assert_nothing_published(&t);
 }
 
 // ---------------------------------------------------------------- broken archives
@@ -776,7 +782,10 @@ fn two_setups_of_one_build_download_it_once_and_a_third_reuses_the_layer() {
 // ---------------------------------------------------------------- crash safety
 
 #[test]
-fn kill_9_half_way_then_setup_again_publishes_only_the_retry() {
+fn kill_9_half_way_then_setup_again_resumes_the_partial_download() {
+    // Issue 14 point 7. vr.runners downloaded to a temp file and started again from byte 0
+    // after any interruption; vrun keeps `ingest-v1/partial-<sha256(url)>/` and resumes it
+    // with Range + If-Range, so what a killed deploy downloaded is not downloaded twice.
     let t = TestDir::new();
     let a = Archive::build(Fmt::Gzip);
     let (server, url) = serve("shop.tar.gz", &a.bytes);
@@ -798,28 +807,52 @@ fn kill_9_half_way_then_setup_again_publishes_only_the_retry() {
     assert_eq!(cache.md5_index(), Vec::<String>::new());
     assert_eq!(cache.url_index(), Vec::<String>::new());
     assert!(!t.proc_dir(&proc_name(5000)).exists());
-    let leftovers = cache.ingest();
+    let url_key = hex::encode(Sha256::digest(url.as_bytes()));
+    let partial_name = format!("partial-{url_key}");
+    let mut leftovers = cache.ingest();
     assert_eq!(
         leftovers.len(),
-        1,
-        "the killed run's ingest dir: {leftovers:?}"
+        2,
+        "the partial and the staging dir: {leftovers:?}"
     );
-    let partial = cache.0.join("ingest-v1").join(&leftovers[0]).join("blob");
+    assert!(leftovers.contains(&partial_name), "{leftovers:?}");
+    leftovers.retain(|n| *n != partial_name);
+    let partial = cache.0.join("ingest-v1").join(&partial_name).join("blob");
     let partial_len = fs::metadata(&partial).unwrap().len();
     assert!(
         partial_len > 0 && partial_len < a.len(),
         "partial blob: {partial_len}"
     );
+    assert!(a.bytes.starts_with(&fs::read(&partial).unwrap()));
 
     server.set_fault(path, Fault::new());
+    let before = gets(&server, &url).len();
     let r = setup(&t, &file).run();
     r.assert_ok();
-    // Published exactly as a clean setup would (blob = the whole archive, tree = GNU
-    // tar's), and the dead run's dir is the only thing in ingest: never renamed into place.
+    assert!(
+        r.stderr.contains(&format!(
+            "resuming the build download of {url} at byte {partial_len}"
+        )),
+        "{r:#?}"
+    );
+    let resumed = &gets(&server, &url)[before..];
+    assert_eq!(resumed.len(), 1, "{resumed:#?}");
+    assert_eq!(
+        resumed[0].range.as_deref(),
+        Some(format!("bytes={partial_len}-").as_str())
+    );
+    assert!(
+        resumed[0].if_range.is_some(),
+        "a validator guards the resume"
+    );
+    // Published exactly as a clean setup would; the dead run's staging dir is the only
+    // thing left in ingest, and gc removes it at once (nobody holds its lock).
     let blobs_and_layers = (cache.blobs(), cache.layers());
     assert_eq!(blobs_and_layers.0, vec![a.sha256.clone()]);
     assert_eq!(cache.ingest(), leftovers);
-    fs::remove_dir_all(cache.0.join("ingest-v1").join(&leftovers[0])).unwrap();
+    let gc = t.vrun(["cache", "gc", "--max-size", "100G"]).run();
+    gc.assert_ok();
+    assert_eq!(cache.ingest(), Vec::<String>::new(), "{gc:#?}");
     cache.assert_published(&t, &a, &url, 5000);
     let clean = TestDir::new();
     let clean_file = proc_yaml(&clean, 5000, &url, Some(&a.md5));

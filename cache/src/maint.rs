@@ -352,7 +352,8 @@ impl Store {
             }
             let size = fsutil::disk_usage(&path);
             if !dry_run {
-                fsutil::remove_tree(&path).map_err(|e| StoreError::io("cannot remove", &path, e))?;
+                fsutil::remove_tree(&path)
+                    .map_err(|e| StoreError::io("cannot remove", &path, e))?;
             }
             out.push(Leftover { path, size });
         }

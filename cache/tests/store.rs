@@ -556,7 +556,10 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
     std::fs::create_dir_all(&live_ingest).unwrap();
     let live = std::fs::File::open(&live_ingest).unwrap();
     // SAFETY: flock on a valid fd.
-    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&live), libc::LOCK_EX) }, 0);
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&live), libc::LOCK_EX) },
+        0
+    );
     let torn_index_write = cache.join("index-v1/md5/.tmp-1-dead");
     std::fs::write(&torn_index_write, b"3f").unwrap();
 

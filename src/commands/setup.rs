@@ -67,16 +67,19 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
         });
     }
     for art in &artifacts {
-        art.check()
-            .with_context(|| format!("{}", file.display()))?;
+        art.check().with_context(|| format!("{}", file.display()))?;
     }
+    // The environment's tunables too, before anything is created.
+    let notify: vrun::fetch::Notify = Arc::new(|text: &str| eprintln!("vrun: {text}"));
+    let http = HttpClient::from_env()?.with_notices(notify);
+    vrun::decode::decode_memory_from_env().map_err(anyhow::Error::msg)?;
     // The store (and its shared lock) stays open until state.json names the layers:
     // a `vrun cache gc` in between would see them unreferenced and remove them.
     let (_store, prepared) = if artifacts.is_empty() {
         (None, Vec::new())
     } else {
         let store = open_store(root)?;
-        let prepared = match fetch_all(store.clone(), artifacts) {
+        let prepared = match fetch_all(store.clone(), http, artifacts) {
             Ok(p) => p,
             Err(e) => {
                 if let Some(Interrupted { signal, .. }) = e.downcast_ref::<Interrupted>() {
@@ -161,10 +164,9 @@ struct Interrupted {
 /// resume, and so does one stopped by SIGTERM, SIGINT or SIGHUP.
 fn fetch_all(
     store: Arc<Store>,
+    http: HttpClient,
     artifacts: Vec<Artifact>,
 ) -> anyhow::Result<Vec<(LayerKind, Prepared)>> {
-    let notify: vrun::fetch::Notify = Arc::new(|text: &str| eprintln!("vrun: {text}"));
-    let http = HttpClient::from_env()?.with_notices(notify);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

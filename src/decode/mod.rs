@@ -60,9 +60,52 @@ const INPUT_BUFFER: usize = 128 * 1024;
 /// threads work on `xz -T`'s default blocks.
 pub const XZ_MEMLIMIT_THREADING: u64 = 256 * 1024 * 1024;
 
-/// Memory above which liblzma refuses an xz stream outright (a hostile header can ask for a
-/// 1.5 GiB dictionary). `xz -9e` needs 65 MiB to decode, so this is generous.
-pub const XZ_MEMLIMIT_STOP: u64 = 512 * 1024 * 1024;
+/// Memory a decoder may use by default (xz dictionary, zstd window). All of `vrun setup`
+/// must fit in 64 MiB RSS and the rest of it (pipe, writer budget, buffers) takes about
+/// 30 MiB, so a decoder gets 32 MiB: every xz preset up to `-8` (32 MiB dictionary) and
+/// every zstd level up to 19 (8 MiB window), and `zstd --long=25`. Without a cap a 150 KB
+/// xz download asking for a 512 MiB dictionary took 393 MB of RSS. Raise it with
+/// [`DECODE_MEMORY_ENV`] for `xz -9` (64 MiB dictionary) or `zstd --long=27`.
+pub const DEFAULT_DECODE_MEMORY: u64 = 32 * 1024 * 1024;
+
+/// `VRUN_DECODE_MEMORY=64M` (bytes; `K`, `M`, `G` suffixes are binary) sets the decoder
+/// memory cap.
+pub const DECODE_MEMORY_ENV: &str = "VRUN_DECODE_MEMORY";
+
+/// The decoder memory cap: [`DECODE_MEMORY_ENV`] when set and valid, else the default.
+/// (An invalid value is refused by setup before any I/O: [`decode_memory_from_env`].)
+pub fn decode_memory() -> u64 {
+    decode_memory_from_env()
+        .ok()
+        .flatten()
+        .unwrap_or(DEFAULT_DECODE_MEMORY)
+}
+
+/// [`DECODE_MEMORY_ENV`] parsed: `Ok(None)` when unset.
+pub fn decode_memory_from_env() -> Result<Option<u64>, String> {
+    let Ok(v) = std::env::var(DECODE_MEMORY_ENV) else {
+        return Ok(None);
+    };
+    let t = v.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 1u64),
+        Some((i, _)) => {
+            let mult = match t[i..].trim().to_ascii_uppercase().as_str() {
+                "K" | "KB" | "KIB" => 1 << 10,
+                "M" | "MB" | "MIB" => 1 << 20,
+                "G" | "GB" | "GIB" => 1 << 30,
+                _ => 0,
+            };
+            (&t[..i], mult)
+        }
+    };
+    match num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)) {
+        Some(n) if n >= 1 << 20 => Ok(Some(n)),
+        _ => Err(format!(
+            "environment variable {DECODE_MEMORY_ENV}={v:?}: not a size of at least 1M (e.g. 64M)"
+        )),
+    }
+}
 
 /// Compression of a download, decided by its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -223,6 +266,11 @@ pub enum DecodeError {
         head: String,
     },
     #[error(
+        "{format} stream needs more memory than the decoder limit of {} MiB (its dictionary or window is that large); set {DECODE_MEMORY_ENV} higher to accept it",
+        limit >> 20
+    )]
+    MemoryLimit { format: Format, limit: u64 },
+    #[error(
         "{format} stream is corrupt in member {member} (at compressed byte {offset}): {source}"
     )]
     Corrupt {
@@ -281,6 +329,8 @@ pub struct DecodeOptions {
     /// caller's thread only. Default: the CPUs available, at most
     /// [`bzip2_par::MAX_WORKERS`]. See [`bzip2_par`].
     pub bzip2_workers: u32,
+    /// Memory an xz or zstd decoder may use ([`DEFAULT_DECODE_MEMORY`]).
+    pub memory_limit: u64,
 }
 
 impl Default for DecodeOptions {
@@ -288,6 +338,7 @@ impl Default for DecodeOptions {
         DecodeOptions {
             xz_threads: xz_threads_from_env(),
             bzip2_workers: bzip2_par::default_workers(),
+            memory_limit: decode_memory(),
         }
     }
 }
@@ -453,6 +504,18 @@ impl<R: Read> Members<R> {
         if e.get_ref().is_some_and(|inner| inner.is::<DecodeError>()) {
             return e;
         }
+        let memlimit = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<liblzma::stream::Error>())
+            .is_some_and(|x| matches!(x, liblzma::stream::Error::MemLimit))
+            || (self.format == Format::Zstd && e.to_string().contains("too much memory"));
+        if memlimit {
+            return DecodeError::MemoryLimit {
+                format: self.format,
+                limit: self.options.memory_limit,
+            }
+            .into();
+        }
         DecodeError::Corrupt {
             format: self.format,
             member: self.member,
@@ -515,10 +578,13 @@ impl<R: Read> Members<R> {
             Format::Bzip2 => State::Bzip2(bzip2::bufread::BzDecoder::new(input)),
             Format::Xz => State::Xz(liblzma::bufread::XzDecoder::new_stream(
                 input,
-                xz_stream(self.options.xz_threads)?,
+                xz_stream(self.options.xz_threads, self.options.memory_limit)?,
             )),
             Format::Zstd => {
-                let d = zstd::stream::read::Decoder::with_buffer(input)?.single_frame();
+                let mut d = zstd::stream::read::Decoder::with_buffer(input)?.single_frame();
+                // The window is the decoder's memory: the largest power of two in the cap.
+                let log = 63 - self.options.memory_limit.max(1 << 10).leading_zeros();
+                d.window_log_max(log.clamp(10, 31))?;
                 State::Zstd(d)
             }
             Format::Tar => unreachable!("tar is not decoded"),
@@ -527,15 +593,17 @@ impl<R: Read> Members<R> {
 }
 
 /// One xz stream decoder: threaded when asked for more than one thread.
-fn xz_stream(threads: u32) -> io::Result<liblzma::stream::Stream> {
+/// Threaded decoding is an opt-in to more memory (module note): up to
+/// [`XZ_MEMLIMIT_THREADING`] for the threads, but one stream's dictionary is still capped.
+fn xz_stream(threads: u32, memory_limit: u64) -> io::Result<liblzma::stream::Stream> {
     let stream = if threads > 1 {
         liblzma::stream::MtStreamBuilder::new()
             .threads(threads)
-            .memlimit_threading(XZ_MEMLIMIT_THREADING)
-            .memlimit_stop(XZ_MEMLIMIT_STOP)
+            .memlimit_threading(XZ_MEMLIMIT_THREADING.max(memory_limit))
+            .memlimit_stop(XZ_MEMLIMIT_THREADING.max(memory_limit))
             .decoder()
     } else {
-        liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT_STOP, 0)
+        liblzma::stream::Stream::new_stream_decoder(memory_limit, 0)
     };
     stream.map_err(|e| io::Error::other(format!("cannot start xz decoder: {e}")))
 }

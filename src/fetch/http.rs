@@ -458,9 +458,8 @@ fn redirect_policy() -> reqwest::redirect::Policy {
                 .previous()
                 .last()
                 .is_some_and(|u| u.scheme() == "https");
-        let why = why.or_else(|| {
-            downgrade.then(|| "it would leave https for plain http".to_string())
-        });
+        let why =
+            why.or_else(|| downgrade.then(|| "it would leave https for plain http".to_string()));
         match why {
             Some(why) => attempt.error(RedirectRefused { to, why }),
             None => attempt.follow(),
@@ -786,8 +785,7 @@ impl HttpClient {
             }));
         }
         // Bytes trickle in (the idle timer keeps being reset): say so once.
-        if !t.pace.slow_noticed && bytes > 0 && span >= self.opts.notice_after && !rate_ok(span)
-        {
+        if !t.pace.slow_noticed && bytes > 0 && span >= self.opts.notice_after && !rate_ok(span) {
             t.pace.slow_noticed = true;
             self.notice(&format!(
                 "{} is sending {:.0} B/s, below the low-speed limit of {floor} B/s; gives up if that lasts {}",
@@ -959,11 +957,9 @@ impl HttpClient {
             })
         } else if e.is_connect() {
             match self.proxy_for(t.url) {
-                Some((proxy, var)) => Failure::transient(FetchErrorKind::ProxyConnect {
-                    proxy,
-                    var,
-                    reason,
-                }),
+                Some((proxy, var)) => {
+                    Failure::transient(FetchErrorKind::ProxyConnect { proxy, var, reason })
+                }
                 None => Failure::transient(FetchErrorKind::Connect { reason }),
             }
         } else if e.is_builder() || e.is_redirect() {
@@ -981,7 +977,12 @@ fn round_ms(d: Duration) -> Duration {
 
 /// A `Content-Encoding` other than identity, lowercased.
 fn content_encoding(h: &HeaderMap) -> Option<String> {
-    let v = h.get(CONTENT_ENCODING)?.to_str().ok()?.trim().to_ascii_lowercase();
+    let v = h
+        .get(CONTENT_ENCODING)?
+        .to_str()
+        .ok()?
+        .trim()
+        .to_ascii_lowercase();
     (!v.is_empty() && v != "identity").then_some(v)
 }
 

@@ -57,8 +57,8 @@ pub use hash::{BodyDigest, BodyHasher};
 pub use http::{
     FetchRequest, HttpClient, HttpOptions, HttpSetupError, Notify, Resume, Validators,
     DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_NOTICE_AFTER,
-    DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES, DEFAULT_SPEED_LIMIT, DEFAULT_SPEED_TIME,
-    MAX_REDIRECTS, RETRY_AFTER_CAP,
+    DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES, DEFAULT_SPEED_LIMIT, DEFAULT_SPEED_TIME, MAX_REDIRECTS,
+    RETRY_AFTER_CAP,
 };
 pub use pipe::{body_pipe, is_restart, BodyRestarted, PipeReader, PipeSink};
 
@@ -190,10 +190,11 @@ impl FetchOutcome {
     /// with a `Content-Encoding`, against the bytes on the wire).
     pub fn verify_md5(&self, url: &str, expected: &str) -> Result<(), Md5Mismatch> {
         match verify_md5(url, expected, &self.md5_hex) {
-            Err(_) if self
-                .wire_md5_hex
-                .as_deref()
-                .is_some_and(|w| verify_md5(url, expected, w).is_ok()) =>
+            Err(_)
+                if self
+                    .wire_md5_hex
+                    .as_deref()
+                    .is_some_and(|w| verify_md5(url, expected, w).is_ok()) =>
             {
                 Ok(())
             }
