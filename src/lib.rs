@@ -20,4 +20,5 @@ pub mod sample;
 pub mod serve;
 pub mod state;
 pub mod uptest;
+pub mod writeback;
 pub mod yaml;

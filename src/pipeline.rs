@@ -5,7 +5,7 @@
 //!  tokio task                     │ unpack thread (one per artifact)
 //!  HTTP body ─► md5+sha256+count ─┼─► bounded channel ─► tee ─► blob file (ingest)
 //!  (fetch::HttpClient)            │                      └──► decoder ─► tar ─► writer(s) ─► staging
-//!                                 │  flusher thread: syncfs every 8 MiB of input, behind them
+//!                                 │  writeback kicks: each finished file, the blob every 8 MiB
 //! ```
 //!
 //! Why this shape. The network and the hashers live on the async side, where reqwest is;
@@ -27,11 +27,13 @@
 //! Durability costs disk time, and on a cold setup the disk was the longest stage: the
 //! first version wrote everything to the page cache and flushed it all at publish
 //! (`publish_s` 1.0–1.4 s of a 2.2–3.1 s setup of the 262 MB gz bench build on loop
-//! ext4). A [`Flusher`] thread now runs `syncfs` every [`FLUSH_EVERY`] input bytes, so the
-//! disk writes while the CPU decodes and publish only flushes the tail (0.2–0.3 s).
-//! Per-file `sync_file_range` kicks were tried first and were slower: they move block
-//! allocation onto the writer threads (download 1.6 → 2.3 s, loaded machine). The layer
-//! is published before the blob so that one `syncfs` covers both.
+//! ext4). Writeback now starts during the download ([`crate::writeback`]: each finished
+//! file, and the blob every [`FLUSH_EVERY`] input bytes from a [`Flusher`] thread), so the
+//! disk writes while the CPU decodes and publish's fsyncs (of vrun's own files only)
+//! find little left. (A background `syncfs` did the same job until issue 14: it also
+//! flushed every other process's dirty data on the filesystem and made publish wait for
+//! it. Per-file `sync_file_range` kicks *on the writer threads* were slower: they moved
+//! block allocation there; the kicks now run on a thread of their own.)
 //!
 //! On a slow disk the blob is a third more bytes to write (gzip), and the disk is the
 //! bottleneck: `--no-blob` ([`Artifact::keep_blob`]) keeps only the layer (slow-disk
@@ -474,7 +476,7 @@ fn from_blob(
     let compressed_bytes = file.metadata().map_err(io_err)?.len();
     let mut reader = FlushingReader {
         inner: io::BufReader::with_capacity(READ_BUF, file),
-        flusher: Flusher::start(ingest.staging_dir()).map_err(|source| PipelineError::Io {
+        flusher: Flusher::start(None).map_err(|source| PipelineError::Io {
             url: url.clone(),
             path: ingest.staging_dir().to_owned(),
             source,
@@ -591,18 +593,19 @@ struct TeeReader {
     flusher: Flusher,
 }
 
-/// Compressed bytes between two background flushes. Measured on the 262 MB / 12k-file gz
-/// bench build on loop ext4: 2, 4, 8 and 32 MiB all cut `publish_s` from 1.2–1.4 s to
-/// 0.2–0.3 s; 8 MiB (about 24 MiB of extracted files) was best or tied.
+/// Blob bytes between two writeback kicks. Measured with `syncfs` kicks on the 262 MB /
+/// 12k-file gz bench build on loop ext4: 2, 4, 8 and 32 MiB all cut `publish_s` from
+/// 1.2–1.4 s to 0.2–0.3 s; 8 MiB was best or tied.
 const FLUSH_EVERY: u64 = 8 << 20;
 
-/// Writes the ingest dir's filesystem back *during* the download instead of all of it at
-/// publish: a thread that runs `syncfs` whenever kicked (kicks while it is busy coalesce
-/// into one more round). The disk then works while the CPU decodes, and the publish
-/// `syncfs` only finds the tail. Errors are left to that final `syncfs`, which is the one
-/// that makes the layer durable; this is only a head start.
+/// Writes the blob back *during* the download instead of all of it at publish: a thread
+/// that starts writeback (`sync_file_range`, [`crate::writeback`]) of the blob bytes
+/// written since its last round whenever kicked (kicks while it is busy coalesce). The
+/// extracted files get theirs from the writer threads' hand-over. This only starts
+/// writeback of vrun's own pages; it used to be a `syncfs`, which also wrote whatever
+/// other processes had dirty on the filesystem and made publish wait for it.
 struct Flusher {
-    tx: Option<crossbeam_channel::Sender<()>>,
+    tx: Option<crossbeam_channel::Sender<u64>>,
     thread: Option<JoinHandle<()>>,
     /// Input bytes seen, and how many of them had been at the last kick.
     seen: u64,
@@ -610,32 +613,42 @@ struct Flusher {
 }
 
 impl Flusher {
-    fn start(dir: &Path) -> io::Result<Flusher> {
-        let fd = std::fs::File::open(dir)?;
-        let (tx, rx) = crossbeam_channel::bounded::<()>(1);
-        let thread = std::thread::Builder::new()
-            .name("vrun-flush".into())
-            .spawn(move || {
-                for () in rx {
-                    // SAFETY: syncfs(2) on a directory fd this thread owns.
-                    unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&fd)) };
-                }
-            })?;
-        Ok(Flusher {
-            tx: Some(tx),
-            thread: Some(thread),
+    /// A flusher for `blob` (appended to from its current end), or one that does nothing.
+    fn start(blob: Option<std::fs::File>) -> io::Result<Flusher> {
+        let mut flusher = Flusher {
+            tx: None,
+            thread: None,
             seen: 0,
             kicked: 0,
-        })
+        };
+        let Some(blob) = blob else {
+            return Ok(flusher);
+        };
+        let mut done = blob.metadata()?.len();
+        let (tx, rx) = crossbeam_channel::bounded::<u64>(1);
+        flusher.thread = Some(
+            std::thread::Builder::new()
+                .name("vrun-flush".into())
+                .spawn(move || {
+                    for upto in rx {
+                        let end = done + upto;
+                        crate::writeback::start_writeback(&blob, done, end - done);
+                        done = end;
+                    }
+                })?,
+        );
+        flusher.tx = Some(tx);
+        Ok(flusher)
     }
 
     /// `n` more input bytes went through: kick a flush every [`FLUSH_EVERY`].
     fn advance(&mut self, n: usize) {
         self.seen += n as u64;
         if self.seen - self.kicked >= FLUSH_EVERY {
-            self.kicked = self.seen;
             if let Some(tx) = &self.tx {
-                let _ = tx.try_send(());
+                if tx.try_send(self.seen - self.kicked).is_ok() {
+                    self.kicked = self.seen;
+                }
             }
         }
     }
@@ -768,7 +781,7 @@ impl UnpackSink {
             }
             None => (None, None),
         };
-        let flusher = Flusher::start(&self.staging)?;
+        let flusher = Flusher::start(blob.as_ref().map(std::fs::File::try_clone).transpose()?)?;
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let (mode, limits) = (self.mode, self.limits.clone());
         let worker = std::thread::Builder::new()
@@ -1034,9 +1047,9 @@ async fn download(
         last_modified: outcome.last_modified.clone(),
         size: outcome.bytes,
     };
-    // Layer first: its syncfs flushes the blob (same filesystem) together with the tree,
-    // so the blob's own fsync finds nothing left to write. A crash in between leaves a
-    // layer no index points to yet; the next setup downloads again and keeps that layer.
+    // Layer first, then the blob (its writeback started during the download). A crash in
+    // between leaves a layer no index points to yet; the next setup downloads again and
+    // keeps that layer.
     let layer = tokio::task::block_in_place(|| {
         let layer = store.publish_layer_with(
             &art.key(&digest.sha256),

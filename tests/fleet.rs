@@ -151,7 +151,10 @@ fn eight_roots_behind_nginx_get_identical_trees_and_the_origin_sends_each_artifa
     let build = archive(12, 300_000, 1); // ~3.6 MB
     let image = archive(20, 250_000, 100); // ~5 MB
     let origin = Server::start(
-        [("/builds/shop.tar.gz", build.clone()), ("/images/base.tar.gz", image.clone())],
+        [
+            ("/builds/shop.tar.gz", build.clone()),
+            ("/images/base.tar.gz", image.clone()),
+        ],
         ServerOptions::default(),
     )
     .unwrap();
@@ -233,7 +236,11 @@ fn eight_roots_behind_nginx_get_identical_trees_and_the_origin_sends_each_artifa
     assert_eq!(origin.bytes_sent("/builds/shop.tar.gz"), build.len() as u64);
     assert_eq!(origin.bytes_sent("/images/base.tar.gz"), image.len() as u64);
     // Every origin request is one of nginx's 1 MiB slices (none came from vrun directly).
-    assert!(origin.log().iter().all(|r| r.range.is_some()), "{:#?}", origin.log());
+    assert!(
+        origin.log().iter().all(|r| r.range.is_some()),
+        "{:#?}",
+        origin.log()
+    );
     assert_eq!(
         origin.request_count("/builds/shop.tar.gz"),
         build.len().div_ceil(1 << 20)

@@ -1,12 +1,11 @@
 //! Small filesystem primitives the store is built from: atomic small-file writes, fsync of
-//! a directory, `syncfs`, a one-syscall "touch", and a tree removal that copes with
+//! a directory or a whole tree, a one-syscall "touch", and a tree removal that copes with
 //! read-only directories (image layers keep their modes, e.g. 0555 dirs).
 
 use std::ffi::CString;
 use std::io::{ErrorKind, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -58,21 +57,85 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// `syncfs(2)` on the filesystem holding `path`: one call flushes every file written in
-/// a freshly extracted tree, instead of one fsync per file (12k fsyncs on a slow disk
-/// cost seconds; syncfs lets the filesystem batch them in one journal commit).
-pub(crate) fn syncfs(path: &Path) -> Result<(), StoreError> {
-    let f = fs_err::File::open(path)?;
-    // SAFETY: plain syscall on a valid open fd.
-    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
-    if rc != 0 {
-        return Err(StoreError::io(
-            "cannot syncfs",
-            path,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+/// Threads that fsync a tree at publish. fsyncs of files whose data is already on its
+/// way to disk (see vrun's writeback kicks) mostly wait on the journal; several in
+/// flight share one journal commit and one device flush.
+const FSYNC_THREADS: usize = 8;
+
+/// fsync every regular file and directory under `root` (and `root` itself), on
+/// [`FSYNC_THREADS`] threads, directories after what they hold. Unlike `syncfs` this
+/// waits only for what is in this tree, not for every dirty page of the filesystem: with
+/// another process writing to the same filesystem (the apps, on a shared /apps), a
+/// 200 KB build took 3.6 s to publish with syncfs. Symlinks are not followed (their
+/// directory's fsync covers them).
+pub(crate) fn fsync_tree(root: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (tx, rx) = crossbeam_channel::bounded::<PathBuf>(1024);
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(p)
+    };
+    let fsync = |p: &Path| -> Result<(), StoreError> {
+        let f = open(p).map_err(|e| StoreError::io("cannot open", p, e))?;
+        f.sync_all()
+            .map_err(|e| StoreError::io("cannot fsync", p, e))
+    };
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..FSYNC_THREADS)
+            .map(|_| {
+                let rx = rx.clone();
+                s.spawn(move || -> Result<(), StoreError> {
+                    let mut first = Ok(());
+                    for p in rx {
+                        if first.is_ok() {
+                            first = fsync(&p);
+                        }
+                    }
+                    first
+                })
+            })
+            .collect();
+        drop(rx);
+        // Walk on this thread; files go to the workers as they are found.
+        let mut dirs = vec![root.to_path_buf()];
+        let mut i = 0;
+        let mut walked = Ok(());
+        while i < dirs.len() {
+            let entries = match std::fs::read_dir(&dirs[i]) {
+                Ok(e) => e,
+                Err(e) => {
+                    walked = Err(StoreError::io("cannot read", &dirs[i], e));
+                    break;
+                }
+            };
+            for entry in entries.flatten() {
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => dirs.push(entry.path()),
+                    Ok(t) if t.is_file() => {
+                        let _ = tx.send(entry.path());
+                    }
+                    _ => {}
+                }
+            }
+            i += 1;
+        }
+        drop(tx);
+        let mut result = walked;
+        for w in workers {
+            let r = w.join().expect("fsync worker does not panic");
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result?;
+        // Directories last, deepest first: their entries point at inodes now durable.
+        for d in dirs.iter().rev() {
+            fsync(d)?;
+        }
+        Ok(())
+    })
 }
 
 /// Sets the modification time of `path` (not following symlinks) to now: how the store

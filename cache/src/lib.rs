@@ -15,8 +15,9 @@
 //! - **Publish = fsync + rename + fsync parent.** Everything is assembled in `ingest-v1/`
 //!   on the same filesystem and appears under its published name with one rename. Only
 //!   published names are ever read, so anything a killed process left in ingest is
-//!   invisible until gc removes it. Extracted trees are made durable with one `syncfs`
-//!   instead of thousands of fsyncs. A layer may exist without its blob (setup's
+//!   invisible until gc removes it. Extracted trees are made durable with an fsync
+//!   of each of their files and directories (several in flight at once), which costs what
+//!   vrun wrote and not what the rest of the filesystem has dirty (a `syncfs` did). A layer may exist without its blob (setup's
 //!   `--no-blob`, for slow disks): the md5/URL index then still leads to the layer, and
 //!   gc keeps those index entries while such a layer does.
 //! - **Locks, then re-check.** One writer per key across processes (flock on

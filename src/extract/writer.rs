@@ -418,6 +418,7 @@ fn write_job(meta: &FileMeta, data: Data, budget: &Budget) -> Result<Instant, Ex
         }
     }
     finish(meta, &file)?;
+    crate::writeback::written(&file); // start its writeback now, fsync at publish
     Ok(Instant::now())
 }
 
@@ -437,6 +438,7 @@ fn write_inline(
         left -= n as u64;
     }
     finish(meta, &file)?;
+    crate::writeback::written(&file); // start its writeback now, fsync at publish
     Ok(Instant::now())
 }
 
