@@ -22,7 +22,11 @@
 //! rest of the stream drained (so the hash covers every byte), the decoder saw a clean
 //! end, and the md5 — when proc.yaml gives one — matches. Then the layer and the blob are
 //! published (fsync + rename + fsync parent, in `vrun-cache`). Any failure drops the
-//! ingest dir with its partial blob and staging tree.
+//! staging tree; the blob is written to the URL's stable partial
+//! (`ingest-v1/partial-<sha256(url)>/`, [`vrun_cache::Partial`]), which a failure that a
+//! later attempt could cure (network trouble, a cancelled or interrupted setup) keeps and
+//! any other failure (bad content, 4xx) removes. The next setup of the URL re-hashes it,
+//! replays it through the decoder and continues the download with `Range` + `If-Range`.
 //!
 //! Durability costs disk time, and on a cold setup the disk was the longest stage: the
 //! first version wrote everything to the page cache and flushed it all at publish

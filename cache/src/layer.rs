@@ -8,16 +8,19 @@
 //! completely or not at all. `layer.json` is still checked on every lookup (a layer
 //! damaged by hand, or by a full disk on a filesystem without ordered renames, is a miss).
 //!
-//! Durability: an fsync of every file and directory of the tree before the rename
-//! ([`fsutil::fsync_tree`], on several threads), then of the manifest, `layer.json` and
-//! their directory, then of `layers-v1/` after it. It runs beside the manifest walk (I/O
+//! Durability: every file of the tree written back before the rename
+//! ([`fsutil::sync_tree`]: on ext4/xfs `sync_file_range` of each file's pages, whose
+//! metadata the journal commit of the next fsync carries; elsewhere an fsync of each file
+//! and directory), then an fsync of the manifest, `layer.json` and their directory, then
+//! of `layers-v1/` after the rename. It runs beside the manifest walk (I/O
 //! wait next to CPU on cached inodes; the walk took 0.14–0.18 s of the 262 MB /
-//! 12k-file bench build's publish). This used to be one `syncfs`, which is cheaper in
-//! syscalls but waits for every dirty page of the filesystem: with another process
-//! writing to the same filesystem, publishing a 200 KB build took 3.6 s instead of
-//! 0.03 s (issue 14). The fsyncs wait only for this tree; vrun's writeback kicks during
-//! extraction mean its data is mostly on disk by then (`cargo bench -p vrun-cache
-//! --bench publish` gives both, quiet and busy).
+//! 12k-file bench build's publish). This used to be one `syncfs`, which waits for every
+//! dirty page of the filesystem: with another process writing to the same filesystem,
+//! publishing a 200 KB build took 3.6 s instead of 0.03 s (issue 14). An fsync per
+//! file was measured too and rejected: 14 s for a 12k-file tree that one `syncfs` made
+//! durable in 0.34 s (each fsync is a journal commit and a device flush). vrun's
+//! writeback kicks during extraction mean its data is mostly on disk by publish
+//! (`cargo bench -p vrun-cache --bench publish` gives all of it, quiet and busy).
 //!
 //! Metadata lives beside the tree, not inside it, so nothing of the store shows up in
 //! the container's filesystem.
@@ -229,7 +232,7 @@ impl Store {
         // cache) runs beside it; then only the two small files are left.
         let content_hashed = mode == ManifestMode::Full;
         let (flushed, scanned) = std::thread::scope(|s| {
-            let flush = s.spawn(|| fsutil::fsync_tree(staging));
+            let flush = s.spawn(|| fsutil::sync_tree(staging));
             let started = Instant::now();
             let scanned = Manifest::scan(staging, content_hashed)
                 .map(|m| (m, started.elapsed().as_secs_f64()));
@@ -258,6 +261,8 @@ impl Store {
         };
         let meta_json = serde_json::to_vec_pretty(&meta).expect("layer meta serializes");
         fs_err::write(wrapper.join(LAYER_META), meta_json)?;
+        // These fsyncs come after the tree was written back: on a journaling filesystem
+        // the first one commits the journal with every inode and name of the tree.
         for small in [LAYER_MANIFEST, LAYER_META] {
             fs_err::File::open(wrapper.join(small))?.sync_all()?;
         }
