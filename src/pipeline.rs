@@ -1008,7 +1008,7 @@ async fn download(
             return Err(u.with_url(url).into());
         }
         (Err(e), _) => {
-            if !worth_resuming(&e) {
+            if !worth_resuming(&e) || partial.as_ref().is_some_and(Partial::is_empty) {
                 discard(partial);
             }
             return Err(PipelineError::from(e).into());

@@ -630,7 +630,7 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
         Some(&*a.sha256),
         "unless a layer of that blob is still there: the index is how setup finds it"
     );
-    assert_eq!(names(&cache.join("ingest-v1")), ["2-new"]);
+    assert_eq!(names(&cache.join("ingest-v1")), ["2-live"]);
     assert!(!torn_index_write.exists());
     assert_eq!(
         names(&cache.join("locks-v1")),
