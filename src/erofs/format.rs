@@ -44,7 +44,6 @@ pub const FT_FIFO: u8 = 5;
 pub const FT_SOCK: u8 = 6;
 pub const FT_SYMLINK: u8 = 7;
 
-pub const S_IFMT: u32 = 0o170000;
 pub const S_IFREG: u32 = 0o100000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFLNK: u32 = 0o120000;
