@@ -1131,7 +1131,7 @@ mod tests {
             "demo-v1-sample-5289df73-web-4242"
         );
         assert_eq!(config.user.as_deref(), Some("1000"));
-        assert_eq!(config.port, Some(4242));
+        assert_eq!(config.port, "4242");
         assert_eq!(config.host, "127.0.0.1");
         assert_eq!(
             config.build_md5.as_deref(),

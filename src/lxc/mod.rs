@@ -42,11 +42,11 @@ use crate::state::{ProcState, StateError};
 /// Unmounting lives with the other mount-aware operations; re-exported for callers that
 /// used it from here.
 pub use crate::mounts::unmount;
-pub use config::{render_config, ContainerSpec, Volume};
+pub use config::{render_config, render_setup_config, ContainerSpec, Volume};
 pub use container::{
-    clean_run_leftovers, exec_tmp, is_running, remove_cgroups, run_foreground, shell, teardown,
-    teardown_containers, write_proc_config, Occupancy, TmpCommand, TmpContainer, TmpIo, TmpOutput,
-    DEFAULT_GRACE,
+    clean_run_leftovers, exec_tmp, is_running, mount_for_setup, remove_cgroups, run_foreground,
+    shell, teardown, teardown_containers, write_proc_config, Occupancy, TmpCommand, TmpContainer,
+    TmpIo, TmpOutput, DEFAULT_GRACE,
 };
 pub use mount::{ensure_mounted, is_mount_point, lock_mount, MountLock};
 
@@ -72,6 +72,8 @@ pub enum LxcError {
         container: String,
         reason: String,
     },
+    #[error("volume {host} -> {container}: the host dir does not exist or is not a directory")]
+    MissingVolumeDir { host: String, container: String },
     #[error("invalid layer path {}: {reason}", path.display())]
     BadLayer { path: PathBuf, reason: &'static str },
     #[error("proc is not set up: {}", source)]
@@ -168,25 +170,45 @@ impl LxcProc {
         mem_limit: Option<u64>,
         memsw_limit: Option<u64>,
     ) -> Result<Self, LxcError> {
-        if memsw_limit.is_some() && !config::v1_memsw_supported() {
-            eprintln!(
+        let paths = root.proc(name);
+        let state =
+            ProcState::load(&paths.state()).map_err(|source| LxcError::NotSetUp { source })?;
+        let proc = Self::with_state(root, name, user, volumes, mem_limit, memsw_limit, state);
+        proc.warn_about_limits();
+        Ok(proc)
+    }
+
+    /// A note when memsw_limit cannot be applied the cgroup v1 way on this host.
+    fn warn_about_limits(&self) {
+        if self.memsw_limit.is_some() && !config::v1_memsw_supported() {
+            crate::notice!(
                 "vrun: warning: this host's memory cgroup has no swap accounting; \
                  memsw_limit is applied on cgroup2 only"
             );
         }
-        let paths = root.proc(name);
-        let state =
-            ProcState::load(&paths.state()).map_err(|source| LxcError::NotSetUp { source })?;
-        Ok(Self {
+    }
+
+    /// Like [`LxcProc::load`] with a state not (yet) on disk: setup renders proc.lxc from
+    /// it before it creates anything.
+    pub fn with_state(
+        root: &Root,
+        name: &str,
+        user: ProcUser,
+        volumes: Vec<Volume>,
+        mem_limit: Option<u64>,
+        memsw_limit: Option<u64>,
+        state: ProcState,
+    ) -> Self {
+        Self {
             name: name.to_owned(),
             lxcpath: root.procs_dir(),
-            paths,
+            paths: root.proc(name),
             state,
             user,
             volumes,
             mem_limit,
             memsw_limit,
-        })
+        }
     }
 
     /// Build from proc.yaml (already loaded, with its container name and resolved owner)
@@ -197,6 +219,22 @@ impl LxcProc {
         config: &ProcConfig,
         owner: &Owner,
     ) -> Result<Self, LxcError> {
+        let paths = root.proc(name);
+        let state =
+            ProcState::load(&paths.state()).map_err(|source| LxcError::NotSetUp { source })?;
+        let proc = Self::from_config_with_state(root, name, config, owner, state);
+        proc.warn_about_limits();
+        Ok(proc)
+    }
+
+    /// [`LxcProc::from_config`] with the given state instead of `state.json`.
+    pub fn from_config_with_state(
+        root: &Root,
+        name: &str,
+        config: &ProcConfig,
+        owner: &Owner,
+        state: ProcState,
+    ) -> Self {
         let user = ProcUser {
             uid: owner.uid,
             gid: owner.gid,
@@ -208,13 +246,14 @@ impl LxcProc {
             .iter()
             .map(|(host, container)| Volume::new(host, container.clone()))
             .collect();
-        Self::load(
+        Self::with_state(
             root,
             name,
             user,
             volumes,
             config.mem_limit,
             config.memsw_limit,
+            state,
         )
     }
 
