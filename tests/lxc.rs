@@ -696,27 +696,52 @@ fn second_proc_of_the_same_build_and_image_reuses_the_layers() {
 }
 
 #[test]
-fn volumes_that_cannot_be_one_mount_entry_are_refused_before_any_container() {
+fn volumes_that_cannot_be_one_mount_entry_are_refused_by_setup_before_anything_exists() {
     // Newlines are already refused by the proc.yaml parser; whitespace would split the
-    // fstab-style mount entry, so proc.lxc rendering refuses it, naming the key.
+    // fstab-style mount entry (the original's proc.lxc broke the same way, at start), so
+    // setup, which now writes proc.lxc, refuses it naming the key and creates nothing.
     let host = tempfile::tempdir().unwrap();
     let opts = ProcOpts {
         cmd: Some("exit 0".into()),
         volumes: vec![(host.path().to_owned(), "/da ta".into())],
         ..ProcOpts::default()
     };
-    let mut p = TestProc::new("badvol", opts);
-    for args in [vec!["run"], vec!["shell", "--", "true"], vec!["uptest"]] {
+    let (r, left) = TestProc::setup_fails("badvol", opts);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.starts_with("ERROR: invalid volume ")
+            && r.stderr.contains("must not contain whitespace")
+            && r.stderr.lines().count() == 1,
+        "{}",
+        r.stderr
+    );
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_volume_whose_host_dir_is_missing_warns_at_setup_and_refuses_at_run() {
+    // The original's setup never looked at volume host dirs; its run failed in LXC.
+    // vrun's setup warns and still sets up; run and shell refuse with one line.
+    let host = tempfile::tempdir().unwrap();
+    let missing = host.path().join("not-yet");
+    let opts = ProcOpts {
+        cmd: Some("exit 0".into()),
+        volumes: vec![(missing.clone(), "/data".into())],
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("missingvol", opts);
+    assert!(p.proc.paths.lxc_config().is_file());
+    for args in [vec!["run"], vec!["shell", "--", "true"]] {
         let r = p.vrun(args.clone());
         assert_eq!(r.code, 1, "{args:?}: {r:?}");
         assert!(
-            r.stderr.starts_with("ERROR: invalid volume ")
-                && r.stderr.contains("must not contain whitespace"),
+            r.stderr.starts_with("ERROR: volume ") && r.stderr.contains("does not exist"),
             "{args:?}: {}",
             r.stderr
         );
-        assert_eq!(r.stdout, "", "{args:?}");
     }
-    assert!(!p.proc.paths.lxc_config().exists());
+    std::fs::create_dir(&missing).unwrap();
+    let r = p.vrun(["run"]);
+    assert_eq!(r.code, 0, "{r:?}");
     assert!(p.leftover_cgroups().is_empty());
 }
