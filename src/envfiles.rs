@@ -162,15 +162,12 @@ pub fn split_references(value: &str) -> Vec<Piece<'_>> {
                 (None, i + 1)
             }
         };
-        match var {
-            Some(name) => {
-                if text_start < i {
-                    pieces.push(Piece::Text(&value[text_start..i]));
-                }
-                pieces.push(Piece::Var(name));
-                text_start = next;
+        if let Some(name) = var {
+            if text_start < i {
+                pieces.push(Piece::Text(&value[text_start..i]));
             }
-            None => {}
+            pieces.push(Piece::Var(name));
+            text_start = next;
         }
         i = next;
     }

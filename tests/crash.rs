@@ -171,7 +171,9 @@ fn unmount_below(dir: &Path) -> bool {
     for m in below {
         let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
-    vrun::mounts::mounts_below(dir).unwrap_or_default().is_empty()
+    vrun::mounts::mounts_below(dir)
+        .unwrap_or_default()
+        .is_empty()
 }
 
 impl Drop for Fixture {

@@ -213,7 +213,10 @@ impl TestProc {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        assert!(mounts_under(tmp.path()).is_empty(), "a failed setup mounted");
+        assert!(
+            mounts_under(tmp.path()).is_empty(),
+            "a failed setup mounted"
+        );
         let left = std::fs::read_dir(root.join("procs"))
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
