@@ -291,7 +291,9 @@ fn resolved_command(proc_dir: &Path) -> String {
     let (_, rest) = proc_sh
         .split_once("exec /bin/sh -c ")
         .expect("proc.sh runs the command with sh -c");
-    let (line, _) = rest.split_once("\nfi\n").expect("the run branch ends with fi");
+    let (line, _) = rest
+        .split_once("\nfi\n")
+        .expect("the run branch ends with fi");
     let out = Command::new("/bin/sh")
         .arg("-c")
         .arg("eval \"set -- $1\"; printf %s \"$1\"")

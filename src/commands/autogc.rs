@@ -5,8 +5,10 @@
 //! switch one off — and are checked before the command touches anything, so a typo is a
 //! one-line error like any other bad input. The policy runs after the command's own work
 //! is done and the store is released; it can only print a warning, never fail a deploy
-//! that succeeded. Teardown first records a use of the torn-down proc's layers, so "age"
-//! means time since a proc last used a layer, not since it was downloaded.
+//! that succeeded. It looks at the whole store after a setup that stored something new,
+//! else at most once an hour ([`vrun_cache::CHECK_INTERVAL`]). Teardown first records a
+//! use of the torn-down proc's layers, so "age" means time since a proc last used a
+//! layer, not since it was downloaded.
 //!
 //! A module of its own, beside `cache.rs` (whose `references` it uses), so the policy and
 //! gc's rules can change independently.
@@ -53,16 +55,17 @@ fn policy_from(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<AutoGc
     Ok(AutoGc { max_size, max_age })
 }
 
-/// Run the policy after a setup (the store already released by the caller).
-pub fn after_setup(root: &Root, policy: &AutoGc) {
-    if let Err(e) = run(root, policy, None) {
+/// Run the policy after a setup (the store already released by the caller);
+/// `stored_new`: it downloaded or extracted something, so look at the store now.
+pub fn after_setup(root: &Root, policy: &AutoGc, stored_new: bool) {
+    if let Err(e) = run(root, policy, None, stored_new) {
         warn(&e);
     }
 }
 
 /// Run the policy after a teardown of a proc whose state was `used` (if readable).
 pub fn after_teardown(root: &Root, policy: &AutoGc, used: Option<&ProcState>) {
-    if let Err(e) = run(root, policy, used) {
+    if let Err(e) = run(root, policy, used, false) {
         warn(&e);
     }
 }
@@ -74,13 +77,21 @@ fn warn(e: &anyhow::Error) {
     );
 }
 
-fn run(root: &Root, policy: &AutoGc, used: Option<&ProcState>) -> anyhow::Result<()> {
+fn run(
+    root: &Root,
+    policy: &AutoGc,
+    used: Option<&ProcState>,
+    look_now: bool,
+) -> anyhow::Result<()> {
     let cache_dir = root.cache_dir();
     if policy.is_off() || !cache_dir.is_dir() {
         return Ok(());
     }
     if let Some(state) = used {
         touch_layers(&cache_dir, state)?;
+    }
+    if !look_now && vrun_cache::auto_gc_checked_recently(&cache_dir) {
+        return Ok(());
     }
     // Someone else has the store open (a setup downloading, gc, verify): do nothing now;
     // the next setup or teardown tries again.

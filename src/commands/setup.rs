@@ -25,7 +25,7 @@ use vrun::extract::Limits;
 use vrun::fetch::HttpClient;
 use vrun::lxc::{mount_for_setup, render_setup_config, LxcProc};
 use vrun::paths::Root;
-use vrun::pipeline::{self, Artifact, ArtifactTimings, Prepared};
+use vrun::pipeline::{self, Artifact, ArtifactTimings, CacheUse, Prepared};
 use vrun::state::{ProcState, STATE_VERSION};
 use vrun::{envfiles, procfile};
 use vrun_cache::{LayerKind, Store};
@@ -152,7 +152,10 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
         println!("{}", timings_json(started, &prepared));
     }
     drop(store);
-    super::autogc::after_setup(root, &cache_policy);
+    let stored_new = prepared
+        .iter()
+        .any(|(_, p)| !matches!(p.timings.cache, CacheUse::Layer));
+    super::autogc::after_setup(root, &cache_policy, stored_new);
     Ok(ExitCode::SUCCESS)
 }
 
