@@ -696,6 +696,56 @@ fn second_proc_of_the_same_build_and_image_reuses_the_layers() {
 }
 
 #[test]
+fn setup_again_on_another_build_remounts_but_not_under_a_running_shell() {
+    // Setup leaves the root mounted; the same container name set up again with another
+    // build must show that build, and must not pull the root from under a live shell.
+    let mut p = TestProc::new("rebuild", ProcOpts::cmd("exit 0"));
+    let other = vrun::serve::Server::start(
+        [(
+            "/b.tar.gz",
+            image::app_build(&[image::Entry::file("second-build", "2", 0o644)]),
+        )],
+        vrun::serve::ServerOptions::default(),
+    )
+    .unwrap();
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p.file).unwrap()).unwrap();
+    doc["build_url"] = other.url("/b.tar.gz").into();
+    std::fs::write(&p.file, doc.to_string()).unwrap();
+    let state_before = std::fs::read(p.proc.paths.state()).unwrap();
+
+    let (shell, _, _) = p.spawn(["shell", "--", "sleep", "60"], &[]);
+    let up = wait_for(READY, || {
+        (!p.leftover_scratch_dirs().is_empty()).then_some(())
+    });
+    assert!(up.is_some(), "the shell never registered");
+    let r = p.vrun(["setup"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.starts_with("ERROR: ") && r.stderr.contains("is in use by"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(std::fs::read(p.proc.paths.state()).unwrap(), state_before);
+    assert!(!p.rootfs().join("app/second-build").exists());
+    kill(Pid::from_raw(shell as i32), Signal::SIGTERM).unwrap();
+    p.wait_child(shell);
+
+    let r = p.vrun(["setup"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(p.rootfs().join("app/second-build").is_file());
+    assert!(p.rootfs().join("env.sh").is_file());
+
+    // After a reboot nothing is mounted; `rootfs/app` is still a directory and teardown
+    // needs no mount to work on.
+    vrun::mounts::unmount(&p.rootfs()).unwrap();
+    assert!(p.rootfs().join("app").is_dir());
+    let r = p.vrun(["teardown"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!p.proc.paths.dir.exists());
+}
+
+#[test]
 fn volumes_that_cannot_be_one_mount_entry_are_refused_by_setup_before_anything_exists() {
     // Newlines are already refused by the proc.yaml parser; whitespace would split the
     // fstab-style mount entry (the original's proc.lxc broke the same way, at start), so

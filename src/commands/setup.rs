@@ -23,7 +23,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use vrun::extract::Limits;
 use vrun::fetch::HttpClient;
-use vrun::lxc::{mount_for_setup, render_setup_config, LxcProc};
+use vrun::lxc::{
+    ensure_mounted_locked, lock_mount, render_setup_config, unmount_if_layers_changed, LxcProc,
+};
 use vrun::paths::Root;
 use vrun::pipeline::{self, Artifact, ArtifactTimings, CacheUse, Prepared};
 use vrun::state::{ProcState, STATE_VERSION};
@@ -138,9 +140,14 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
     }
     let paths = root.proc(&name);
     envfiles::create_proc_dirs(&paths)?;
-    let previous = ProcState::load(&paths.state()).ok();
-    state.save(&paths.state())?;
-    mount_for_setup(&proc, previous.as_ref())?;
+    {
+        // Under the mount lock: no shell/uptest starts on the old root meanwhile.
+        let lock = lock_mount(&paths)?;
+        let previous = ProcState::load(&paths.state()).ok();
+        unmount_if_layers_changed(&lock, &proc, previous.as_ref())?;
+        state.save(&paths.state())?;
+        ensure_mounted_locked(&lock, &paths, &state, &proc.spec().host_system_dirs)?;
+    }
     envfiles::write_files(&paths.rootfs(), &files, &owner)?;
     envfiles::write_atomic(&paths.lxc_config(), lxc_config.as_bytes(), 0o644, None)?;
     eprintln!(

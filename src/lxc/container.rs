@@ -134,12 +134,17 @@ pub fn write_proc_config(proc: &LxcProc) -> Result<PathBuf, LxcError> {
     Ok(path)
 }
 
-/// Setup's mount: the proc's overlay on `rootfs/`, left mounted (see [`mount`]). When
-/// it is already mounted on other layers than `proc.state` names (setup again after the
-/// build, image or owner changed; `previous` is the state setup replaced), it is
-/// unmounted first — refused while any container of the proc runs on it.
-pub fn mount_for_setup(proc: &LxcProc, previous: Option<&ProcState>) -> Result<(), LxcError> {
-    let lock = mount::lock_mount(&proc.paths)?;
+/// Setup's half of mounting, under the proc's mount lock and before the new state is
+/// saved: when the overlay is mounted on other layers than `proc.state` names (setup
+/// again after the build, image or owner changed; `previous` is the state on disk), it
+/// is unmounted — refused while any container of the proc runs on it, which leaves the
+/// proc as it was. Then save the state and call [`mount::ensure_mounted_locked`]; the
+/// overlay stays mounted after setup (see [`mount`]).
+pub fn unmount_if_layers_changed(
+    _lock: &MountLock,
+    proc: &LxcProc,
+    previous: Option<&ProcState>,
+) -> Result<(), LxcError> {
     let rootfs = proc.paths.rootfs();
     let changed = previous.is_some_and(|p| {
         p.build_layer != proc.state.build_layer || p.image_layer != proc.state.image_layer
@@ -158,12 +163,7 @@ pub fn mount_for_setup(proc: &LxcProc, previous: Option<&ProcState>) -> Result<(
         }
         crate::mounts::unmount(&rootfs)?;
     }
-    mount::ensure_mounted_locked(
-        &lock,
-        &proc.paths,
-        &proc.state,
-        &proc.spec().host_system_dirs,
-    )
+    Ok(())
 }
 
 fn mount_rootfs(proc: &LxcProc) -> Result<(), LxcError> {

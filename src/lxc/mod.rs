@@ -44,11 +44,11 @@ use crate::state::{ProcState, StateError};
 pub use crate::mounts::unmount;
 pub use config::{render_config, render_setup_config, ContainerSpec, Volume};
 pub use container::{
-    clean_run_leftovers, exec_tmp, is_running, mount_for_setup, remove_cgroups, run_foreground,
-    shell, teardown, teardown_containers, write_proc_config, Occupancy, TmpCommand, TmpContainer,
-    TmpIo, TmpOutput, DEFAULT_GRACE,
+    clean_run_leftovers, exec_tmp, is_running, remove_cgroups, run_foreground, shell, teardown,
+    teardown_containers, unmount_if_layers_changed, write_proc_config, Occupancy, TmpCommand,
+    TmpContainer, TmpIo, TmpOutput, DEFAULT_GRACE,
 };
-pub use mount::{ensure_mounted, is_mount_point, lock_mount, MountLock};
+pub use mount::{ensure_mounted, ensure_mounted_locked, is_mount_point, lock_mount, MountLock};
 
 /// Where `lxc-execute` is looked up unless `VRUN_LXC_EXECUTE` says otherwise.
 ///
