@@ -8,7 +8,12 @@
 //! original runner, so newer Velociraptor versions can add keys.
 //!
 //! The container name becomes a directory name under `$VR_ROOT/procs/` and an LXC name,
-//! so each of its six parts is validated here, once, before anything touches the disk.
+//! so each of its six parts is validated here, once, before anything touches the disk —
+//! but only against what would break it ([`check_name_part`]): vr.common builds the name
+//! whatever the parts hold, and the host has already made that directory, so vrun must
+//! arrive at the same name, `port` included as Python's `str()` of the loaded value
+//! (`05000`, `None`, `0` for vr.builder's build procs, whose `release_hash` is empty).
+//! Blank memory limits (`''`, null, `0`) mean no limit, as the original's `if mem_limit:`.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};

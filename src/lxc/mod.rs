@@ -9,7 +9,10 @@
 //!   is undefined behaviour for the kernel. So vrun mounts `lowerdir=<build>:<image>,
 //!   upperdir=upper, workdir=work` on `<proc>/rootfs` itself ([`mount`]), idempotently and
 //!   under a lock, and every container of the proc (`run`, `shell`, each uptest) uses that
-//!   directory as a plain rootfs: one filesystem, writes visible both ways.
+//!   directory as a plain rootfs: one filesystem, writes visible both ways. `setup`
+//!   mounts it and leaves it mounted, because a Velociraptor host works in `rootfs/`
+//!   between setup and run (supervisord's `directory=`, vr.server's uptest check,
+//!   vr.builder's copies); run, shell and uptest mount it again after a reboot.
 //! - **`lxc-execute`, not `lxc-start -F`.** `lxc-start -F` exits 0 whatever the app did; a
 //!   crashing app would look healthy to the supervisor. `lxc-execute` returns the workload's
 //!   status (`exit 7` → 7, SIGKILL → 137). Its own init forwards SIGTERM but kills
