@@ -135,6 +135,7 @@ fn publish(store: &Store, n: usize, kind: LayerKind) -> PathBuf {
     std::fs::write(ingest.blob_path(), &bytes).unwrap();
     let rec = UrlRecord {
         url: format!("http://builds.example/{kind:?}-{n}.tar.gz"),
+        url_sha256: None,
         sha256: d.sha256.clone(),
         etag: None,
         last_modified: None,
