@@ -19,5 +19,6 @@ pub mod procfile;
 pub mod sample;
 pub mod serve;
 pub mod state;
+pub mod tar;
 pub mod uptest;
 pub mod yaml;
