@@ -188,6 +188,8 @@ pub struct Reader<R> {
     max_metadata: u64,
     globals: Vec<pax::Record>,
     last: String,
+    /// Entries returned so far.
+    returned: u64,
     done: bool,
 }
 
@@ -210,6 +212,7 @@ impl<R: Read> Reader<R> {
             max_metadata,
             globals: Vec::new(),
             last: "(none: at the start)".to_string(),
+            returned: 0,
             done: false,
         }
     }
@@ -303,6 +306,7 @@ impl<R: Read> Reader<R> {
             self.skip(rest, &|| last.clone())?;
             if let Some(e) = self.one()? {
                 self.last = e.name();
+                self.returned += 1;
                 return Ok(Some(e));
             }
         }
@@ -314,8 +318,11 @@ impl<R: Read> Reader<R> {
         let mut block: Block = [0; BLOCK];
         loop {
             let at_pos = self.pos;
-            let last = self.last.clone();
-            let here = || format!("at byte {at_pos} (after {last})");
+            let (last, first) = (self.last.clone(), self.returned == 0);
+            let here = || match first {
+                true => format!("at byte {at_pos} (the first header)"),
+                false => format!("at byte {at_pos} (after {last})"),
+            };
             if !self.fill(&mut block, &here)? {
                 if ext.any() {
                     return Err(Error::Truncated { entry: here() });
@@ -579,8 +586,8 @@ impl<R: Read> Reader<R> {
         let no_data = |kind: &str| {
             if stored > 0 {
                 Err(refuse(format!(
-                    "{kind} header with a size of {stored} bytes (GNU tar's -x reads no \
-                     data after it, its -t skips {stored} bytes: they disagree)"
+                    "{kind} carries a size of {stored} bytes (GNU tar's -x reads no data \
+                     after it, its -t skips {stored} bytes: they disagree)"
                 )))
             } else {
                 Ok(())
@@ -594,7 +601,7 @@ impl<R: Read> Reader<R> {
         }
         match typeflag {
             b'0' | 0 | b'7' if trailing_slash => {
-                no_data("regular-file header named like a directory")?;
+                no_data("a regular-file header whose name ends in `/`")?;
                 entry.kind = Kind::Dir;
             }
             b'0' | 0 | b'7' if x.sparse_any => {
@@ -627,12 +634,12 @@ impl<R: Read> Reader<R> {
                 entry.link = link;
             }
             b'2' => {
-                no_data("symlink")?;
+                no_data("a symlink header")?;
                 entry.kind = Kind::Symlink;
                 entry.link = link;
             }
             b'3' | b'4' | b'6' => {
-                no_data("device or fifo")?;
+                no_data("a device or fifo header")?;
                 entry.kind = match typeflag {
                     b'3' => Kind::CharDevice,
                     b'4' => Kind::BlockDevice,
