@@ -544,7 +544,7 @@ fn generated(work: &Path) -> Vec<Made> {
         setxattr(&d.join("acl"), "system.posix_acl_access", &acl_xattr());
         setxattr(&d.join("user"), "user.binary", b"line1\nline2\0\xff\n");
         setxattr(&d.join("user"), "user.mime_type", b"text/plain");
-        setxattr(&d.join("user"), "trusted.overlay.opaque", b"y");
+        setxattr(&d.join("user"), "trusted.vrun-test", b"y");
         setxattr(&d.join("dir"), "user.dir", b"on a directory");
         setxattr(&d.join("dir"), "system.posix_acl_default", &acl_xattr());
         for p in ["ping", "acl", "user", "dir", ""] {
@@ -870,6 +870,21 @@ fn crafted() -> Vec<(&'static str, Vec<u8>)> {
     };
     out.push(("crafted-signed-checksum.tar", signed));
     out.push(("crafted-sparse-60g.tar.gz", sparse_60g()));
+    let overlay = {
+        let body = pax_record("SCHILY.xattr.trusted.overlay.opaque", b"y");
+        let mut v = Vec::new();
+        push(
+            &mut v,
+            header(b"PaxHeaders/etc", b'x', body.len() as u64, b""),
+            &body,
+        );
+        let mut d = header(b"etc/", b'5', 0, b"");
+        d[100..108].copy_from_slice(b"0000755\0");
+        checksum(&mut d);
+        push(&mut v, d, b"");
+        end(v)
+    };
+    out.push(("crafted-overlay-xattr.tar", overlay));
     out
 }
 

@@ -13,7 +13,9 @@
 //! `trusted.*`, `user.*`, as containerd applies them) except POSIX ACLs, which are
 //! dropped and counted like `SCHILY.acl.*` records; builds drop all of them, counted.
 //! Hard links carry none (GNU tar does not apply them to a link: they belong to the
-//! inode, archived with its first name).
+//! inode, archived with its first name). An image xattr in `trusted.overlay.*` is refused:
+//! image layers are overlayfs lower dirs, where those names are the kernel's own
+//! metadata (opaque dirs, redirects, metacopy), not the file's.
 
 use crate::tar::{Entry, Kind, Mtime, Segment};
 
@@ -311,6 +313,15 @@ pub fn plan(e: &Entry, mode: Mode, limits: &Limits) -> Result<Planned, ExtractEr
                 dropped_acls += 1;
             } else if matches!(mode, Mode::Build { .. }) {
                 dropped_xattrs += 1;
+            } else if name.starts_with(b"trusted.overlay.") {
+                return Err(reject(
+                    &entry,
+                    &format!(
+                        "xattr `{}` is overlayfs metadata, which an image layer (an overlay \
+                         lower dir) must not carry",
+                        String::from_utf8_lossy(name)
+                    ),
+                ));
             } else {
                 xattrs.push((name.clone(), value.clone()));
             }
@@ -371,6 +382,47 @@ mod tests {
         assert!(!ok("s/..", 3));
         assert!(!ok("", 3));
         assert!(check_symlink(b"/etc", 0, Mode::Image, &l, "e").is_ok());
+    }
+
+    #[test]
+    fn xattrs_per_mode() {
+        let e = Entry {
+            path: b"f".to_vec(),
+            link: Vec::new(),
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            uname: Vec::new(),
+            gname: Vec::new(),
+            mtime: Mtime::default(),
+            device: (0, 0),
+            size: 0,
+            data_len: 0,
+            sparse: None,
+            xattrs: vec![
+                (b"security.capability".to_vec(), vec![1]),
+                (b"system.posix_acl_access".to_vec(), vec![2]),
+                (b"user.k".to_vec(), b"v".to_vec()),
+            ],
+            acls: 1,
+            format: crate::tar::Format::Posix,
+            offset: 0,
+        };
+        let l = Limits::default();
+        let image = plan(&e, Mode::Image, &l).unwrap();
+        assert_eq!(image.xattrs.len(), 2);
+        assert_eq!((image.dropped_xattrs, image.dropped_acls), (0, 2));
+        let build = plan(&e, Mode::Build { uid: 1, gid: 1 }, &l).unwrap();
+        assert!(build.xattrs.is_empty());
+        assert_eq!((build.dropped_xattrs, build.dropped_acls), (2, 2));
+        let mut overlay = e.clone();
+        overlay.xattrs = vec![(b"trusted.overlay.redirect".to_vec(), b"/x".to_vec())];
+        assert!(plan(&overlay, Mode::Image, &l)
+            .unwrap_err()
+            .to_string()
+            .contains("overlayfs"));
+        assert!(plan(&overlay, Mode::Build { uid: 1, gid: 1 }, &l).is_ok());
     }
 
     #[test]
