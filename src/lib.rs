@@ -8,6 +8,7 @@ pub mod config;
 pub mod decode;
 pub mod demo;
 pub mod envfiles;
+pub mod erofs;
 pub mod extract;
 pub mod fetch;
 pub mod lock;
