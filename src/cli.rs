@@ -87,7 +87,8 @@ Examples:
 
 const RUN_EXAMPLES: &str = "\
 Never daemonizes; exits with the app's status (128+n if a signal killed it). SIGTERM,
-SIGINT or SIGHUP to vrun send SIGTERM to the app, then SIGKILL after the grace period.
+SIGINT or SIGHUP to vrun send SIGTERM to the app, then SIGKILL after the grace period
+(default 7 s: inside supervisord's default stopwaitsecs of 10 s, cleanup included).
 
 Examples:
   vrun run proc.yaml
@@ -96,10 +97,12 @@ Examples:
 const UPTEST_EXAMPLES: &str = "\
 Runs every executable in /app/uptests/<proc_name>/ as `SCRIPT HOST PORT` (host and port
 from proc.yaml), each in its own container beside the proc. stdout carries only
-[{\"Name\":…,\"Output\":…,\"Passed\":…}]; progress goes to stderr. No lock.
+[{\"Name\":…,\"Output\":…,\"Passed\":…}] and stderr stays empty unless uptests cannot run
+(vr.server reads both merged); -v adds progress on stderr. No lock.
 
 Examples:
   vrun uptest proc.yaml
+  vrun uptest -v proc.yaml
   vrun uptest --jobs 2 --timeout 10 proc.yaml | python3 -m json.tool";
 
 const TEARDOWN_EXAMPLES: &str = "\
@@ -168,8 +171,10 @@ pub struct SetupArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub proc: ProcFile,
-    /// Seconds the app gets after SIGTERM before it is killed
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    /// Seconds the app gets after SIGTERM before it is killed. Keep it at most
+    /// supervisord's stopwaitsecs (default 10) minus 3, or supervisord SIGKILLs vrun
+    /// before it has stopped the container and cleaned up
+    #[arg(long, value_name = "SECS", env = "VRUN_GRACE", default_value_t = vrun::lxc::DEFAULT_GRACE.as_secs())]
     pub grace: u64,
 }
 
@@ -183,6 +188,9 @@ pub struct UptestArgs {
     /// Seconds each uptest may take
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub timeout: u64,
+    /// Progress on stderr (off by default: Velociraptor reads stderr merged with the JSON)
+    #[arg(short, long)]
+    pub verbose: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,9 +8,13 @@
 //! original runner, so newer Velociraptor versions can add keys.
 //!
 //! The container name becomes a directory name under `$VR_ROOT/procs/` and an LXC name,
-//! so each of its six parts is validated here, once, before anything touches the disk.
+//! so each of its six parts is validated here, once, before anything touches the disk —
+//! but only against what would break it ([`check_name_part`]): vr.common builds the name
+//! whatever the parts hold, and the host has already made that directory, so vrun must
+//! arrive at the same name, `port` included as Python's `str()` of the loaded value
+//! (`05000`, `None`, `0` for vr.builder's build procs, whose `release_hash` is empty).
+//! Blank memory limits (`''`, null, `0`) mean no limit, as the original's `if mem_limit:`.
 
-use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
@@ -23,13 +27,18 @@ pub const MAX_NAME_PART: usize = 64;
 /// Default uptest target, as in the original runner.
 pub const DEFAULT_HOST: &str = "localhost";
 
-/// An `env` value: strings get `$VAR` substitution at setup; other scalars are written as
-/// their YAML text (`true`, `42`).
+/// An `env` value: strings get `$VAR` substitution (see [`crate::envfiles`]); other
+/// scalars are written as Python's `str()` of the value PyYAML loads (`True`, `None`,
+/// `1e+20`), which is what the original runner wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EnvValue {
     Str(String),
     Scalar(String),
 }
+
+/// The container-name text of a proc.yaml without `port` (or `port: null`): vr.common
+/// joins `str(None)`, so that is the directory name the host already made.
+pub const NO_PORT: &str = "None";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcConfig {
@@ -40,11 +49,15 @@ pub struct ProcConfig {
     pub config_name: Option<String>,
     pub release_hash: Option<String>,
     pub proc_name: Option<String>,
-    pub port: Option<u16>,
+    /// `port` as the original used it everywhere (container name, `PORT`, the uptests'
+    /// argument): Python's `str()` of the value PyYAML loads — `5000`, `05000` for the
+    /// string `"05000"`, `0` for vr.builder's build procs, [`NO_PORT`] when null or absent.
+    pub port: String,
     pub host: String,
     pub user: Option<String>,
     pub group: Option<String>,
-    pub env: BTreeMap<String, EnvValue>,
+    /// In file order (the order PyYAML's dict, hence the original's env.sh, had).
+    pub env: Vec<(String, EnvValue)>,
     /// Always a mapping (empty when absent).
     pub settings: Value,
     pub cmd: Option<String>,
@@ -151,44 +164,52 @@ impl Keys<'_> {
         }
     }
 
-    fn port(&self, key: &str) -> Result<Option<u16>, ConfigError> {
-        let n = match self.get(key) {
-            None => return Ok(None),
-            Some(Value::Int(i)) => *i,
+    /// A port number (0–65535: vr.builder's build procs have `port: 0`) as an integer or
+    /// a numeric string, kept as the text `str()` gives; null or absent is [`NO_PORT`].
+    fn port(&self, key: &str) -> Result<String, ConfigError> {
+        let (n, text) = match self.get(key) {
+            None => return Ok(NO_PORT.to_string()),
+            Some(Value::Int(i)) => (*i, i.to_string()),
             Some(Value::Str(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-                s.parse::<i128>().unwrap_or(i128::MAX)
+                (s.parse::<i128>().unwrap_or(i128::MAX), s.clone())
             }
-            Some(v) => return Err(self.type_error(key, "a port number (1-65535)", v)),
+            Some(v) => return Err(self.type_error(key, "a port number (0-65535)", v)),
         };
         match u16::try_from(n) {
-            Ok(p) if p > 0 => Ok(Some(p)),
-            _ => Err(self.invalid(key, format!("port {n} is outside 1-65535"))),
+            Ok(_) => Ok(text),
+            Err(_) => Err(self.invalid(key, format!("port {n} is outside 0-65535"))),
         }
     }
 
+    /// A memory limit. Null, `''` and `0` mean no limit: the original wrote a limit only
+    /// `if mem_limit:` (a blank form field in Velociraptor gives `''` or null).
     fn bytes(&self, key: &str) -> Result<Option<u64>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
+            Some(Value::Int(0)) => Ok(None),
             Some(Value::Int(i)) => u64::try_from(*i)
                 .map(Some)
                 .map_err(|_| self.invalid(key, format!("{i} is not a byte count"))),
-            Some(Value::Str(s)) => parse_size(s).map(Some).ok_or_else(|| {
-                self.invalid(
+            Some(Value::Str(s)) if s.trim().is_empty() => Ok(None),
+            Some(Value::Str(s)) => match parse_size(s) {
+                Some(0) => Ok(None),
+                Some(n) => Ok(Some(n)),
+                None => Err(self.invalid(
                     key,
                     format!("{s:?} is not a size (bytes, or a number with k, M, G or T)"),
-                )
-            }),
+                )),
+            },
             Some(v) => Err(self.type_error(key, "a size like 268435456 or \"256M\"", v)),
         }
     }
 
-    fn env(&self) -> Result<BTreeMap<String, EnvValue>, ConfigError> {
+    fn env(&self) -> Result<Vec<(String, EnvValue)>, ConfigError> {
         let entries = match self.get("env") {
-            None => return Ok(BTreeMap::new()),
+            None => return Ok(Vec::new()),
             Some(Value::Map(entries)) => entries,
             Some(v) => return Err(self.type_error("env", "a mapping", v)),
         };
-        let mut env = BTreeMap::new();
+        let mut env = Vec::new();
         for (k, v) in entries {
             let name = match k {
                 Value::Str(s) => s.clone(),
@@ -202,13 +223,16 @@ impl Keys<'_> {
             };
             let value = match v {
                 Value::Str(s) => EnvValue::Str(s.clone()),
-                Value::Null => EnvValue::Scalar(String::new()),
                 Value::Seq(_) | Value::Map(_) => {
                     return Err(self.type_error(&format!("env.{name}"), "a scalar", v))
                 }
-                scalar => EnvValue::Scalar(scalar.scalar_text().expect("scalar has text")),
+                scalar => EnvValue::Scalar(
+                    yaml::python_str(scalar)
+                        .map_err(|reason| self.invalid(&format!("env.{name}"), reason))?,
+                ),
             };
-            env.insert(name, value);
+            // The yaml module already let a later duplicate win, in the first one's place.
+            env.push((name, value));
         }
         Ok(env)
     }
@@ -285,10 +309,14 @@ pub fn parse_size(s: &str) -> Option<u64> {
 }
 
 /// Why `part` cannot be one component of a container name, if it cannot.
+///
+/// vr.common joins the six parts with `-` whatever they hold, and the host has already
+/// made a directory of that name, so only what would make the name unusable is refused:
+/// `/` (a path, not a name), whitespace and control characters (they would split or
+/// break a proc.lxc line or a supervisord section), a part that is just `.` or `..`,
+/// and more than [`MAX_NAME_PART`] bytes (Velociraptor's own fields are at most 50).
+/// Empty parts are fine: vr.builder's build procs have `release_hash: ''`.
 pub fn check_name_part(part: &str) -> Result<(), String> {
-    if part.is_empty() {
-        return Err("must not be empty".into());
-    }
     if part.len() > MAX_NAME_PART {
         return Err(format!(
             "is {} bytes long, at most {MAX_NAME_PART} allowed",
@@ -298,8 +326,8 @@ pub fn check_name_part(part: &str) -> Result<(), String> {
     if part.contains('/') {
         return Err(format!("{part:?} must not contain '/'"));
     }
-    if part.contains("..") {
-        return Err(format!("{part:?} must not contain '..'"));
+    if part == "." || part == ".." {
+        return Err(format!("{part:?} is not a name"));
     }
     if part.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!(
@@ -359,11 +387,9 @@ impl ProcConfig {
             Some(v) => return Err(keys.type_error("cmd", "a string", v)),
         };
 
+        // Only informative here: the cache is addressed by content, not by image_name
+        // (the original used it as a directory under /apps/images), so any string goes.
         let image_name = keys.string("image_name")?;
-        if let Some(name) = &image_name {
-            // A "filesystem-safe name" per the runner spec: the same rules as a name part.
-            check_name_part(name).map_err(|reason| keys.invalid("image_name", reason))?;
-        }
 
         Ok(ProcConfig {
             path: path.to_owned(),
@@ -393,17 +419,16 @@ impl ProcConfig {
         })
     }
 
-    /// `app_name-version-config_name-release_hash-proc_name-port`, as in vr.common; each
-    /// part checked by [`check_name_part`].
+    /// `app_name-version-config_name-release_hash-proc_name-port`, as in vr.common (the
+    /// port as [`ProcConfig::port`] says); each part checked by [`check_name_part`].
     pub fn container_name(&self) -> Result<String, ConfigError> {
-        let port = self.port.map(|p| p.to_string());
         let parts: [(&'static str, Option<&String>); 6] = [
             ("app_name", self.app_name.as_ref()),
             ("version", self.version.as_ref()),
             ("config_name", self.config_name.as_ref()),
             ("release_hash", self.release_hash.as_ref()),
             ("proc_name", self.proc_name.as_ref()),
-            ("port", port.as_ref()),
+            ("port", Some(&self.port)),
         ];
         let mut name = Vec::with_capacity(parts.len());
         for (key, value) in parts {
@@ -512,6 +537,32 @@ mod tests {
             parse(&legacy).unwrap().container_name().unwrap(),
             "web-v1-prod-abc-http-5001"
         );
+        // vr.common's name is '-'.join(...) with str(port) of what PyYAML loaded: a port
+        // string keeps its leading zero, null or no port is `None`, and vr.builder's
+        // buildproc.yaml (`release_hash: ''`, `port: 0`) has an empty part.
+        for (port, want) in [
+            ("'05000'", "05000"),
+            ("05000", "2560"),
+            ("~", "None"),
+            ("0", "0"),
+            ("0x10", "16"),
+        ] {
+            let text = NAMED.replace("port: 5000", &format!("port: {port}"));
+            let name = parse(&text).unwrap().container_name().unwrap();
+            assert_eq!(name, format!("web-v1-prod-abc-http-{want}"), "{port}");
+        }
+        let no_port = NAMED.replace("port: 5000\n", "");
+        assert_eq!(
+            parse(&no_port).unwrap().container_name().unwrap(),
+            "web-v1-prod-abc-http-None"
+        );
+        let build = NAMED
+            .replace("release_hash: abc", "release_hash: ''")
+            .replace("port: 5000", "port: 0");
+        assert_eq!(
+            parse(&build).unwrap().container_name().unwrap(),
+            "web-v1-prod--http-0"
+        );
     }
 
     #[test]
@@ -523,8 +574,8 @@ mod tests {
             "a\tb",
             r#""x\ny""#,
             r#""x\0""#,
-            "''",
-            "a..b",
+            "..",
+            "'.'",
         ] {
             let text = NAMED.replace("app_name: web", &format!("app_name: {bad}"));
             let err = parse(&text)
@@ -548,6 +599,8 @@ mod tests {
         let ok = "x".repeat(MAX_NAME_PART);
         let text = NAMED.replace("version: v1", &format!("version: {ok}"));
         assert!(parse(&text).unwrap().container_name().is_ok());
+        let dots = NAMED.replace("version: v1", "version: 1..2");
+        assert!(parse(&dots).unwrap().container_name().is_ok());
         let err = parse("app_name: a\n")
             .unwrap()
             .container_name()
@@ -560,14 +613,15 @@ mod tests {
         for (text, key) in [
             ("port: [x]\n", "key port"),
             ("port: 70000\n", "key port"),
+            ("port: -1\n", "key port"),
             ("port: 'x1'\n", "key port"),
+            ("port: 1.5\n", "key port"),
             ("env: [a]\n", "key env"),
             ("env: {A: [1]}\n", "key env.A"),
             ("settings: 3\n", "key settings"),
             ("cmd: {a: 1}\n", "key cmd"),
             ("volumes: [[a]]\n", "key volumes[0]"),
             ("volumes: [[a, \"b\\nc\"]]\n", "key volumes[0]"),
-            ("image_name: ../x\n", "key image_name"),
             ("mem_limit: lots\n", "key mem_limit"),
             ("version: 1.5\n", "key version"),
             ("proc: a\nproc_name: b\n", "key proc"),
@@ -581,19 +635,39 @@ mod tests {
     fn reads_every_key() {
         let c = parse(
             "port: '80'\nmem_limit: 256M\nmemsw_limit: 1073741824\nvolumes: [[/a, /b]]\n\
-             env: {N: 5, T: yes, E: ~, S: 'x'}\nunknown_key: [whatever]\nhost: db1\n",
+             env: {N: 5, T: yes, E: ~, S: 'x', F: 1.0e+20, I: .inf}\nunknown_key: [whatever]\n\
+             host: db1\nimage_name: any name at all, even with spaces\n",
         )
         .unwrap();
-        assert_eq!(c.port, Some(80));
+        assert_eq!(c.port, "80");
         assert_eq!(c.mem_limit, Some(256 << 20));
         assert_eq!(c.memsw_limit, Some(1 << 30));
         assert_eq!(c.volumes, vec![("/a".into(), "/b".into())]);
-        assert_eq!(c.env["N"], EnvValue::Scalar("5".into()));
-        assert_eq!(c.env["T"], EnvValue::Scalar("true".into()));
-        assert_eq!(c.env["E"], EnvValue::Scalar(String::new()));
-        assert_eq!(c.env["S"], EnvValue::Str("x".into()));
+        // In file order, with Python's str() of the loaded values (what the original's
+        // `'export %s="%s"' % (key, value)` wrote).
+        let scalar = |s: &str| EnvValue::Scalar(s.into());
+        assert_eq!(
+            c.env,
+            vec![
+                ("N".into(), scalar("5")),
+                ("T".into(), scalar("True")),
+                ("E".into(), scalar("None")),
+                ("S".into(), EnvValue::Str("x".into())),
+                ("F".into(), scalar("1e+20")),
+                ("I".into(), scalar("inf")),
+            ]
+        );
         assert_eq!(c.host, "db1");
         assert_eq!(parse("{}\n").unwrap().host, DEFAULT_HOST);
+    }
+
+    #[test]
+    fn blank_or_zero_memory_limits_mean_no_limit() {
+        // The original wrote a limit only `if mem_limit:`: '', null and 0 are no limit.
+        for blank in ["''", "~", "0", "' '", "'0'"] {
+            let c = parse(&format!("mem_limit: {blank}\nmemsw_limit: {blank}\n")).unwrap();
+            assert_eq!((c.mem_limit, c.memsw_limit), (None, None), "{blank}");
+        }
     }
 
     #[test]

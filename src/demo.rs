@@ -62,7 +62,8 @@ pub const APP_NAME: &str = "demo";
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long `vrun run` may take to exit after SIGTERM: its default grace period for the
-/// app (10 s) plus a margin; after that it is killed and teardown cleans the orphan.
+/// app (7 s, [`crate::lxc::DEFAULT_GRACE`]) plus its cleanup and a margin; after that it is
+/// killed and teardown cleans the orphan.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Connect/read timeout of the demo's own GET to the app.
@@ -1131,7 +1132,7 @@ mod tests {
             "demo-v1-sample-5289df73-web-4242"
         );
         assert_eq!(config.user.as_deref(), Some("1000"));
-        assert_eq!(config.port, Some(4242));
+        assert_eq!(config.port, "4242");
         assert_eq!(config.host, "127.0.0.1");
         assert_eq!(
             config.build_md5.as_deref(),

@@ -1,13 +1,26 @@
 //! The three files that define the app's world inside the container: `env.sh`,
-//! `proc.sh`, `settings.yaml` (written into the overlay's `upper/`, so they appear as
-//! `/env.sh`, `/proc.sh`, `/settings.yaml`).
+//! `proc.sh`, `settings.yaml` (written into the proc's root, so they appear as `/env.sh`,
+//! `/proc.sh`, `/settings.yaml`; on disk they live in the overlay's `upper/`).
 //!
-//! The original runner wrote `export K="V"`, so an env value holding `"`, `$(…)` or a
-//! backtick ran as a shell command on every deploy. Here every value is single-quoted
-//! (the one shell quoting with no expansions; `'` becomes `'\''`), keys must be shell
-//! names, and the variables that change how a shell or the dynamic loader behaves
-//! (`LD_*`, `BASH_ENV`, `ENV`, `IFS`, `PS4`, `SHELLOPTS`, `PROMPT_COMMAND`) are refused:
-//! proc.yaml configures the app, not the runner's shell.
+//! `env.sh` keeps what apps relied on in the original's `export K="V"` and drops what
+//! made it dangerous:
+//!
+//! - A plain `$NAME` or `${NAME}` inside a value is expanded when env.sh is sourced, as
+//!   the double quotes did: `PATH: /app/bin:$PATH` puts `/app/bin` in front of the
+//!   container's PATH, `B: $A/x` sees an earlier entry. Everything else stays literal —
+//!   `$(…)`, backticks, `"`, `\`, `${X:-…}`, `$1` — so nothing runs at source time (in
+//!   the original a `"` or `$(…)` in a value ran as shell on every start). The value is
+//!   written as single-quoted literal pieces and `"${NAME}"` references.
+//! - A value that is exactly `$NAME` (or `${NAME}`) is the runner spec's substitution: the
+//!   variable of *setup's* environment, empty with a warning when unset. (The original
+//!   took everything after a leading `$` as the name, so `$HOME/data` became empty; no
+//!   proc can have relied on that, so such values get the source-time expansion above.)
+//! - Non-string values are Python's `str()` of what PyYAML loaded (`True`, `None`,
+//!   `1e+20`, `inf`), as `"%s" % value` wrote them; entries keep proc.yaml's order.
+//! - A key that is not a shell name is skipped with a warning: the original's
+//!   `export BAD-KEY=…` failed the same way when sourced and the proc still started. Any
+//!   shell name is allowed, `LD_*`, `ENV` and `IFS` included: env.sh is only ever
+//!   sourced inside the container, for the app, whose command proc.yaml already chooses.
 //!
 //! Everything is rendered in memory first ([`render`]) so that every error is found
 //! before the proc directory exists; only then are the files written, each as a temp
@@ -16,7 +29,6 @@
 //! the app's user and group; `proc.sh` is root's, 0755, so the app cannot rewrite how it
 //! is started.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -32,16 +44,6 @@ pub const ENV_SH: &str = "env.sh";
 pub const PROC_SH: &str = "proc.sh";
 pub const SETTINGS_YAML: &str = "settings.yaml";
 
-/// Variables that change how `sh`, `bash` or `ld.so` behave rather than configure the app.
-pub const REFUSED_ENV: &[&str] = &[
-    "BASH_ENV",
-    "ENV",
-    "IFS",
-    "PS4",
-    "SHELLOPTS",
-    "PROMPT_COMMAND",
-];
-
 /// `env.sh`/`settings.yaml`: readable by the app's group, not by other users.
 const SECRET_MODE: u32 = 0o640;
 /// `proc.sh`: executable by everyone, writable by root only.
@@ -49,12 +51,6 @@ const SCRIPT_MODE: u32 = 0o755;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvFilesError {
-    #[error("env key {key:?} is not a shell variable name ([A-Za-z_][A-Za-z0-9_]*)")]
-    BadKey { key: String },
-    #[error(
-        "env key {key} is refused: it changes how the shell or the loader behaves, not the app"
-    )]
-    RefusedKey { key: String },
     #[error("env.{key} contains a NUL byte, which a shell variable cannot hold")]
     NulInValue { key: String },
     #[error("cmd contains a NUL byte, which a shell command cannot hold")]
@@ -88,7 +84,7 @@ pub fn render(
 ) -> Result<ProcFiles, EnvFilesError> {
     let mut warnings = Vec::new();
     let env_sh = render_env_sh(&config.env, host_env, &mut warnings)?;
-    let proc_sh = render_proc_sh(command, config.port)?;
+    let proc_sh = render_proc_sh(command, &config.port)?;
     let settings_yaml = yaml::emit_settings(&config.settings).map_err(EnvFilesError::Settings)?;
     Ok(ProcFiles {
         env_sh,
@@ -98,23 +94,13 @@ pub fn render(
     })
 }
 
-/// Refuse keys that are not shell names or that steer the shell/loader.
-pub fn check_env_key(key: &str) -> Result<(), EnvFilesError> {
+/// `[A-Za-z_][A-Za-z0-9_]*`: what a shell accepts as a variable name.
+pub fn is_shell_name(key: &str) -> bool {
     let mut bytes = key.bytes();
-    let first_ok = bytes
+    bytes
         .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
-    if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err(EnvFilesError::BadKey {
-            key: key.to_string(),
-        });
-    }
-    if key.starts_with("LD_") || REFUSED_ENV.contains(&key) {
-        return Err(EnvFilesError::RefusedKey {
-            key: key.to_string(),
-        });
-    }
-    Ok(())
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// `'…'` with each `'` as `'\''`: the shell expands nothing inside.
@@ -132,37 +118,134 @@ pub fn shell_quote(value: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One `export KEY='value'` line per entry, keys in sorted order.
+/// One piece of an env value: literal text, or a variable expanded when env.sh is sourced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Text(&'a str),
+    Var(&'a str),
+}
+
+/// Split a value into literal text and plain `$NAME` / `${NAME}` references. Every other
+/// `$` (`$(`, `${X:-y}`, `$1`, a lone `$`) is text.
+pub fn split_references(value: &str) -> Vec<Piece<'_>> {
+    let b = value.as_bytes();
+    let name_len = |from: usize| {
+        let mut end = from;
+        while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
+            end += 1;
+        }
+        if from < b.len() && (b[from].is_ascii_alphabetic() || b[from] == b'_') {
+            end - from
+        } else {
+            0
+        }
+    };
+    let mut pieces = Vec::new();
+    let (mut text_start, mut i) = (0, 0);
+    while i < b.len() {
+        if b[i] != b'$' {
+            i += 1;
+            continue;
+        }
+        let (var, next) = if b.get(i + 1) == Some(&b'{') {
+            let n = name_len(i + 2);
+            if n > 0 && b.get(i + 2 + n) == Some(&b'}') {
+                (Some(&value[i + 2..i + 2 + n]), i + 3 + n)
+            } else {
+                (None, i + 1)
+            }
+        } else {
+            let n = name_len(i + 1);
+            if n > 0 {
+                (Some(&value[i + 1..i + 1 + n]), i + 1 + n)
+            } else {
+                (None, i + 1)
+            }
+        };
+        if let Some(name) = var {
+            if text_start < i {
+                pieces.push(Piece::Text(&value[text_start..i]));
+            }
+            pieces.push(Piece::Var(name));
+            text_start = next;
+        }
+        i = next;
+    }
+    if text_start < b.len() {
+        pieces.push(Piece::Text(&value[text_start..]));
+    }
+    pieces
+}
+
+/// A shell word that evaluates to `value` with its plain references expanded: literal
+/// pieces single-quoted, references as `"${NAME}"`. `''` for an empty value.
+pub fn expanding_word(value: &str) -> Vec<u8> {
+    let pieces = split_references(value);
+    if pieces.is_empty() {
+        return b"''".to_vec();
+    }
+    let mut out = Vec::new();
+    for piece in pieces {
+        match piece {
+            Piece::Text(t) => out.extend_from_slice(&shell_quote(t.as_bytes())),
+            Piece::Var(name) => out.extend_from_slice(format!("\"${{{name}}}\"").as_bytes()),
+        }
+    }
+    out
+}
+
+/// The variable name when the whole value is `$NAME` or `${NAME}` (setup's substitution).
+fn whole_reference(value: &str) -> Option<&str> {
+    match split_references(value).as_slice() {
+        [Piece::Var(name)] => Some(name),
+        _ => None,
+    }
+}
+
+/// One `export KEY=…` line per entry, in proc.yaml's order (see the module note).
 pub fn render_env_sh(
-    env: &BTreeMap<String, EnvValue>,
+    env: &[(String, EnvValue)],
     host_env: &dyn Fn(&str) -> Option<OsString>,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<u8>, EnvFilesError> {
     let mut out = b"# Written by vrun setup from proc.yaml `env`; sourced by /proc.sh.\n".to_vec();
     for (key, value) in env {
-        check_env_key(key)?;
-        let bytes: Vec<u8> = match value {
-            EnvValue::Str(s) => match s.strip_prefix('$') {
-                Some(var) => match host_env(var) {
-                    Some(v) => v.as_bytes().to_vec(),
-                    None => {
-                        warnings.push(format!(
-                            "env.{key}: ${var} is not set in setup's environment; writing an empty value"
-                        ));
-                        Vec::new()
-                    }
-                },
-                None => s.as_bytes().to_vec(),
-            },
-            EnvValue::Scalar(text) => text.as_bytes().to_vec(),
-        };
-        if bytes.contains(&0) {
-            return Err(EnvFilesError::NulInValue { key: key.clone() });
+        if !is_shell_name(key) {
+            warnings.push(format!(
+                "env key {key:?} is not a shell variable name ([A-Za-z_][A-Za-z0-9_]*); skipped"
+            ));
+            continue;
         }
+        let word: Vec<u8> = match value {
+            EnvValue::Str(s) => match whole_reference(s) {
+                Some(var) => {
+                    let v = match host_env(var) {
+                        Some(v) => v.as_bytes().to_vec(),
+                        None => {
+                            warnings.push(format!(
+                                "env.{key}: ${var} is not set in setup's environment; writing an empty value"
+                            ));
+                            Vec::new()
+                        }
+                    };
+                    if v.contains(&0) {
+                        return Err(EnvFilesError::NulInValue { key: key.clone() });
+                    }
+                    shell_quote(&v)
+                }
+                None => {
+                    if s.contains('\0') {
+                        return Err(EnvFilesError::NulInValue { key: key.clone() });
+                    }
+                    expanding_word(s)
+                }
+            },
+            EnvValue::Scalar(text) => shell_quote(text.as_bytes()),
+        };
         out.extend_from_slice(b"export ");
         out.extend_from_slice(key.as_bytes());
         out.push(b'=');
-        out.extend_from_slice(&shell_quote(&bytes));
+        out.extend_from_slice(&word);
         out.push(b'\n');
     }
     Ok(out)
@@ -170,15 +253,17 @@ pub fn render_env_sh(
 
 /// The container's entry point (POSIX sh). `command` is single-quoted into the script and
 /// run with `sh -c` at start, so `$PORT` in it expands in the container, not at setup.
-pub fn render_proc_sh(command: &str, port: Option<u16>) -> Result<String, EnvFilesError> {
+pub fn render_proc_sh(command: &str, port: &str) -> Result<String, EnvFilesError> {
     if command.contains('\0') {
         return Err(EnvFilesError::NulInCommand);
     }
     let quoted = String::from_utf8(shell_quote(command.as_bytes())).expect("quoting keeps UTF-8");
-    let port_line = match port {
-        Some(p) => format!("export PORT={p}\n"),
-        None => String::new(),
-    };
+    // Exported last, so neither .profile.d nor env.sh can change it; `None` when proc.yaml
+    // has no port, as the original's `export PORT=%(port)s` wrote.
+    let port_line = format!(
+        "export PORT={}\n",
+        String::from_utf8(shell_quote(port.as_bytes())).expect("quoting keeps UTF-8")
+    );
     Ok(format!(
         r#"#!/bin/sh
 # Written by vrun setup. `/proc.sh run` starts the proc's command; `/proc.sh CMD ARGS...`
@@ -308,27 +393,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn checks_env_keys() {
-        for ok in ["A", "_x", "PATH", "a1_B"] {
-            check_env_key(ok).unwrap();
+    fn knows_shell_names() {
+        for ok in ["A", "_x", "PATH", "a1_B", "LD_LIBRARY_PATH", "ENV"] {
+            assert!(is_shell_name(ok), "{ok}");
         }
         for bad in ["", "1A", "BAD-KEY", "A B", "é", "A=B"] {
-            assert!(
-                matches!(check_env_key(bad), Err(EnvFilesError::BadKey { .. })),
-                "{bad}"
-            );
+            assert!(!is_shell_name(bad), "{bad}");
         }
-        for refused in [
-            "LD_PRELOAD",
-            "LD_LIBRARY_PATH",
-            "BASH_ENV",
-            "ENV",
-            "IFS",
-            "PS4",
+    }
+
+    #[test]
+    fn splits_only_plain_references() {
+        use Piece::{Text, Var};
+        assert_eq!(
+            split_references("/app/bin:$PATH"),
+            [Text("/app/bin:"), Var("PATH")]
+        );
+        assert_eq!(
+            split_references("${HOME}/data"),
+            [Var("HOME"), Text("/data")]
+        );
+        assert_eq!(split_references("a$OTHER"), [Text("a"), Var("OTHER")]);
+        assert_eq!(split_references("$A$B_1x"), [Var("A"), Var("B_1x")]);
+        for literal in [
+            "$(id)", "${X:-y}", "$1", "$", "a$", "${}", "${1}", "$$", "`id`",
         ] {
-            let err = check_env_key(refused).unwrap_err();
-            assert!(err.to_string().contains(refused), "{err}");
+            assert_eq!(split_references(literal), [Text(literal)], "{literal}");
         }
+        assert_eq!(split_references(""), []);
     }
 
     #[test]
@@ -353,32 +445,41 @@ mod tests {
     fn quotes_for_the_shell() {
         assert_eq!(shell_quote(b"it's"), b"'it'\\''s'");
         assert_eq!(shell_quote(b""), b"''");
+        assert_eq!(expanding_word("a'$B"), br#"'a'\'''"${B}""#);
+        assert_eq!(expanding_word(""), b"''");
     }
 
     #[test]
     fn substitutes_host_variables_and_warns_when_unset() {
-        let env = BTreeMap::from([
+        let env = vec![
             ("H".to_string(), EnvValue::Str("$VRUN_T_SET".into())),
-            ("U".to_string(), EnvValue::Str("$VRUN_T_UNSET".into())),
+            ("U".to_string(), EnvValue::Str("${VRUN_T_UNSET}".into())),
             ("N".to_string(), EnvValue::Scalar("42".into())),
-        ]);
-        let lookup = |k: &str| (k == "VRUN_T_SET").then(|| OsString::from("v'1"));
+            ("BAD-KEY".to_string(), EnvValue::Str("x".into())),
+            ("P".to_string(), EnvValue::Str("/x:$PATH".into())),
+        ];
+        let lookup = |k: &str| (k == "VRUN_T_SET").then(|| OsString::from("v'1 $X"));
         let mut warnings = Vec::new();
         let text = render_env_sh(&env, &lookup, &mut warnings).unwrap();
         let text = String::from_utf8(text).unwrap();
-        assert!(text.contains("export H='v'\\''1'\n"), "{text}");
+        assert!(text.contains("export H='v'\\''1 $X'\n"), "{text}");
         assert!(text.contains("export U=''\n"), "{text}");
         assert!(text.contains("export N='42'\n"), "{text}");
-        assert_eq!(warnings.len(), 1);
+        assert!(text.contains("export P='/x:'\"${PATH}\"\n"), "{text}");
+        assert!(!text.contains("BAD-KEY"), "{text}");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings[0].contains("VRUN_T_UNSET"));
+        assert!(warnings[1].contains("BAD-KEY") && warnings[1].contains("skipped"));
     }
 
     #[test]
-    fn proc_sh_sets_port_only_when_given() {
-        let with = render_proc_sh("a 'b'", Some(80)).unwrap();
-        assert!(with.contains("export PORT=80\n"));
+    fn proc_sh_exports_the_port_text() {
+        let with = render_proc_sh("a 'b'", "80").unwrap();
+        assert!(with.contains("export PORT='80'\n"));
         assert!(with.contains("exec /bin/sh -c 'a '\\''b'\\'''\n"), "{with}");
-        assert!(!render_proc_sh("a", None).unwrap().contains("PORT="));
-        assert!(render_proc_sh("a\0", None).is_err());
+        assert!(render_proc_sh("a", "None")
+            .unwrap()
+            .contains("export PORT='None'\n"));
+        assert!(render_proc_sh("a\0", "1").is_err());
     }
 }

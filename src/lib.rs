@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod lock;
 pub mod lxc;
 pub mod mounts;
+pub mod notice;
 pub mod paths;
 pub mod pipeline;
 pub mod procfile;

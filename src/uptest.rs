@@ -14,8 +14,11 @@
 //! The output contract is the original uptester's, byte for byte in shape: stdout carries
 //! one JSON array `[{"Name":…,"Output":…,"Passed":…}]` in name order and nothing else
 //! (Velociraptor parses it). Output is the script's stdout and stderr combined, as lossy
-//! UTF-8. A script that cannot start (not executable, not a file, container failure) is a
-//! failed result whose Output says why — never a missing entry. Progress goes to stderr.
+//! UTF-8; a script that failed and printed nothing gets Go's `exit status 3` /
+//! `signal: killed`, as the Go uptester's `err.Error()` gave. A script that cannot start
+//! (not executable, not a file, container failure) is a failed result whose Output says
+//! why — never a missing entry. Progress notes go to stderr only with `uptest -v`
+//! ([`crate::notice`]): vr.server merges stderr into the output it parses.
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
@@ -56,7 +59,7 @@ pub struct UptestOptions {
     pub proc_name: String,
     /// From proc.yaml (`host`, default `localhost`).
     pub host: String,
-    /// From proc.yaml (`port`); passed as given.
+    /// From proc.yaml (`port`), as its text ([`crate::config::ProcConfig::port`]).
     pub port: String,
     pub jobs: usize,
     pub timeout: Duration,
@@ -142,7 +145,7 @@ pub async fn run_uptests(
     crate::lxc::render_config(&proc.spec())?;
     crate::lxc::ensure_mounted(&proc.paths, &proc.state, &proc.spec().host_system_dirs)?;
     let uptests = list_uptests(&proc.paths.rootfs(), &opts.proc_name)?;
-    eprintln!(
+    crate::notice!(
         "vrun: running {} uptest(s) of {} ({} at a time, timeout {:?})",
         uptests.len(),
         opts.proc_name,
@@ -167,7 +170,7 @@ async fn run_one(proc: &LxcProc, opts: &UptestOptions, u: UptestEntry) -> Uptest
         Some(why) => (false, format!("vrun: cannot run uptest {}: {why}", u.name)),
         None => run_in_container(proc, opts, &u).await,
     };
-    eprintln!(
+    crate::notice!(
         "vrun: uptest {} {} ({:.1}s)",
         u.name,
         if passed { "passed" } else { "FAILED" },
@@ -216,9 +219,10 @@ async fn run_in_container(proc: &LxcProc, opts: &UptestOptions, u: &UptestEntry)
     match status {
         Ok(s) if s.success() => (true, output),
         Ok(s) => {
-            let code = exit_code(s);
-            if code > 128 {
-                output.push_str(&format!("\n[vrun: uptest exited with status {code}]"));
+            // The Go uptester's rule: a failed script's Output is what it printed, or,
+            // when it printed nothing, Go's description of how it ended.
+            if output.is_empty() {
+                output = go_exit_text(exit_code(s));
             }
             (false, output)
         }
@@ -229,9 +233,70 @@ async fn run_in_container(proc: &LxcProc, opts: &UptestOptions, u: &UptestEntry)
     }
 }
 
+/// How Go's `exec.ExitError` describes a status, which is what the original uptester put
+/// in Output for a script that failed silently: `exit status 3`, `signal: killed`.
+/// `lxc-execute` reports a workload killed by signal N as 128+N, so that is read back as
+/// the signal (a script that itself exits 137 is described as killed, too).
+pub fn go_exit_text(code: i32) -> String {
+    /// Go's `syscall.Signal.String()` names for Linux signals 1–31.
+    const NAMES: [&str; 31] = [
+        "hangup",
+        "interrupt",
+        "quit",
+        "illegal instruction",
+        "trace/breakpoint trap",
+        "aborted",
+        "bus error",
+        "floating point exception",
+        "killed",
+        "user defined signal 1",
+        "segmentation fault",
+        "user defined signal 2",
+        "broken pipe",
+        "alarm clock",
+        "terminated",
+        "stack fault",
+        "child exited",
+        "continued",
+        "stopped (signal)",
+        "stopped",
+        "stopped (tty input)",
+        "stopped (tty output)",
+        "urgent I/O condition",
+        "CPU time limit exceeded",
+        "file size limit exceeded",
+        "virtual timer expired",
+        "profiling timer expired",
+        "window changed",
+        "I/O possible",
+        "power failure",
+        "bad system call",
+    ];
+    match usize::try_from(code - 129).ok().and_then(|i| NAMES.get(i)) {
+        Some(name) => format!("signal: {name}"),
+        None => format!("exit status {code}"),
+    }
+}
+
 /// The stdout line: one JSON array and a newline.
 pub fn to_json_line(results: &[UptestResult]) -> String {
     let mut s = serde_json::to_string(results).expect("uptest results serialize");
     s.push('\n');
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silent_failures_read_like_gos_exit_error() {
+        // The Go uptester's Output for a script that printed nothing: err.Error().
+        assert_eq!(go_exit_text(3), "exit status 3");
+        assert_eq!(go_exit_text(128), "exit status 128");
+        assert_eq!(go_exit_text(137), "signal: killed");
+        assert_eq!(go_exit_text(143), "signal: terminated");
+        assert_eq!(go_exit_text(139), "signal: segmentation fault");
+        assert_eq!(go_exit_text(160), "exit status 160");
+    }
 }

@@ -164,6 +164,26 @@ struct Fixture {
     server: Server,
 }
 
+/// Lazily unmount every mount below `dir`, deepest first; whether none is left.
+fn unmount_below(dir: &Path) -> bool {
+    let mut below = vrun::mounts::mounts_below(dir).unwrap_or_default();
+    below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for m in below {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    vrun::mounts::mounts_below(dir)
+        .unwrap_or_default()
+        .is_empty()
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if !unmount_below(&self.root) {
+            eprintln!("cleanup: still mounted below {}", self.root.display());
+        }
+    }
+}
+
 impl Fixture {
     fn new() -> Fixture {
         let tmp = tempfile::Builder::new()
@@ -277,6 +297,8 @@ impl Fixture {
     }
 
     fn wipe(&self, keep_blobs: bool) {
+        // setup leaves the proc's overlay mounted: never delete through it.
+        assert!(unmount_below(&self.root), "still mounted below the root");
         if !keep_blobs {
             let _ = fs::remove_dir_all(&self.root);
             return;

@@ -696,27 +696,102 @@ fn second_proc_of_the_same_build_and_image_reuses_the_layers() {
 }
 
 #[test]
-fn volumes_that_cannot_be_one_mount_entry_are_refused_before_any_container() {
+fn setup_again_on_another_build_remounts_but_not_under_a_running_shell() {
+    // Setup leaves the root mounted; the same container name set up again with another
+    // build must show that build, and must not pull the root from under a live shell.
+    let mut p = TestProc::new("rebuild", ProcOpts::cmd("exit 0"));
+    let other = vrun::serve::Server::start(
+        [(
+            "/b.tar.gz",
+            image::app_build(&[image::Entry::file("second-build", "2", 0o644)]),
+        )],
+        vrun::serve::ServerOptions::default(),
+    )
+    .unwrap();
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p.file).unwrap()).unwrap();
+    doc["build_url"] = other.url("/b.tar.gz").into();
+    std::fs::write(&p.file, doc.to_string()).unwrap();
+    let state_before = std::fs::read(p.proc.paths.state()).unwrap();
+
+    let (shell, _, _) = p.spawn(["shell", "--", "sleep", "60"], &[]);
+    let up = wait_for(READY, || {
+        (!p.leftover_scratch_dirs().is_empty()).then_some(())
+    });
+    assert!(up.is_some(), "the shell never registered");
+    let r = p.vrun(["setup"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.starts_with("ERROR: ") && r.stderr.contains("is in use by"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(std::fs::read(p.proc.paths.state()).unwrap(), state_before);
+    assert!(!p.rootfs().join("app/second-build").exists());
+    kill(Pid::from_raw(shell as i32), Signal::SIGTERM).unwrap();
+    p.wait_child(shell);
+
+    let r = p.vrun(["setup"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(p.rootfs().join("app/second-build").is_file());
+    assert!(p.rootfs().join("env.sh").is_file());
+
+    // After a reboot nothing is mounted; `rootfs/app` is still a directory and teardown
+    // needs no mount to work on.
+    vrun::mounts::unmount(&p.rootfs()).unwrap();
+    assert!(p.rootfs().join("app").is_dir());
+    let r = p.vrun(["teardown"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!p.proc.paths.dir.exists());
+}
+
+#[test]
+fn volumes_that_cannot_be_one_mount_entry_are_refused_by_setup_before_anything_exists() {
     // Newlines are already refused by the proc.yaml parser; whitespace would split the
-    // fstab-style mount entry, so proc.lxc rendering refuses it, naming the key.
+    // fstab-style mount entry (the original's proc.lxc broke the same way, at start), so
+    // setup, which now writes proc.lxc, refuses it naming the key and creates nothing.
     let host = tempfile::tempdir().unwrap();
     let opts = ProcOpts {
         cmd: Some("exit 0".into()),
         volumes: vec![(host.path().to_owned(), "/da ta".into())],
         ..ProcOpts::default()
     };
-    let mut p = TestProc::new("badvol", opts);
-    for args in [vec!["run"], vec!["shell", "--", "true"], vec!["uptest"]] {
+    let (r, left) = TestProc::setup_fails("badvol", opts);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.starts_with("ERROR: invalid volume ")
+            && r.stderr.contains("must not contain whitespace")
+            && r.stderr.lines().count() == 1,
+        "{}",
+        r.stderr
+    );
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_volume_whose_host_dir_is_missing_warns_at_setup_and_refuses_at_run() {
+    // The original's setup never looked at volume host dirs; its run failed in LXC.
+    // vrun's setup warns and still sets up; run and shell refuse with one line.
+    let host = tempfile::tempdir().unwrap();
+    let missing = host.path().join("not-yet");
+    let opts = ProcOpts {
+        cmd: Some("exit 0".into()),
+        volumes: vec![(missing.clone(), "/data".into())],
+        ..ProcOpts::default()
+    };
+    let mut p = TestProc::new("missingvol", opts);
+    assert!(p.proc.paths.lxc_config().is_file());
+    for args in [vec!["run"], vec!["shell", "--", "true"]] {
         let r = p.vrun(args.clone());
         assert_eq!(r.code, 1, "{args:?}: {r:?}");
         assert!(
-            r.stderr.starts_with("ERROR: invalid volume ")
-                && r.stderr.contains("must not contain whitespace"),
+            r.stderr.starts_with("ERROR: volume ") && r.stderr.contains("does not exist"),
             "{args:?}: {}",
             r.stderr
         );
-        assert_eq!(r.stdout, "", "{args:?}");
     }
-    assert!(!p.proc.paths.lxc_config().exists());
+    std::fs::create_dir(&missing).unwrap();
+    let r = p.vrun(["run"]);
+    assert_eq!(r.code, 0, "{r:?}");
     assert!(p.leftover_cgroups().is_empty());
 }

@@ -70,6 +70,8 @@ fn uptests_run_in_parallel_in_name_order_with_the_original_json() {
         script("02_fail", "echo bad-thing-happened >&2; exit 3"),
         script(".hidden", "echo should not run; exit 1"),
         Entry::file("uptests/web/09_noexec", "#!/bin/sh\nexit 0\n", 0o644),
+        script("10_silent", "exit 3"),
+        script("11_killed", "kill -9 $$"),
     ];
     for i in 3..=8 {
         files.push(script(&format!("0{i}_slow"), slow));
@@ -79,13 +81,15 @@ fn uptests_run_in_parallel_in_name_order_with_the_original_json() {
         ..ProcOpts::default()
     };
     let mut p = TestProc::new("upt", opts);
-    let stamps = p.proc.paths.upper().join("tmp/st");
+    let stamps = p.rootfs().join("tmp/st");
     std::fs::create_dir_all(&stamps).unwrap();
     std::fs::set_permissions(&stamps, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
 
     let port = p.opts.port;
     let (code, out, err) = uptest(&mut p, 60);
     assert_eq!(code, 0, "{err}");
+    // vr.server merges stderr into what it parses: nothing may come before the JSON.
+    assert_eq!(err, "", "uptest wrote to stderr");
     let results = parse_exact(&out);
     let names: Vec<&str> = results.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(
@@ -99,15 +103,20 @@ fn uptests_run_in_parallel_in_name_order_with_the_original_json() {
             "06_slow",
             "07_slow",
             "08_slow",
-            "09_noexec"
+            "09_noexec",
+            "10_silent",
+            "11_killed"
         ]
     );
     let passed: Vec<bool> = results.iter().map(|r| r.passed).collect();
     assert_eq!(
         passed,
-        [true, false, true, true, true, true, true, true, false],
+        [true, false, true, true, true, true, true, true, false, false, false],
         "{out}"
     );
+    // The Go uptester's Output for a script that printed nothing: Go's err.Error().
+    assert_eq!(results[9].output, "exit status 3", "{out}");
+    assert_eq!(results[10].output, "signal: killed", "{out}");
     assert_eq!(
         results[0].output,
         format!("ok uid=1000 args=[localhost {port}] foo=[bar from env.sh]\n")
@@ -135,9 +144,16 @@ fn uptests_run_in_parallel_in_name_order_with_the_original_json() {
     for e in std::fs::read_dir(&stamps).unwrap() {
         std::fs::remove_file(e.unwrap().path()).unwrap();
     }
-    let r = p.vrun(["uptest", "--jobs", "2"]);
+    let r = p.vrun(["uptest", "--jobs", "2", "-v"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(parse_exact(&r.stdout).len(), 9);
+    assert_eq!(parse_exact(&r.stdout).len(), 11);
+    // -v: progress on stderr, one line per uptest after the summary.
+    assert!(
+        r.stderr.starts_with("vrun: running 11 uptest(s) of web")
+            && r.stderr.contains("vrun: uptest 10_silent FAILED"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(
         overlap(&stamps),
         1,

@@ -24,6 +24,9 @@ pub const VERSION_FILE: &str = "VERSION";
 /// Cache directory tag (<https://bford.info/cachedir/>): backup tools skip the store.
 pub const CACHEDIR_TAG: &str = "CACHEDIR.TAG";
 
+/// Empty file whose mtime is the automatic policy's last full look (`policy.rs`).
+pub const AUTOGC_STAMP: &str = "autogc-v1.stamp";
+
 /// Contents of [`CACHEDIR_TAG`]; the first line is the standard signature.
 pub const CACHEDIR_TAG_BODY: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
 # This file is a cache directory tag created by vrun.\n\

@@ -62,6 +62,7 @@ pub mod layout;
 mod lock;
 mod maint;
 mod manifest;
+mod policy;
 mod store;
 
 pub use error::StoreError;
@@ -72,6 +73,10 @@ pub use maint::{
     LEFTOVER_MAX_AGE,
 };
 pub use manifest::TreeStats;
+pub use policy::{
+    auto_gc_checked_recently, AutoGc, CHECK_INTERVAL, DEFAULT_MAX_AGE, DEFAULT_MAX_SIZE,
+    MAX_AGE_ENV, MAX_SIZE_ENV,
+};
 pub use store::{blob_lock_key, url_lock_key, BlobDigest, Ingest, Store, UrlRecord};
 
 /// sha256 of some bytes as lowercase hex (the store's naming function).

@@ -68,6 +68,11 @@ impl References {
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }
+
+    /// Every path marked as used (canonical where it existed when added).
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.users.keys().map(PathBuf::as_path)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

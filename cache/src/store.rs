@@ -111,6 +111,25 @@ impl Store {
         exclusive: bool,
         on_wait: impl FnOnce(&Path),
     ) -> Result<Store, StoreError> {
+        let store = Store::open_or_give_up(dir, exclusive, |lock| {
+            on_wait(lock);
+            true
+        })?;
+        Ok(store.expect("a store that waits for its lock opens"))
+    }
+
+    /// Opens the store exclusively only if nobody else has it open right now: `Ok(None)`
+    /// instead of waiting (the automatic cache policy must never hold up a deploy).
+    pub fn try_open_exclusive(dir: &Path) -> Result<Option<Store>, StoreError> {
+        Store::open_or_give_up(dir, true, |_| false)
+    }
+
+    /// The open: when the lock is taken, `wait(lock_path)` says whether to block for it.
+    fn open_or_give_up(
+        dir: &Path,
+        exclusive: bool,
+        wait: impl FnOnce(&Path) -> bool,
+    ) -> Result<Option<Store>, StoreError> {
         if dir.exists() {
             layout::check_version(dir)?;
         }
@@ -128,20 +147,20 @@ impl Store {
         let lock_path = layout.locks().join(STORE_LOCK);
         let store_lock = match lock::acquire(&lock_path, mode, false)? {
             Some(l) => l,
-            None => {
-                on_wait(&lock_path);
+            None if wait(&lock_path) => {
                 lock::acquire(&lock_path, mode, true)?.expect("blocking lock returns a lock")
             }
+            None => return Ok(None),
         };
         // Whoever we waited for may have been a newer vrun: check again under the lock.
         if layout::check_version(&layout.root)? != Some(LAYOUT_VERSION) {
             layout::create(&layout, layout::read_version(&layout.root)?)?;
         }
-        Ok(Store {
+        Ok(Some(Store {
             layout,
             exclusive,
             _store_lock: store_lock,
-        })
+        }))
     }
 
     /// The store's root directory (canonical).

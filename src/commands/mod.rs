@@ -15,6 +15,7 @@ use vrun::paths::Root;
 
 use crate::cli::{Cli, Command};
 
+mod autogc;
 pub mod cache;
 mod demo;
 mod progress;

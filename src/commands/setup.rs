@@ -1,12 +1,20 @@
 //! `vrun setup FILE`: validate everything, fetch the build and image into the store (both
-//! at once), then create the proc directory and its files.
+//! at once), then create the proc directory, mount its root and write its files.
 //!
-//! Order matters: lock, parse, name, owner, and render the env files in memory first;
-//! only when all of that succeeded is anything created under `$VR_ROOT`, so bad input
-//! leaves the host as it was. Downloads go through the store's ingest dir and are
+//! Order matters: lock, parse, name, owner, render the env files and proc.lxc in memory
+//! first; only when all of that succeeded is anything created under `$VR_ROOT`, so bad
+//! input leaves the host as it was. Downloads go through the store's ingest dir and are
 //! published only when verified, so a failed download leaves no proc dir and no cache
-//! entry. Running setup again keeps `upper/` (the app's own writes) and rewrites the
-//! three files.
+//! entry.
+//!
+//! Then, as a Velociraptor host needs it (issue 12): the overlay is mounted on `rootfs/`
+//! and stays mounted, so `rootfs/app` is the build for supervisord's `directory=`,
+//! vr.server's uptest check and vr.builder's copies; the three files are written through
+//! the mount (writing into a mounted overlay's `upper/` behind its back is undefined for
+//! the kernel); proc.lxc is written too, as the runner spec says setup does. Running
+//! setup again keeps `upper/` (the app's own writes), reuses the mount (or remounts it
+//! when the layers changed) and rewrites the files. Last, with the store released, the
+//! cache's automatic policy runs ([`super::autogc`]).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -15,8 +23,11 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use vrun::extract::Limits;
 use vrun::fetch::HttpClient;
+use vrun::lxc::{
+    ensure_mounted_locked, lock_mount, render_setup_config, unmount_if_layers_changed, LxcProc,
+};
 use vrun::paths::Root;
-use vrun::pipeline::{self, Artifact, ArtifactTimings, Prepared};
+use vrun::pipeline::{self, Artifact, ArtifactTimings, CacheUse, Prepared};
 use vrun::state::{ProcState, STATE_VERSION};
 use vrun::{envfiles, procfile};
 use vrun_cache::{LayerKind, Store};
@@ -29,6 +40,7 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
     let _lock = super::lock(file)?;
     let (config, name) = super::load(file)?;
     let owner = config.owner()?;
+    let cache_policy = super::autogc::policy()?;
     let host_env = |var: &str| std::env::var_os(var);
     if config.cmd.is_none() {
         if config.proc_name.is_none() {
@@ -42,8 +54,19 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    // Validate env and settings before anything touches the disk or the network.
+    // Validate env, settings and proc.lxc before anything touches the disk or the
+    // network (the layers are not known yet: only whether there is an image matters).
     envfiles::render(&config, config.cmd.as_deref().unwrap_or("true"), &host_env)?;
+    let provisional = ProcState {
+        version: STATE_VERSION,
+        build_layer: None,
+        image_layer: config.image_url.as_ref().map(|_| "image".into()),
+        uid: owner.uid,
+        gid: owner.gid,
+    };
+    render_setup_config(
+        &LxcProc::from_config_with_state(root, &name, &config, &owner, provisional).spec(),
+    )?;
 
     let mut artifacts = Vec::new();
     if let Some(url) = &config.build_url {
@@ -71,7 +94,7 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
     }
     // The store (and its shared lock) stays open until state.json names the layers:
     // a `vrun cache gc` in between would see them unreferenced and remove them.
-    let (_store, prepared) = if artifacts.is_empty() {
+    let (store, prepared) = if artifacts.is_empty() {
         (None, Vec::new())
     } else {
         let store = open_store(root)?;
@@ -96,12 +119,6 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
         (None, None) => unreachable!("checked above: no cmd means a build_url"),
     };
     let files = envfiles::render(&config, &command, &host_env)?;
-    for warning in &files.warnings {
-        eprintln!("WARNING: {warning}");
-    }
-    let proc = root.proc(&name);
-    envfiles::create_proc_dirs(&proc)?;
-    envfiles::write_files(&proc.upper(), &files, &owner)?;
     let state = ProcState {
         version: STATE_VERSION,
         build_layer,
@@ -109,15 +126,43 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
         uid: owner.uid,
         gid: owner.gid,
     };
-    state.save(&proc.state())?;
+    let proc = LxcProc::from_config_with_state(root, &name, &config, &owner, state.clone());
+    let (lxc_config, missing_volumes) = render_setup_config(&proc.spec())?;
+    for warning in &files.warnings {
+        eprintln!("WARNING: {warning}");
+    }
+    for v in missing_volumes {
+        eprintln!(
+            "WARNING: volume {} -> {}: the host dir does not exist; run refuses to start until it does",
+            v.host.display(),
+            v.container
+        );
+    }
+    let paths = root.proc(&name);
+    envfiles::create_proc_dirs(&paths)?;
+    {
+        // Under the mount lock: no shell/uptest starts on the old root meanwhile.
+        let lock = lock_mount(&paths)?;
+        let previous = ProcState::load(&paths.state()).ok();
+        unmount_if_layers_changed(&lock, &proc, previous.as_ref())?;
+        state.save(&paths.state())?;
+        ensure_mounted_locked(&lock, &paths, &state, &proc.spec().host_system_dirs)?;
+    }
+    envfiles::write_files(&paths.rootfs(), &files, &owner)?;
+    envfiles::write_atomic(&paths.lxc_config(), lxc_config.as_bytes(), 0o644, None)?;
     eprintln!(
         "vrun: {name} is set up in {} ({:.2} s)",
-        proc.dir.display(),
+        paths.dir.display(),
         started.elapsed().as_secs_f64()
     );
     if args.timings {
         println!("{}", timings_json(started, &prepared));
     }
+    drop(store);
+    let stored_new = prepared
+        .iter()
+        .any(|(_, p)| !matches!(p.timings.cache, CacheUse::Layer));
+    super::autogc::after_setup(root, &cache_policy, stored_new);
     Ok(ExitCode::SUCCESS)
 }
 

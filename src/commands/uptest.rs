@@ -1,10 +1,12 @@
 //! `vrun uptest FILE [--jobs N] [--timeout SECS]`: the proc's uptests, as one JSON array
 //! on stdout.
 //!
-//! stdout gets exactly the array and a newline, written once at the end; progress and
-//! errors go to stderr. When uptests cannot run at all (no proc_name, not set up, LXC
-//! missing) the error is returned before anything was written, so stdout stays empty and
-//! `main` prints the one `ERROR:` line. No lock: uptests run beside `run`.
+//! stdout gets exactly the array and a newline, written once at the end. stderr stays
+//! empty unless uptests cannot run at all (no proc_name, not set up, LXC missing): then
+//! the error is returned before anything was written, stdout stays empty and `main`
+//! prints the one `ERROR:` line. vr.server merges stderr into what it parses, and any
+//! text before the `[` becomes a failed `uptester` result, so progress notes appear only
+//! with `-v`. No lock: uptests run beside `run`.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -19,6 +21,7 @@ use super::run::block_on;
 use crate::cli::UptestArgs;
 
 pub fn uptest(root: &Root, args: &UptestArgs) -> anyhow::Result<ExitCode> {
+    vrun::notice::set_quiet(!args.verbose);
     let file = &args.proc.file;
     let (config, name) = super::load(file)?;
     let Some(proc_name) = config.proc_name.clone() else {
@@ -31,8 +34,8 @@ pub fn uptest(root: &Root, args: &UptestArgs) -> anyhow::Result<ExitCode> {
     let opts = UptestOptions {
         proc_name,
         host: config.host.clone(),
-        // A proc without a port (a worker) still has uptests; they get an empty PORT.
-        port: config.port.map(|p| p.to_string()).unwrap_or_default(),
+        // As the original: str() of the port, `None` for a proc without one.
+        port: config.port.clone(),
         jobs: args.jobs,
         timeout: Duration::from_secs(args.timeout),
     };

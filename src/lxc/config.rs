@@ -97,8 +97,9 @@ impl Volume {
         }
     }
 
-    /// The mount entry source and its relative target, validated.
-    fn entry(&self) -> Result<(String, String), LxcError> {
+    /// The mount entry source and its relative target, validated. `require_host`: a
+    /// missing host dir is an error (else the caller learns of it from [`Volume::exists`]).
+    fn entry(&self, require_host: bool) -> Result<(String, String), LxcError> {
         let host = self.host.to_string_lossy().into_owned();
         let bad = |reason: &str| LxcError::BadVolume {
             host: host.clone(),
@@ -113,9 +114,6 @@ impl Volume {
         }
         if !self.host.is_absolute() {
             return Err(bad("the host dir must be an absolute path"));
-        }
-        if !self.host.is_dir() {
-            return Err(bad("the host dir does not exist or is not a directory"));
         }
         let target = Path::new(&self.container);
         if !target.is_absolute() {
@@ -134,7 +132,18 @@ impl Volume {
         if rel.as_os_str().is_empty() {
             return Err(bad("the container dir must not be '/'"));
         }
+        if require_host && !self.exists() {
+            return Err(LxcError::MissingVolumeDir {
+                host,
+                container: self.container.clone(),
+            });
+        }
         Ok((host, rel.to_string_lossy().into_owned()))
+    }
+
+    /// Whether the host dir exists (as a directory).
+    pub fn exists(&self) -> bool {
+        self.host.is_dir()
     }
 }
 
@@ -166,6 +175,24 @@ pub fn v1_memsw_supported() -> bool {
 
 /// Render the config. Pure: only volume host dirs are looked at (they must exist).
 pub fn render_config(spec: &ContainerSpec<'_>) -> Result<String, LxcError> {
+    render(spec, true)
+}
+
+/// What setup writes: the same config, but a volume whose host dir does not exist yet is
+/// not an error (the original's setup did not look; `run` refuses to start until it
+/// exists). Those volumes are returned beside the text, for a warning.
+pub fn render_setup_config(spec: &ContainerSpec<'_>) -> Result<(String, Vec<Volume>), LxcError> {
+    let text = render(spec, false)?;
+    let missing = spec
+        .volumes
+        .iter()
+        .filter(|v| !v.exists())
+        .cloned()
+        .collect();
+    Ok((text, missing))
+}
+
+fn render(spec: &ContainerSpec<'_>, require_host_dirs: bool) -> Result<String, LxcError> {
     let rootfs = spec.rootfs.to_string_lossy();
     check_value("lxc.rootfs.path", &rootfs)?;
     check_value("lxc.uts.name", spec.hostname)?;
@@ -249,7 +276,7 @@ pub fn render_config(spec: &ContainerSpec<'_>) -> Result<String, LxcError> {
         line("lxc.no_new_privs", "1");
     }
     for v in spec.volumes {
-        let (host, target) = v.entry()?;
+        let (host, target) = v.entry(require_host_dirs)?;
         line(
             "lxc.mount.entry",
             &format!("{host} {target} none bind,create=dir 0 0"),
@@ -343,7 +370,6 @@ mod tests {
             ("/tmp", "/a/../etc"),
             ("/tmp", "/"),
             ("/tmp", "/a b"),
-            ("/nonexistent-vrun-dir", "/data"),
         ] {
             let vols = [Volume::new(h, c)];
             assert!(
@@ -354,6 +380,16 @@ mod tests {
                 "{h} {c}"
             );
         }
+    }
+
+    #[test]
+    fn a_missing_host_dir_is_its_own_error() {
+        let u = user();
+        let vols = [Volume::new("/nonexistent-vrun-dir", "/data")];
+        assert!(matches!(
+            render_config(&spec(&u, &vols)),
+            Err(LxcError::MissingVolumeDir { .. })
+        ));
     }
 
     #[test]

@@ -49,14 +49,20 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::mount::{self, MountLock};
 use super::{cgroups, check_value, io_err, render_config, LxcError, LxcProc, LxcTools};
 use crate::paths::ProcPaths;
+use crate::state::ProcState;
 
-/// Default time between SIGTERM to the app and SIGKILL, as in the original runner's
-/// supervisor setups (`--grace` overrides).
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// Default time between SIGTERM to the app and SIGKILL (`--grace` / `VRUN_GRACE`
+/// override). supervisord, which runs `vrun run` on a Velociraptor host, SIGKILLs vrun
+/// itself `stopwaitsecs` (default 10 s) after its SIGTERM; then nothing is left to stop
+/// the container in order or to report the app's status. 7 s of grace, plus at most
+/// [`EXIT_AFTER_KILL`] for `lxc-execute` to report after the SIGKILL (normally tens of
+/// milliseconds), keeps vrun's whole stop, cleanup included, inside those 10 s. Rule for
+/// operators: grace ≤ stopwaitsecs − 3.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(7);
 
 /// How long `lxc-execute` gets to report after its workload was SIGKILLed before vrun
-/// kills the whole container by cgroup.
-const EXIT_AFTER_KILL: Duration = Duration::from_secs(5);
+/// kills the whole container by cgroup (part of the [`DEFAULT_GRACE`] budget).
+const EXIT_AFTER_KILL: Duration = Duration::from_secs(2);
 
 /// Length of the random id of temporary containers (hex digits).
 const TMP_ID_LEN: usize = 8;
@@ -128,6 +134,38 @@ pub fn write_proc_config(proc: &LxcProc) -> Result<PathBuf, LxcError> {
     Ok(path)
 }
 
+/// Setup's half of mounting, under the proc's mount lock and before the new state is
+/// saved: when the overlay is mounted on other layers than `proc.state` names (setup
+/// again after the build, image or owner changed; `previous` is the state on disk), it
+/// is unmounted — refused while any container of the proc runs on it, which leaves the
+/// proc as it was. Then save the state and call [`mount::ensure_mounted_locked`]; the
+/// overlay stays mounted after setup (see [`mount`]).
+pub fn unmount_if_layers_changed(
+    _lock: &MountLock,
+    proc: &LxcProc,
+    previous: Option<&ProcState>,
+) -> Result<(), LxcError> {
+    let rootfs = proc.paths.rootfs();
+    let changed = previous.is_some_and(|p| {
+        p.build_layer != proc.state.build_layer || p.image_layer != proc.state.image_layer
+    });
+    if changed && mount::is_mount_point(&rootfs)?.is_some() {
+        let occupancy = is_running(&proc.paths, &proc.lxcpath, &proc.name);
+        if occupancy.any() {
+            let mut containers = occupancy.tmp;
+            if occupancy.run {
+                containers.insert(0, proc.name.clone());
+            }
+            return Err(LxcError::Busy {
+                name: proc.name.clone(),
+                containers,
+            });
+        }
+        crate::mounts::unmount(&rootfs)?;
+    }
+    Ok(())
+}
+
 fn mount_rootfs(proc: &LxcProc) -> Result<(), LxcError> {
     mount::ensure_mounted(&proc.paths, &proc.state, &proc.spec().host_system_dirs)
 }
@@ -138,14 +176,14 @@ fn mount_rootfs(proc: &LxcProc) -> Result<(), LxcError> {
 pub fn clean_run_leftovers(name: &str) -> Result<Vec<i32>, LxcError> {
     let killed = cgroups::kill_all(name)?;
     if !killed.is_empty() {
-        eprintln!(
+        crate::notice!(
             "vrun: killed {} leftover process(es) of a previous run of {name} (pids {killed:?})",
             killed.len()
         );
     }
     if !cgroups::cgroup_dirs(name).is_empty() {
         cgroups::remove(name)?;
-        eprintln!("vrun: removed leftover cgroups of {name}");
+        crate::notice!("vrun: removed leftover cgroups of {name}");
     }
     Ok(killed)
 }
@@ -195,28 +233,28 @@ pub async fn run_foreground(proc: &LxcProc, grace: Duration) -> Result<i32, LxcE
             _ = int.recv() => "SIGINT",
             _ = hup.recv() => "SIGHUP",
             _ = sleep_until(kill_at), if kill_at.is_some() && !killed => {
-                eprintln!("vrun: {} did not stop within {grace:?}, killing it", proc.name);
+                crate::notice!("vrun: {} did not stop within {grace:?}, killing it", proc.name);
                 kill_workload(&proc.name, lxc_pid, Signal::SIGKILL);
                 killed = true;
                 kill_at = Some(tokio::time::Instant::now() + EXIT_AFTER_KILL);
                 continue;
             }
             _ = sleep_until(kill_at), if kill_at.is_some() && killed => {
-                eprintln!("vrun: {} still running after SIGKILL, killing its container", proc.name);
+                crate::notice!("vrun: {} still running after SIGKILL, killing its container", proc.name);
                 cgroups::kill_all(&proc.name)?;
                 kill_at = None;
                 continue;
             }
         };
         if kill_at.is_none() {
-            eprintln!(
+            crate::notice!(
                 "vrun: got {sig}, sending SIGTERM to {} (grace {grace:?})",
                 proc.name
             );
             kill_workload(&proc.name, lxc_pid, Signal::SIGTERM);
             kill_at = Some(tokio::time::Instant::now() + grace);
         } else if !killed {
-            eprintln!("vrun: got {sig} again, killing {} now", proc.name);
+            crate::notice!("vrun: got {sig} again, killing {} now", proc.name);
             kill_at = Some(tokio::time::Instant::now());
         }
     };
@@ -476,7 +514,7 @@ fn sweep_stale_tmp(paths: &ProcPaths, name: &str) -> Result<(), LxcError> {
         cgroups::kill_all(&tmp)?;
         cgroups::remove(&tmp)?;
         fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
-        eprintln!("vrun: removed leftovers of {tmp} (its vrun is gone)");
+        crate::notice!("vrun: removed leftovers of {tmp} (its vrun is gone)");
     }
     Ok(())
 }

@@ -9,7 +9,10 @@
 //!   is undefined behaviour for the kernel. So vrun mounts `lowerdir=<build>:<image>,
 //!   upperdir=upper, workdir=work` on `<proc>/rootfs` itself ([`mount`]), idempotently and
 //!   under a lock, and every container of the proc (`run`, `shell`, each uptest) uses that
-//!   directory as a plain rootfs: one filesystem, writes visible both ways.
+//!   directory as a plain rootfs: one filesystem, writes visible both ways. `setup`
+//!   mounts it and leaves it mounted, because a Velociraptor host works in `rootfs/`
+//!   between setup and run (supervisord's `directory=`, vr.server's uptest check,
+//!   vr.builder's copies); run, shell and uptest mount it again after a reboot.
 //! - **`lxc-execute`, not `lxc-start -F`.** `lxc-start -F` exits 0 whatever the app did; a
 //!   crashing app would look healthy to the supervisor. `lxc-execute` returns the workload's
 //!   status (`exit 7` → 7, SIGKILL → 137). Its own init forwards SIGTERM but kills
@@ -42,13 +45,13 @@ use crate::state::{ProcState, StateError};
 /// Unmounting lives with the other mount-aware operations; re-exported for callers that
 /// used it from here.
 pub use crate::mounts::unmount;
-pub use config::{render_config, ContainerSpec, Volume};
+pub use config::{render_config, render_setup_config, ContainerSpec, Volume};
 pub use container::{
     clean_run_leftovers, exec_tmp, is_running, remove_cgroups, run_foreground, shell, teardown,
-    teardown_containers, write_proc_config, Occupancy, TmpCommand, TmpContainer, TmpIo, TmpOutput,
-    DEFAULT_GRACE,
+    teardown_containers, unmount_if_layers_changed, write_proc_config, Occupancy, TmpCommand,
+    TmpContainer, TmpIo, TmpOutput, DEFAULT_GRACE,
 };
-pub use mount::{ensure_mounted, is_mount_point, lock_mount, MountLock};
+pub use mount::{ensure_mounted, ensure_mounted_locked, is_mount_point, lock_mount, MountLock};
 
 /// Where `lxc-execute` is looked up unless `VRUN_LXC_EXECUTE` says otherwise.
 ///
@@ -72,6 +75,8 @@ pub enum LxcError {
         container: String,
         reason: String,
     },
+    #[error("volume {host} -> {container}: the host dir does not exist or is not a directory")]
+    MissingVolumeDir { host: String, container: String },
     #[error("invalid layer path {}: {reason}", path.display())]
     BadLayer { path: PathBuf, reason: &'static str },
     #[error("proc is not set up: {}", source)]
@@ -168,25 +173,45 @@ impl LxcProc {
         mem_limit: Option<u64>,
         memsw_limit: Option<u64>,
     ) -> Result<Self, LxcError> {
-        if memsw_limit.is_some() && !config::v1_memsw_supported() {
-            eprintln!(
+        let paths = root.proc(name);
+        let state =
+            ProcState::load(&paths.state()).map_err(|source| LxcError::NotSetUp { source })?;
+        let proc = Self::with_state(root, name, user, volumes, mem_limit, memsw_limit, state);
+        proc.warn_about_limits();
+        Ok(proc)
+    }
+
+    /// A note when memsw_limit cannot be applied the cgroup v1 way on this host.
+    fn warn_about_limits(&self) {
+        if self.memsw_limit.is_some() && !config::v1_memsw_supported() {
+            crate::notice!(
                 "vrun: warning: this host's memory cgroup has no swap accounting; \
                  memsw_limit is applied on cgroup2 only"
             );
         }
-        let paths = root.proc(name);
-        let state =
-            ProcState::load(&paths.state()).map_err(|source| LxcError::NotSetUp { source })?;
-        Ok(Self {
+    }
+
+    /// Like [`LxcProc::load`] with a state not (yet) on disk: setup renders proc.lxc from
+    /// it before it creates anything.
+    pub fn with_state(
+        root: &Root,
+        name: &str,
+        user: ProcUser,
+        volumes: Vec<Volume>,
+        mem_limit: Option<u64>,
+        memsw_limit: Option<u64>,
+        state: ProcState,
+    ) -> Self {
+        Self {
             name: name.to_owned(),
             lxcpath: root.procs_dir(),
-            paths,
+            paths: root.proc(name),
             state,
             user,
             volumes,
             mem_limit,
             memsw_limit,
-        })
+        }
     }
 
     /// Build from proc.yaml (already loaded, with its container name and resolved owner)
@@ -197,6 +222,22 @@ impl LxcProc {
         config: &ProcConfig,
         owner: &Owner,
     ) -> Result<Self, LxcError> {
+        let paths = root.proc(name);
+        let state =
+            ProcState::load(&paths.state()).map_err(|source| LxcError::NotSetUp { source })?;
+        let proc = Self::from_config_with_state(root, name, config, owner, state);
+        proc.warn_about_limits();
+        Ok(proc)
+    }
+
+    /// [`LxcProc::from_config`] with the given state instead of `state.json`.
+    pub fn from_config_with_state(
+        root: &Root,
+        name: &str,
+        config: &ProcConfig,
+        owner: &Owner,
+        state: ProcState,
+    ) -> Self {
         let user = ProcUser {
             uid: owner.uid,
             gid: owner.gid,
@@ -208,13 +249,14 @@ impl LxcProc {
             .iter()
             .map(|(host, container)| Volume::new(host, container.clone()))
             .collect();
-        Self::load(
+        Self::with_state(
             root,
             name,
             user,
             volumes,
             config.mem_limit,
             config.memsw_limit,
+            state,
         )
     }
 

@@ -11,9 +11,14 @@
 //! or, with `index=off`, a kernel warning about undefined behaviour. One mount shared by
 //! every container of the proc has neither problem.
 //!
-//! Mounts do not survive a reboot, so `run`, `shell` and `uptest` all call
-//! [`ensure_mounted`]; it is idempotent and serialised by an `flock` on
-//! `<proc>/.mount.lock`, so concurrent uptests never mount twice. "Is it mounted" is read
+//! `setup` mounts it and leaves it mounted, so the proc's root is visible on the host
+//! from then on: supervisord's `directory=<proc>/rootfs/app`, vr.server's check for
+//! `rootfs/app/uptests/<proc_name>`, and vr.builder's copies into `rootfs/` (they land in
+//! `upper/`) all need it. Mounts do not survive a reboot, so `run`, `shell` and `uptest`
+//! all call [`ensure_mounted`] too; it is idempotent and serialised by an `flock` on
+//! `<proc>/.mount.lock`, so concurrent uptests never mount twice. Before mounting it
+//! makes an empty `app/` in the mount point itself: after a reboot supervisord chdirs to
+//! `rootfs/app` before `vrun run` mounts, and an ENOENT there would make the proc FATAL. "Is it mounted" is read
 //! from `/proc/self/mountinfo` (the kernel's own table, via [`crate::mounts`]), never
 //! guessed from the directory. Unmounting is teardown's, also in [`crate::mounts`].
 //!
@@ -142,6 +147,15 @@ fn mount_overlay(paths: &ProcPaths, state: &ProcState) -> Result<(), LxcError> {
     }
     for p in lowers.iter().chain([&upper, &work]) {
         check_overlay_path(p)?;
+    }
+    // After a reboot supervisord chdirs into `rootfs/app` before `vrun run` has mounted
+    // anything: the mount point itself holds an empty `app`, hidden once mounted.
+    let app = rootfs.join("app");
+    if fs::symlink_metadata(&app).is_err() {
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&app)
+            .map_err(io_err(&app))?;
     }
     let lower = lowers
         .iter()

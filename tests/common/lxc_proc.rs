@@ -195,6 +195,39 @@ impl TestProc {
         this
     }
 
+    /// Write the proc.yaml of `opts` in a fresh temp dir and run `vrun setup` on it,
+    /// expecting it to fail; its output, and what it left under the VR_ROOT's `procs/`.
+    pub fn setup_fails(tag: &str, opts: ProcOpts) -> (Finished, Vec<PathBuf>) {
+        let tmp = tempfile::Builder::new()
+            .prefix("vrun-lxc-")
+            .tempdir()
+            .unwrap();
+        let root = tmp.path().join("vr root");
+        let tarballs = Tarballs::serve(&opts.app_files);
+        let file = tmp.path().join("proc.yaml");
+        write_proc_yaml(&file, &unique(tag), &opts, &tarballs);
+        let out = Command::new(env!("CARGO_BIN_EXE_vrun"))
+            .arg("setup")
+            .arg(&file)
+            .env("VR_ROOT", &root)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            mounts_under(tmp.path()).is_empty(),
+            "a failed setup mounted"
+        );
+        let left = std::fs::read_dir(root.join("procs"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let finished = Finished {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        (finished, left)
+    }
+
     /// Another proc.yaml (another version, same build and image) in this VR_ROOT.
     pub fn sibling_file(&self, tag: &str) -> PathBuf {
         let file = self.dir().join(format!("{tag}.yaml"));

@@ -13,8 +13,39 @@ use std::process::{Command, Output, Stdio};
 const ROOT_NAME: &str = "vr root";
 
 /// A temp dir with `vr root/` (the `VR_ROOT` under test) and room for proc.yaml files.
+/// Dropping it unmounts whatever is mounted below it (setup leaves each proc's overlay
+/// mounted) before deleting it, and keeps it rather than delete through a mount.
 pub struct TestDir {
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let Some(dir) = self.dir.take() else { return };
+        if unmount_all_below(dir.path()) {
+            drop(dir);
+        } else {
+            eprintln!("cleanup: leaving {} (still mounted)", dir.path().display());
+            let _ = dir.keep();
+        }
+    }
+}
+
+/// Unmount (lazily) every mount below `dir`, deepest first; true when none is left.
+pub fn unmount_all_below(dir: &Path) -> bool {
+    for _ in 0..4 {
+        let mut below = vrun::mounts::mounts_below(dir).unwrap_or_default();
+        if below.is_empty() {
+            return true;
+        }
+        below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in below {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    vrun::mounts::mounts_below(dir)
+        .unwrap_or_default()
+        .is_empty()
 }
 
 impl TestDir {
@@ -24,22 +55,22 @@ impl TestDir {
             .tempdir()
             .unwrap();
         std::fs::create_dir(dir.path().join(ROOT_NAME)).unwrap();
-        TestDir { dir }
+        TestDir { dir: Some(dir) }
     }
 
     /// The scratch dir (proc.yaml files live here).
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        self.dir.as_ref().expect("not dropped").path()
     }
 
     /// The `VR_ROOT` given to vrun.
     pub fn root(&self) -> PathBuf {
-        self.dir.path().join(ROOT_NAME)
+        self.path().join(ROOT_NAME)
     }
 
     /// Write a file in the scratch dir and return its path.
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
+        let path = self.path().join(name);
         std::fs::write(&path, text).unwrap();
         path
     }
