@@ -21,6 +21,7 @@ pub mod procfile;
 pub mod sample;
 pub mod serve;
 pub mod state;
+pub mod tar;
 pub mod uptest;
 pub mod writeback;
 pub mod yaml;

@@ -225,6 +225,13 @@ pub struct ArtifactTimings {
     /// Device nodes and fifos an image carried that were skipped (LXC's autodev makes /dev).
     #[serde(skip_serializing_if = "is_zero")]
     pub skipped_devices: u64,
+    /// Extended attributes the archive carried that were not set: all of them in a build
+    /// (images set them, `security.capability` included).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dropped_xattrs: u64,
+    /// POSIX ACLs the archive carried (`SCHILY.acl.*`, `system.posix_acl_*`), not set.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dropped_acls: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -431,6 +438,8 @@ fn layer_hit(store: &Store, art: &Artifact, started: Instant) -> Option<Prepared
             flush_wait_s: None,
             publish_s: None,
             skipped_devices: 0,
+            dropped_xattrs: 0,
+            dropped_acls: 0,
         },
     })
 }
@@ -521,6 +530,8 @@ fn from_blob(
             flush_wait_s: Some(flush_wait.as_secs_f64()),
             publish_s: Some(publish_started.elapsed().as_secs_f64()),
             skipped_devices: stats.skipped_devices,
+            dropped_xattrs: stats.dropped_xattrs,
+            dropped_acls: stats.dropped_acls,
         },
     }))
 }
@@ -1106,6 +1117,8 @@ async fn download(
             ),
             publish_s: Some(publish_started.elapsed().as_secs_f64()),
             skipped_devices: unpacked.stats.skipped_devices,
+            dropped_xattrs: unpacked.stats.dropped_xattrs,
+            dropped_acls: unpacked.stats.dropped_acls,
         },
     })
 }

@@ -1719,3 +1719,105 @@ fn under_umask_077_the_container_root_stays_traversable() {
     let mode = fs::metadata(&upper).unwrap().mode() & 0o7777;
     assert_eq!(mode, 0o755, "{}: {mode:o}", upper.display());
 }
+
+fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: lsetxattr with NUL-terminated strings and value.len() bytes of value.
+    let rc = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "{p:?} {name}: {}", std::io::Error::last_os_error());
+}
+
+fn get_xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut v = vec![0u8; 4096];
+    // SAFETY: lgetxattr writes at most v.len() bytes.
+    let rc = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+    (rc >= 0).then(|| {
+        v.truncate(rc as usize);
+        v
+    })
+}
+
+/// Issue 13, point 6, through the real binary: one archive made by `tar --acls --xattrs`
+/// as the build and as the image. The image layer keeps `security.capability` and
+/// `user.*`; `--timings` counts the ACLs it dropped, and for the build, every xattr.
+/// (vr.runners extracted both with Python's tarfile, which sets no xattrs at all.)
+#[test]
+fn images_keep_capabilities_and_timings_count_what_was_dropped() {
+    let t = TestDir::new();
+    let src = tempdir("vrun-xattr-");
+    let app = src.path().join("app");
+    fs::create_dir_all(&app).unwrap();
+    for f in ["ping", "notes", "acl"] {
+        fs::write(app.join(f), f).unwrap();
+    }
+    run(Command::new("setcap")
+        .arg("cap_net_raw+ep")
+        .arg(app.join("ping")));
+    set_xattr(&app.join("notes"), "user.k", b"two\nlines");
+    // user::rw-, user:1000:r--, group::r--, mask::r--, other::r-- in the xattr form.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (1u16, 6u16, u32::MAX),
+        (2, 4, 1000),
+        (4, 4, u32::MAX),
+        (0x10, 4, u32::MAX),
+        (0x20, 4, u32::MAX),
+    ] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    set_xattr(&app.join("acl"), "system.posix_acl_access", &acl);
+    fs::write(src.path().join("Procfile"), b"web: ./run\n").unwrap();
+    let tar = run(Command::new("tar")
+        .args(["--format=posix", "--acls", "--xattrs", "--xattrs-include=*"])
+        .args(["--numeric-owner", "-cf", "-", "-C"])
+        .arg(src.path())
+        .args(["Procfile", "app"]));
+    let want_cap = get_xattr(&app.join("ping"), "security.capability").unwrap();
+    let a = Archive::new(compress(Fmt::Gzip, &tar), src);
+    let server = serve_paths(&[("/b.tar.gz", &a.bytes), ("/i.tar.gz", &a.bytes)]);
+    let extra = format!(
+        "user: nobody\ngroup: nogroup\nimage_name: vrun-test-x\nimage_url: \"{}\"\n\
+         image_md5: {}\n",
+        server.url("/i.tar.gz"),
+        a.md5
+    );
+    let file = proc_yaml_as(&t, 5090, &server.url("/b.tar.gz"), Some(&a.md5), &extra);
+    let r = setup(&t, &file).run();
+    r.assert_ok();
+    let j = timings(&r.stdout);
+    // ping's capability and notes' user.k: not set in a build.
+    assert_eq!(j["build"]["dropped_xattrs"], 2, "{j}");
+    // acl's ACL, as SCHILY.acl.access and as the system.posix_acl_access xattr.
+    assert_eq!(j["build"]["dropped_acls"], 2, "{j}");
+    assert_eq!(j["image"]["dropped_acls"], 2, "{j}");
+    assert!(j["image"].get("dropped_xattrs").is_none(), "{j}");
+    let store = fs::canonicalize(t.root().join("cache")).unwrap();
+    let image = store
+        .join("layers-v1")
+        .join(format!("image-{}-0-0", a.sha256))
+        .join("root/app");
+    let cap = get_xattr(&image.join("ping"), "security.capability").expect("capability kept");
+    assert_eq!(cap, want_cap);
+    assert_eq!(
+        get_xattr(&image.join("notes"), "user.k").unwrap(),
+        b"two\nlines"
+    );
+    let build = build_layer_app(&t, &a, OWNER, OWNER);
+    assert_eq!(
+        get_xattr(&build.join("app/ping"), "security.capability"),
+        None
+    );
+}

@@ -210,8 +210,8 @@ pub fn corpus_dir() -> PathBuf {
         })
 }
 
-/// Paths of the corpus files, generated on first use: (extension, path).
-pub fn corpus() -> Vec<(&'static str, PathBuf)> {
+/// The plain build tar alone, generated on first use (no compressed forms).
+pub fn build_tar_path() -> PathBuf {
     let dir = corpus_dir();
     std::fs::create_dir_all(&dir).unwrap();
     let tar = dir.join("build.tar");
@@ -220,6 +220,13 @@ pub fn corpus() -> Vec<(&'static str, PathBuf)> {
         std::fs::write(&tmp, build_tar()).unwrap();
         std::fs::rename(&tmp, &tar).unwrap();
     }
+    tar
+}
+
+/// Paths of the corpus files, generated on first use: (extension, path).
+pub fn corpus() -> Vec<(&'static str, PathBuf)> {
+    let dir = corpus_dir();
+    let tar = build_tar_path();
     let mut out = vec![("tar", tar.clone())];
     let tools: [(&str, &[&str]); 4] = [
         ("gz", &["pigz", "-6", "-c"]),

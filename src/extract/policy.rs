@@ -1,9 +1,23 @@
 //! What an entry may be, per mode: the pure half of the rules (no system calls).
 //!
-//! Names are turned into a normalized relative path here, once, and every later stage only
-//! sees the normalized form. Builds follow PEP 706's `data` filter; images follow
-//! containerd (see the module note of `extract`). The in-root walk in `tree` is the second
-//! line of defence: even a path that passed here is resolved without ever leaving the root.
+//! [`plan`] turns one entry of the tar reader into what a sink must make of it: the
+//! normalized path, the kind (or a refusal, or a skip), the final permission bits, owner
+//! and mtime, and the xattrs to apply. Names are normalized here, once, and every later
+//! stage only sees the normalized form. Builds follow PEP 706's `data` filter; images
+//! follow containerd (see the module note of `extract`). Keeping this pure and apart from
+//! the directory writer is what lets another sink (an EROFS image, issue 15) take the
+//! same entries under the same rules. The in-root walk in `tree` is the second line of
+//! defence: even a path that passed here is resolved without ever leaving the root.
+//!
+//! Extended attributes: images keep every `SCHILY.xattr.*` (`security.capability`,
+//! `trusted.*`, `user.*`, as containerd applies them) except POSIX ACLs, which are
+//! dropped and counted like `SCHILY.acl.*` records; builds drop all of them, counted.
+//! Hard links carry none (GNU tar does not apply them to a link: they belong to the
+//! inode, archived with its first name). An image xattr in `trusted.overlay.*` is refused:
+//! image layers are overlayfs lower dirs, where those names are the kernel's own
+//! metadata (opaque dirs, redirects, metacopy), not the file's.
+
+use crate::tar::{Entry, Kind, Mtime, Segment};
 
 use super::{ExtractError, Limits, Mode};
 
@@ -196,6 +210,136 @@ pub fn permissions(archive_mode: u32, is_dir: bool, mode: Mode) -> u32 {
     }
 }
 
+/// What a sink makes of one entry.
+#[derive(Debug)]
+pub struct Planned {
+    /// The entry's name as archived, for messages.
+    pub entry: String,
+    pub path: RelPath,
+    pub what: What,
+    /// Permission bits (all 12 in images).
+    pub perm: u32,
+    /// Owner to give it: the proc's user in builds, the archive's numbers in images.
+    pub owner: (u32, u32),
+    pub mtime: Mtime,
+    /// Extended attributes to set (name, value).
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub dropped_xattrs: u64,
+    pub dropped_acls: u64,
+}
+
+#[derive(Debug)]
+pub enum What {
+    /// A regular file of `size` bytes; `data_len` bytes of data follow in the archive,
+    /// written at the `sparse` segments' offsets when there are any (holes elsewhere).
+    File {
+        size: u64,
+        data_len: u64,
+        sparse: Option<Vec<Segment>>,
+    },
+    Dir,
+    Symlink {
+        target: Vec<u8>,
+    },
+    HardLink {
+        target: RelPath,
+        shown: String,
+    },
+    /// A device node or fifo in an image: skipped, counted.
+    SkippedDevice,
+}
+
+/// Xattr names that are POSIX ACLs in their binary form.
+const ACL_XATTRS: [&[u8]; 2] = [b"system.posix_acl_access", b"system.posix_acl_default"];
+
+/// Decide what `e` becomes under `mode`, or refuse it.
+pub fn plan(e: &Entry, mode: Mode, limits: &Limits) -> Result<Planned, ExtractError> {
+    let entry = e.name();
+    let dotdot = match mode {
+        Mode::Build { .. } => DotDot::Reject,
+        Mode::Image => DotDot::Clamp,
+    };
+    let path = normalize(&e.path, dotdot, limits, &entry)?;
+    if path.is_root() && e.kind != Kind::Dir {
+        return Err(reject(&entry, "entry has an empty name"));
+    }
+    let what = match e.kind {
+        Kind::File => What::File {
+            size: e.size,
+            data_len: e.data_len,
+            sparse: e.sparse.clone(),
+        },
+        Kind::Dir => What::Dir,
+        Kind::Symlink => {
+            let depth = path.depth().saturating_sub(1);
+            check_symlink(&e.link, depth, mode, limits, &entry)?;
+            What::Symlink {
+                target: e.link.clone(),
+            }
+        }
+        Kind::HardLink => {
+            let shown = String::from_utf8_lossy(&e.link).into_owned();
+            if e.link.starts_with(b"/") && matches!(mode, Mode::Build { .. }) {
+                return Err(reject(
+                    &entry,
+                    &format!("absolute hard link target `{shown}` is not allowed in a build"),
+                ));
+            }
+            let target = normalize(&e.link, dotdot, limits, &entry)?;
+            if target.is_root() {
+                return Err(reject(&entry, "hard link with an empty target"));
+            }
+            What::HardLink { target, shown }
+        }
+        Kind::CharDevice | Kind::BlockDevice | Kind::Fifo => match mode {
+            Mode::Build { .. } => {
+                return Err(reject(
+                    &entry,
+                    "device nodes and fifos are not allowed in a build",
+                ))
+            }
+            Mode::Image => What::SkippedDevice,
+        },
+    };
+    let owner = match mode {
+        Mode::Build { uid, gid } => (uid, gid),
+        Mode::Image => (e.uid, e.gid),
+    };
+    let mut xattrs = Vec::new();
+    let (mut dropped_xattrs, mut dropped_acls) = (0, u64::from(e.acls));
+    if !matches!(what, What::HardLink { .. } | What::SkippedDevice) {
+        for (name, value) in &e.xattrs {
+            if ACL_XATTRS.contains(&name.as_slice()) {
+                dropped_acls += 1;
+            } else if matches!(mode, Mode::Build { .. }) {
+                dropped_xattrs += 1;
+            } else if name.starts_with(b"trusted.overlay.") {
+                return Err(reject(
+                    &entry,
+                    &format!(
+                        "xattr `{}` is overlayfs metadata, which an image layer (an overlay \
+                         lower dir) must not carry",
+                        String::from_utf8_lossy(name)
+                    ),
+                ));
+            } else {
+                xattrs.push((name.clone(), value.clone()));
+            }
+        }
+    }
+    Ok(Planned {
+        perm: permissions(e.mode, matches!(what, What::Dir), mode),
+        entry,
+        path,
+        what,
+        owner,
+        mtime: e.mtime,
+        xattrs,
+        dropped_xattrs,
+        dropped_acls,
+    })
+}
+
 pub fn reject(entry: &str, reason: &str) -> ExtractError {
     ExtractError::Rejected {
         entry: entry.to_string(),
@@ -238,6 +382,47 @@ mod tests {
         assert!(!ok("s/..", 3));
         assert!(!ok("", 3));
         assert!(check_symlink(b"/etc", 0, Mode::Image, &l, "e").is_ok());
+    }
+
+    #[test]
+    fn xattrs_per_mode() {
+        let e = Entry {
+            path: b"f".to_vec(),
+            link: Vec::new(),
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            uname: Vec::new(),
+            gname: Vec::new(),
+            mtime: Mtime::default(),
+            device: (0, 0),
+            size: 0,
+            data_len: 0,
+            sparse: None,
+            xattrs: vec![
+                (b"security.capability".to_vec(), vec![1]),
+                (b"system.posix_acl_access".to_vec(), vec![2]),
+                (b"user.k".to_vec(), b"v".to_vec()),
+            ],
+            acls: 1,
+            format: crate::tar::Format::Posix,
+            offset: 0,
+        };
+        let l = Limits::default();
+        let image = plan(&e, Mode::Image, &l).unwrap();
+        assert_eq!(image.xattrs.len(), 2);
+        assert_eq!((image.dropped_xattrs, image.dropped_acls), (0, 2));
+        let build = plan(&e, Mode::Build { uid: 1, gid: 1 }, &l).unwrap();
+        assert!(build.xattrs.is_empty());
+        assert_eq!((build.dropped_xattrs, build.dropped_acls), (2, 2));
+        let mut overlay = e.clone();
+        overlay.xattrs = vec![(b"trusted.overlay.redirect".to_vec(), b"/x".to_vec())];
+        assert!(plan(&overlay, Mode::Image, &l)
+            .unwrap_err()
+            .to_string()
+            .contains("overlayfs"));
+        assert!(plan(&overlay, Mode::Build { uid: 1, gid: 1 }, &l).is_ok());
     }
 
     #[test]

@@ -24,6 +24,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::tar::Mtime;
+
 use super::policy::RelPath;
 
 /// Symlinks followed while resolving one path before giving up (Linux's own limit).
@@ -364,28 +366,28 @@ pub fn fchmod(fd: BorrowedFd<'_>, perm: u32) -> io::Result<()> {
     cvt(unsafe { libc::fchmod(fd.as_raw_fd(), perm as libc::mode_t) })
 }
 
-fn times(mtime: i64) -> [libc::timespec; 2] {
+fn times(mtime: Mtime) -> [libc::timespec; 2] {
     [
         libc::timespec {
             tv_sec: 0,
             tv_nsec: libc::UTIME_OMIT,
         },
         libc::timespec {
-            tv_sec: mtime as libc::time_t,
-            tv_nsec: 0,
+            tv_sec: mtime.secs as libc::time_t,
+            tv_nsec: mtime.nanos.into(),
         },
     ]
 }
 
 /// Set the modification time (access time left alone).
-pub fn futimens(fd: BorrowedFd<'_>, mtime: i64) -> io::Result<()> {
+pub fn futimens(fd: BorrowedFd<'_>, mtime: Mtime) -> io::Result<()> {
     let t = times(mtime);
     // SAFETY: futimens(2) on an fd we own with a 2-element timespec array.
     cvt(unsafe { libc::futimens(fd.as_raw_fd(), t.as_ptr()) })
 }
 
 /// Set the modification time of `name` itself (a symlink is not followed).
-pub fn utimensat_nofollow(dir: BorrowedFd<'_>, name: &CStr, mtime: i64) -> io::Result<()> {
+pub fn utimensat_nofollow(dir: BorrowedFd<'_>, name: &CStr, mtime: Mtime) -> io::Result<()> {
     let t = times(mtime);
     // SAFETY: utimensat(2) with a valid dirfd, NUL-terminated name, 2-element array.
     cvt(unsafe {
@@ -394,6 +396,38 @@ pub fn utimensat_nofollow(dir: BorrowedFd<'_>, name: &CStr, mtime: i64) -> io::R
             name.as_ptr(),
             t.as_ptr(),
             libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+}
+
+/// Set an extended attribute on an open file or directory.
+pub fn fsetxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8]) -> io::Result<()> {
+    // SAFETY: fsetxattr(2) reads `value.len()` bytes from `value` and a NUL-terminated name.
+    cvt(unsafe {
+        libc::fsetxattr(
+            fd.as_raw_fd(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    })
+}
+
+/// Set an extended attribute on `name` in `dir` itself (a symlink is not followed). There
+/// is no `lsetxattrat`; the directory is reached through its `/proc/self/fd` link.
+pub fn lsetxattr_at(dir: BorrowedFd<'_>, name: &CStr, key: &CStr, value: &[u8]) -> io::Result<()> {
+    let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    path.extend_from_slice(name.to_bytes());
+    let path = cstring(&path)?;
+    // SAFETY: lsetxattr(2) with NUL-terminated path and name, `value.len()` bytes of value.
+    cvt(unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            key.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
         )
     })
 }

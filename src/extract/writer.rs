@@ -15,12 +15,20 @@
 //! whole, large ones as a stream of chunks to whichever writer took the job. The parse
 //! thread blocks when the budget is spent, which is the back-pressure that keeps memory
 //! flat whatever the archive size.
+//!
+//! Before each chunk of a large file is handed on, the parse thread asks the caller's
+//! [`Reserve`] whether the disk can take it (with what is still queued), so the free-space
+//! reserve holds *while* a file is written, not only between files.
+//!
+//! Sparse files are rare and are written on the parse thread: each data segment at its
+//! offset (`pwrite`), then the file's length set with `ftruncate`, so holes stay holes.
 
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -30,9 +38,10 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::tree::{self, Dir, Owner};
 use super::ExtractError;
+use crate::tar::{Mtime, Segment};
 
 /// Files up to this size are read whole and handed over in one piece.
-const SMALL_FILE: u64 = 256 * 1024;
+pub const SMALL_FILE: u64 = 256 * 1024;
 
 /// Chunk size for large files (and the inline copy buffer).
 const CHUNK: usize = 256 * 1024;
@@ -70,11 +79,18 @@ pub struct FileMeta {
     pub perm: u32,
     /// `None` when the file is already created with the right owner.
     pub chown: Option<Owner>,
-    pub mtime: i64,
+    pub mtime: Mtime,
+    /// Bytes of data read from the archive for it.
     pub size: u64,
+    /// Extended attributes, set after the owner and mode (chown clears capabilities).
+    pub xattrs: Vec<(CString, Vec<u8>)>,
     /// Entry path for error messages.
     pub entry: String,
 }
+
+/// Asked before `n` more bytes are handed on for writing, with the bytes still queued
+/// for the writers: an error (no space) stops the file.
+pub type Reserve<'a> = &'a mut dyn FnMut(u64, u64) -> Result<(), ExtractError>;
 
 enum Data {
     Whole(Vec<u8>),
@@ -109,6 +125,10 @@ impl Budget {
         }
         st.1 = false;
         st.0 += n;
+    }
+
+    fn in_use(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 
     fn release(&self, n: u64) {
@@ -150,18 +170,24 @@ impl Pool {
         })
     }
 
+    /// Bytes handed to the writers and not yet written.
+    pub fn queued(&self) -> u64 {
+        self.threads.as_ref().map_or(0, |t| t.budget.in_use())
+    }
+
     /// Write one regular file whose `meta.size` bytes are read from `data`.
     pub fn file(
         &mut self,
         meta: FileMeta,
         key: Key,
         data: &mut dyn Read,
+        reserve: Reserve<'_>,
     ) -> Result<(), ExtractError> {
         let Some(t) = self.threads.as_mut() else {
             if self.buf.len() < CHUNK {
                 self.buf = vec![0; CHUNK];
             }
-            let done = write_inline(&meta, data, &mut self.buf)?;
+            let done = write_inline(&meta, data, &mut self.buf, reserve)?;
             self.first_file_done.get_or_insert(done);
             return Ok(());
         };
@@ -196,6 +222,8 @@ impl Pool {
                 break;
             }
             let n = left.min(CHUNK as u64);
+            // On an error the writer sees the stream end early and drops the job.
+            reserve(n, t.budget.in_use())?;
             t.budget.acquire(n);
             let mut chunk = vec![0; n as usize];
             if let Err(e) = data.read_exact(&mut chunk) {
@@ -210,6 +238,42 @@ impl Pool {
         }
         drop(tx);
         t.reap(false, &mut self.first_file_done)
+    }
+
+    /// Write a sparse file on this thread: `meta.size` bytes of data from `data`, segment
+    /// by segment at their offsets, then the length set to `len`; the rest are holes.
+    pub fn sparse_file(
+        &mut self,
+        meta: FileMeta,
+        segments: &[Segment],
+        len: u64,
+        data: &mut dyn Read,
+        reserve: Reserve<'_>,
+    ) -> Result<(), ExtractError> {
+        if self.buf.len() < CHUNK {
+            self.buf = vec![0; CHUNK];
+        }
+        let queued = self.queued();
+        let file = create(&meta)?;
+        for s in segments {
+            let mut left = s.len;
+            let mut at = s.offset;
+            while left > 0 {
+                let n = left.min(CHUNK as u64) as usize;
+                reserve(n as u64, queued)?;
+                data.read_exact(&mut self.buf[..n])
+                    .map_err(|e| read_error(e, &meta.entry))?;
+                file.write_all_at(&self.buf[..n], at)
+                    .map_err(|e| io_error(&meta.entry, "write", e))?;
+                left -= n as u64;
+                at += n as u64;
+            }
+        }
+        file.set_len(len)
+            .map_err(|e| io_error(&meta.entry, "set the length of", e))?;
+        finish(&meta, &file)?;
+        self.first_file_done.get_or_insert_with(Instant::now);
+        Ok(())
     }
 
     /// Wait until no job for `key` is in flight (by draining all of them).
@@ -426,11 +490,15 @@ fn write_inline(
     meta: &FileMeta,
     data: &mut dyn Read,
     buf: &mut [u8],
+    reserve: Reserve<'_>,
 ) -> Result<Instant, ExtractError> {
     let mut file = create(meta)?;
     let mut left = meta.size;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
+        if meta.size > SMALL_FILE {
+            reserve(n as u64, 0)?;
+        }
         data.read_exact(&mut buf[..n])
             .map_err(|e| read_error(e, &meta.entry))?;
         file.write_all(&buf[..n])
@@ -467,7 +535,8 @@ fn create(meta: &FileMeta) -> Result<File, ExtractError> {
         .map_err(|e| io_error(&meta.entry, "create", e))
 }
 
-/// Owner, then mode if needed (chown clears setuid/setgid), then mtime — all on the fd.
+/// Owner, then mode if needed (chown clears setuid/setgid), then xattrs (chown and writes
+/// clear `security.capability`), then mtime — all on the fd.
 fn finish(meta: &FileMeta, file: &File) -> Result<(), ExtractError> {
     let fd = file.as_fd();
     if let Some(o) = meta.chown {
@@ -478,7 +547,18 @@ fn finish(meta: &FileMeta, file: &File) -> Result<(), ExtractError> {
     if meta.perm & 0o7000 != 0 || meta.perm & umask() != 0 {
         tree::fchmod(fd, meta.perm).map_err(|e| io_error(&meta.entry, "chmod", e))?;
     }
+    for (name, value) in &meta.xattrs {
+        tree::fsetxattr(fd, name, value).map_err(|e| xattr_error(&meta.entry, name, e))?;
+    }
     tree::futimens(fd, meta.mtime).map_err(|e| io_error(&meta.entry, "set mtime of", e))
+}
+
+pub fn xattr_error(entry: &str, name: &std::ffi::CStr, source: io::Error) -> ExtractError {
+    ExtractError::Io {
+        entry: format!("{entry} (xattr {})", name.to_string_lossy()),
+        op: "set extended attribute",
+        source,
+    }
 }
 
 /// The process umask, read once from /proc (reading it with umask(2) would briefly change
