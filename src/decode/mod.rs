@@ -294,7 +294,15 @@ impl From<DecodeError> for io::Error {
 /// Read the first [`HEAD_LEN`] bytes of `r` (fewer at end-of-file), detect the format and
 /// return a decoder over the whole stream, the head included.
 pub fn open<'a>(
+    r: impl Read + Send + 'a,
+) -> Result<(Format, Box<dyn Read + Send + 'a>), DecodeError> {
+    open_with(r, DecodeOptions::default())
+}
+
+/// [`open`] with explicit options (e.g. another decoder memory cap).
+pub fn open_with<'a>(
     mut r: impl Read + Send + 'a,
+    options: DecodeOptions,
 ) -> Result<(Format, Box<dyn Read + Send + 'a>), DecodeError> {
     let mut head = Vec::with_capacity(HEAD_LEN);
     (&mut r)
@@ -310,7 +318,7 @@ pub fn open<'a>(
         head: describe_head(&head),
     })?;
     let whole = io::Cursor::new(head).chain(r);
-    Ok((format, decoder(format, whole)))
+    Ok((format, decoder_with(format, whole, options)))
 }
 
 /// A reader yielding the decompressed bytes of `r`, which must be in `format`.
