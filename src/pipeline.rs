@@ -273,6 +273,46 @@ pub enum PipelineError {
     /// image, and a proc without files would fail later in a more confusing way.
     #[error("{url}: the {what} archive has no entries (only end-of-archive blocks)")]
     Empty { url: String, what: &'static str },
+    /// A plain tar that stops at a header boundary without its end-of-archive blocks, with
+    /// nothing else to prove it whole. GNU tar extracts it silently; a compressed stream's
+    /// own end check or an md5 would prove it complete, and then vrun accepts it too.
+    #[error(
+        "{url}: the {what} archive (plain tar) ends after entry {after} without its \
+         end-of-archive blocks, and with no {what}_md5 nothing proves it complete \
+         (give {what}_md5, or serve it compressed)"
+    )]
+    Unterminated {
+        url: String,
+        what: &'static str,
+        after: String,
+    },
+}
+
+/// What every extracted archive must satisfy before it is published, however it came
+/// (downloaded now or read from a cached blob).
+fn check_whole(
+    art: &Artifact,
+    format: decode::Format,
+    stats: &ExtractStats,
+) -> Result<(), PipelineError> {
+    if stats.entries == 0 {
+        return Err(PipelineError::Empty {
+            url: art.url.clone(),
+            what: art.name(),
+        });
+    }
+    // Without its end blocks a plain tar cut at a header boundary looks complete. A
+    // compressed stream has its own trailer, checked by the decoder; an md5 checks all.
+    if let Some(after) = &stats.ended_without_marker {
+        if format == decode::Format::Tar && art.md5.is_none() {
+            return Err(PipelineError::Unterminated {
+                url: art.url.clone(),
+                what: art.name(),
+                after: after.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Get `art` into the store as a layer, reusing whatever is already there.
@@ -497,12 +537,7 @@ fn from_blob(
     };
     let (format, stats) =
         unpack(&mut reader, &dest, art.mode(), limits).map_err(|e| e.with_url(url))?;
-    if stats.entries == 0 {
-        return Err(PipelineError::Empty {
-            url: url.clone(),
-            what: art.name(),
-        });
-    }
+    check_whole(art, format, &stats)?;
     let extracted = Instant::now();
     drop(reader); // waits for a flush in progress
     let flush_wait = extracted.elapsed();
@@ -1040,13 +1075,9 @@ async fn download(
             });
         }
     }
-    if unpacked.stats.entries == 0 {
+    if let Err(e) = check_whole(art, unpacked.format, &unpacked.stats) {
         discard(partial);
-        return Err(PipelineError::Empty {
-            url: url.clone(),
-            what: art.name(),
-        }
-        .into());
+        return Err(e.into());
     }
     let publish_started = Instant::now();
     let digest = BlobDigest {

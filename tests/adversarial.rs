@@ -1156,12 +1156,16 @@ fn cases(c: &Ctx) -> Vec<Case> {
         reject("f", "truncated"),
         reject("f", "truncated"),
     );
+    // GNU tar 1.34 extracts an archive that stops on a header boundary without its end
+    // blocks, silently; so does vrun when the gzip trailer proves the stream whole. A
+    // *plain* tar like this is refused by setup unless an md5 proves it whole
+    // (tests/network.rs `a_tar_without_end_blocks_…`).
     add(
         "tar without end marker",
-        "file `f`, stream ends on a block boundary",
-        whole[..2560].to_vec(),
-        reject("f", "end-of-archive marker"),
-        reject("f", "end-of-archive marker"),
+        "gzip of file `f`, tar ends on a block boundary",
+        gzip_member(&whole[..2560]),
+        Expect::Extract(file_is("f", &[7u8; 2000])),
+        Expect::Extract(file_is("f", &[7u8; 2000])),
     );
     let mut bad_sum = Tar::new().file("f", b"x").file("g", b"y").end();
     bad_sum[1024] ^= 0x20; // the name of `g`

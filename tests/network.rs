@@ -828,3 +828,58 @@ fn an_archive_with_no_entries_is_refused() {
     );
     assert_left_only(&t, &[]);
 }
+
+/// A tar that stops on a header boundary without its two end blocks: GNU tar 1.34 (and
+/// vr.runners, through Python's tarfile) extract it silently. vrun extracts it when
+/// something proves the stream whole — a compressed stream's own end check, or an md5 —
+/// and refuses a plain tar with neither, naming the entry: a download cut on a block
+/// boundary looks exactly like it.
+#[test]
+fn a_tar_without_end_blocks_is_taken_when_something_proves_it_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("Procfile"), "web: ./run\n").unwrap();
+    let tar = run(Command::new("tar")
+        .args(["-cf", "-", "-C"])
+        .arg(dir.path())
+        .arg("Procfile"));
+    let mut cut = tar.clone();
+    while cut.len() >= 512 && cut[cut.len() - 512..].iter().all(|&b| b == 0) {
+        cut.truncate(cut.len() - 512);
+    }
+    assert_eq!(cut.len(), 1024, "one header and one data block");
+    let gz = pipe(&["gzip", "-c"], &cut);
+    let server = Server::start(
+        [("/b.tar", cut.clone()), ("/b.tar.gz", gz)],
+        ServerOptions::default(),
+    )
+    .unwrap();
+
+    let t = TestDir::new();
+    let url = server.url("/b.tar");
+    let (r, _) = timed(setup(&t, &proc_yaml(&t, &url, None, None)));
+    assert_eq!(
+        error_line(&r),
+        format!(
+            "ERROR: {url}: the build archive (plain tar) ends after entry Procfile without its \
+             end-of-archive blocks, and with no build_md5 nothing proves it complete \
+             (give build_md5, or serve it compressed)"
+        )
+    );
+    assert_left_only(&t, &[]);
+
+    for (path, md5) in [("/b.tar", Some(md5_hex(&cut))), ("/b.tar.gz", None)] {
+        let t = TestDir::new();
+        let url = server.url(path);
+        let (r, _) = timed(setup(&t, &proc_yaml(&t, &url, md5.as_deref(), None)));
+        assert_eq!(r.code, Some(0), "{path}: {r:#?}");
+        let layers = names(&cache(&t).join("layers-v1"));
+        assert_eq!(layers.len(), 1, "{path}: {layers:?}");
+        let got = fs::read(
+            cache(&t)
+                .join("layers-v1")
+                .join(&layers[0])
+                .join("root/app/Procfile"),
+        );
+        assert_eq!(got.unwrap(), b"web: ./run\n", "{path}");
+    }
+}

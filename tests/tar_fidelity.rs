@@ -980,7 +980,10 @@ fn vrun_extracts_what_gnu_tar_extracts_or_refuses() {
          `match` = the same tree; `refuse — …` = vrun's one-line error (entry and rule), \
          nothing published; a tree that differs from a successful GNU tar extraction \
          fails the test. Build mode = PEP 706 `data` rules, owner = the proc user; \
-         image mode = containerd rules (devices skipped).\n\n\
+         image mode = containerd rules (devices skipped). Archives that stop without \
+         their end-of-archive blocks (`go/ustar-file-reg.tar`, …) extract as with GNU tar; \
+         `vrun setup` then refuses such a *plain* tar unless an md5 proves it whole \
+         (a compressed one's own end check does).\n\n\
          | archive | made by | GNU tar 1.34 (`-x`, image flags) | build mode | image mode |\n\
          |---|---|---|---|---|\n{table}"
     );

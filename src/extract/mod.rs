@@ -63,7 +63,11 @@
 //! zero blocks are fine (tar pads to its record size), anything else is "junk after the
 //! end" and an error, because a stream that carries more than we unpacked is not what it
 //! claims to be. Reading to the end also makes the decoder check its own trailer (CRC,
-//! trailing garbage). A stream that ends without the marker is truncated, and an error.
+//! trailing garbage). A stream that ends inside a header or a file's data is truncated,
+//! and an error. One that ends on a header boundary without the marker is extracted, as
+//! GNU tar does, and reported in [`ExtractStats::ended_without_marker`]: whether that is
+//! acceptable depends on what else proves the stream complete, which the pipeline knows
+//! (a compressed stream's trailer, an md5) and this module does not.
 //!
 //! # Free space
 //!
@@ -174,6 +178,10 @@ pub struct ExtractStats {
     pub dropped_acls: u64,
     /// When the first regular file was complete on disk.
     pub first_file_done: Option<Instant>,
+    /// The archive ended after this entry without its end-of-archive blocks (GNU tar
+    /// accepts that silently). The caller decides whether the stream is proven complete
+    /// otherwise (a compressed stream's own end check, an md5).
+    pub ended_without_marker: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -378,6 +386,9 @@ impl Extraction {
             }
             let planned = policy::plan(&entry, self.mode, &self.limits)?;
             self.entry(planned, &mut reader.data())?;
+        }
+        if reader.ended_without_marker() {
+            self.stats.ended_without_marker = Some(last.clone());
         }
         let offset = reader.position();
         self.check_rest(reader.into_inner(), offset, &last)

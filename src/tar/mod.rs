@@ -194,6 +194,8 @@ pub struct Reader<R> {
     /// Entries returned so far.
     returned: u64,
     done: bool,
+    /// See [`Reader::ended_without_marker`].
+    unterminated: bool,
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -217,7 +219,16 @@ impl<R: Read> Reader<R> {
             last: "(none: at the start)".to_string(),
             returned: 0,
             done: false,
+            unterminated: false,
         }
+    }
+
+    /// The stream ended at a header boundary after at least one entry, without the
+    /// end-of-archive blocks. GNU tar extracts such an archive silently (old writers and
+    /// cut downloads both make them); whether that is acceptable depends on what else
+    /// proves the stream complete, so the reader reports it and the caller decides.
+    pub fn ended_without_marker(&self) -> bool {
+        self.unterminated
     }
 
     /// Bytes of the stream consumed so far.
@@ -356,9 +367,14 @@ impl<R: Read> Reader<R> {
                 if ext.any() {
                     return Err(Error::Truncated { entry: here(self) });
                 }
-                return Err(Error::NoEndMarker {
-                    after: self.last.clone(),
-                });
+                if self.returned == 0 {
+                    return Err(Error::NoEndMarker {
+                        after: self.last.clone(),
+                    });
+                }
+                self.unterminated = true;
+                self.done = true;
+                return Ok(None);
             }
             if header::is_zero(&block) {
                 if ext.any() {
