@@ -638,7 +638,19 @@ fn a_terminated_setup_keeps_its_partial_says_so_and_gc_removes_it_once_unheld() 
     );
     // Its staging dir is gone (cleaned up on the way out); the partial stays.
     assert_left_only(&t, &[partial_name(&url)]);
-    // No live setup holds it: gc removes it at once (not after a day).
+    // The automatic policy (after another proc's setup and teardown, here over a 1-byte
+    // budget so that it collects) keeps a recent partial: the deploy is usually retried.
+    let other = Server::start([("/c.tar.gz", gz(1, 1000, 61))], ServerOptions::default()).unwrap();
+    let other_file = proc_yaml(&t, &other.url("/c.tar.gz"), None, None);
+    setup(&t, &other_file).run().assert_ok();
+    // Without its stamp the policy looks at the store now (not at most once an hour).
+    fs::remove_file(cache(&t).join("autogc-v1.stamp")).unwrap();
+    t.vrun([Path::new("teardown"), &other_file])
+        .env("VRUN_CACHE_MAX_SIZE", "1")
+        .run()
+        .assert_ok();
+    assert_left_only(&t, &[partial_name(&url)]);
+    // No live setup holds it: an explicit gc removes it at once (not after a day).
     let gc = t.vrun(["cache", "gc"]).run();
     gc.assert_ok();
     assert!(gc.stdout.contains(&partial_name(&url)), "{gc:#?}");

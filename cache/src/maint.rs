@@ -122,6 +122,11 @@ pub struct GcOptions {
     pub older_than: Option<Duration>,
     /// Report what would go, remove nothing.
     pub dry_run: bool,
+    /// Keep resumable partial downloads that no setup holds but that were written to less
+    /// than this long ago (the automatic policy: a setup killed by a deploy timeout is
+    /// usually retried soon, and its partial is worth resuming). `None`, as `vrun cache
+    /// gc` runs, removes every unheld partial.
+    pub keep_partials_for: Option<Duration>,
 }
 
 /// A removed ingest/quarantine leftover.
@@ -322,7 +327,7 @@ impl Store {
             self.remove_dangling_index()?;
             self.remove_idle_key_locks()?;
         }
-        for left in self.remove_unheld_ingest(opts.dry_run)? {
+        for left in self.remove_unheld_ingest(opts.dry_run, opts.keep_partials_for)? {
             report.freed_bytes += left.size;
             report.leftovers.push(left);
         }
@@ -347,13 +352,29 @@ impl Store {
     /// flock on its ingest dir ([`crate::Ingest`], [`crate::Partial`]), and the kernel
     /// drops that lock when the process dies, even on `kill -9`, so a free lock proves
     /// the entry is garbage now, whatever its age. (A partial download removed here is
-    /// downloaded from byte 0 by the next setup.) Kept apart from the policy decisions of
-    /// [`Store::gc`] so callers with their own policy can reuse it.
-    pub fn remove_unheld_ingest(&self, dry_run: bool) -> Result<Vec<Leftover>, StoreError> {
+    /// downloaded from byte 0 by the next setup.) With `keep_partials_for`, an unheld
+    /// partial download written to more recently than that stays, to be resumed.
+    /// Kept apart from the policy decisions of [`Store::gc`] so callers with their own
+    /// policy can reuse it.
+    pub fn remove_unheld_ingest(
+        &self,
+        dry_run: bool,
+        keep_partials_for: Option<Duration>,
+    ) -> Result<Vec<Leftover>, StoreError> {
         let mut out = Vec::new();
-        for (_, path) in fsutil::sorted_names(&self.layout.ingest())? {
+        let now = SystemTime::now();
+        for (name, path) in fsutil::sorted_names(&self.layout.ingest())? {
             if !crate::lock::is_unheld(&path) {
                 continue;
+            }
+            if let Some(keep) = keep_partials_for {
+                let blob = path.join("blob");
+                let recent = name.starts_with("partial-")
+                    && blob.is_file()
+                    && now.duration_since(fsutil::mtime(&blob)).unwrap_or_default() < keep;
+                if recent {
+                    continue;
+                }
             }
             let size = fsutil::disk_usage(&path);
             if !dry_run {

@@ -91,6 +91,8 @@ impl AutoGc {
             budget: self.max_size,
             older_than: self.max_age,
             dry_run: false,
+            // A setup killed by a deploy timeout is retried soon: keep its download.
+            keep_partials_for: Some(LEFTOVER_MAX_AGE),
         }
     }
 }

@@ -583,6 +583,7 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
         budget: Some(budget),
         older_than: None,
         dry_run: true,
+        keep_partials_for: None,
     };
     let dry = store.gc(&opts, &refs).unwrap();
     let removed: Vec<_> = dry.removed.iter().map(|e| e.key.clone()).collect();
@@ -646,6 +647,7 @@ fn gc_removes_least_recently_used_unreferenced_entries_within_budget() {
                 budget: None,
                 older_than: Some(Duration::from_secs(2 * 86400)),
                 dry_run: false,
+                keep_partials_for: None,
             },
             &refs,
         )

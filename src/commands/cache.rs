@@ -152,6 +152,8 @@ pub fn gc_to(
         budget: args.max_size,
         older_than: args.older_than,
         dry_run: args.dry_run,
+        // An explicit gc reclaims every partial download no live setup holds.
+        keep_partials_for: None,
     };
     let report = store.gc(&opts, &refs)?;
     let verb = if report.dry_run {
