@@ -545,6 +545,10 @@ fn teardown_cleans_a_killed_runs_orphan_and_keeps_the_layers() {
     let started = p.proc.paths.upper().join("tmp/started");
     let (pid, _, _) = p.spawn_run(1);
     assert!(wait_for(READY, || started.exists().then_some(())).is_some());
+    // `vrun run` is stopped first: left running, it sees its lxc-execute die and stops the
+    // payload itself before its own SIGKILL lands (seen under load, 1 run in 15), leaving
+    // no orphan to test. Stopped, it cannot react; then the monitor dies, then vrun.
+    kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
     let monitors = vrun::lxc::cgroups::monitor_pids(&p.name);
     for m in monitors {
         kill(Pid::from_raw(m), Signal::SIGKILL).unwrap();
