@@ -3,8 +3,8 @@
 //! An operator evaluating vrun should see every step Velociraptor drives — setup (fetch,
 //! verify, unpack), run, uptest, teardown — and the time each took, without internet and
 //! without writing a proc.yaml first. So the demo builds the sample app and a busybox
-//! image in memory ([`crate::sample`]), serves them from the loopback server
-//! ([`crate::serve`]), writes a proc.yaml into a fresh temp dir, and then drives **the
+//! image in memory ([`crate::sample`]), serves them from its own plain loopback file
+//! server (`demo/server.rs`), writes a proc.yaml into a fresh temp dir, and then drives **the
 //! vrun binary itself** as child processes, exactly as Velociraptor would: `setup
 //! --timings FILE`, `run FILE` in the background, `uptest FILE`, `teardown FILE`. Driving
 //! the real commands (rather than calling the library) is the point: what the demo shows
@@ -46,7 +46,9 @@ use nix::unistd::Pid;
 use crate::config::{ConfigError, ProcConfig};
 use crate::mounts;
 use crate::sample::{self, ImageMode, SampleError};
-use crate::serve::{Server, ServerOptions};
+use server::Server;
+
+mod server;
 
 /// What to install when the demo's prerequisites are missing (Debian 12 package names).
 pub const INSTALL_HINT: &str = "apt-get install -y lxc busybox-static";
@@ -329,7 +331,7 @@ impl Artifacts {
         if let Some((image, _)) = &self.image {
             files.push((IMAGE_PATH, image.clone()));
         }
-        let server = Server::start(files, ServerOptions::default())?;
+        let server = Server::start(files)?;
         detail(&format!("serving on {}", server.base_url()));
         Ok(server)
     }
@@ -1119,8 +1121,7 @@ mod tests {
             build_md5: "5289df737df57326fcdd22597afb1fac".into(),
             image: Some((vec![4], "08d6c05a21512a79a1dfeb9d2a8f262f".into())),
         };
-        let server =
-            Server::start(Vec::<(String, Vec<u8>)>::new(), ServerOptions::default()).unwrap();
+        let server = Server::start(Vec::new()).unwrap();
         let text = proc_yaml(&artifacts, &server, 4242);
         let dir = std::env::temp_dir().join(format!("vrun-demo-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

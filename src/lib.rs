@@ -19,7 +19,6 @@ pub mod paths;
 pub mod pipeline;
 pub mod procfile;
 pub mod sample;
-pub mod serve;
 pub mod state;
 pub mod tar;
 pub mod uptest;

@@ -7,7 +7,7 @@
 //! how much memory. See benches/README.md for the method and how to read the output.
 //!
 //! Shape: a seeded corpus generated once and cached ([`corpus`]), served from memory by
-//! the project's loopback HTTP server (`vrun::serve`), extracted onto filesystems the harness creates
+//! the project's loopback HTTP server (`testkit::serve`), extracted onto filesystems the harness creates
 //! and destroys ([`sys::TargetFs`]), in alternating A/B pairs ([`runner`]), summarized
 //! into medians and ratios ([`report`]). Everything the harness mounts, attaches or
 //! throttles is undone on exit, including on error and on Ctrl-C.
@@ -30,7 +30,7 @@ use clap::Parser;
 use corpus::{Corpus, CorpusSpec, Format};
 use runner::{Artifact, Only, RunCtx, Scenario};
 use sys::{FsKind, SlowDisk};
-use vrun::serve::{Server, ServerOptions};
+use testkit::serve::{Server, ServerOptions};
 
 /// Build corpus size (MB of files) of the full run: the 251 MB / 12k-file app.
 const DEFAULT_SIZE_MB: u64 = 250;

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::corpus::{ArchiveInfo, Format};
 use crate::sys::{self, FsKind, Measured, TargetFs};
-use vrun::serve::Server;
+use testkit::serve::Server;
 
 /// What a run set deploys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -9,7 +9,7 @@
 //! 1. through the library (`decode::open` + `extract::extract`) into `root/` of a fresh
 //!    temp dir, with a sentinel dir `sentinel/` beside it and every relative escape aimed
 //!    at it (`../sentinel/...`) or at its absolute path;
-//! 2. through the real pipeline (`pipeline::prepare`: HTTP from `vrun::serve`, hash, tee,
+//! 2. through the real pipeline (`pipeline::prepare`: HTTP from `testkit::serve`, hash, tee,
 //!    decode, extract, publish into a store in the same temp dir), where a reject must
 //!    leave no layer, no blob and no ingest/staging dir behind.
 //!
@@ -33,11 +33,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
+use testkit::serve::{Server, ServerOptions};
 use vrun::decode::{self, Format};
 use vrun::extract::{extract, ExtractStats, Limits, Mode};
 use vrun::fetch::{HttpClient, HttpOptions};
 use vrun::pipeline::{self, Artifact, PipelineError};
-use vrun::serve::{Server, ServerOptions};
 use vrun_cache::{LayerKind, Store};
 
 const UID: u32 = 4321;

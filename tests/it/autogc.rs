@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 
 use common::{ChildGuard, TestDir};
 use image::Entry;
-use vrun::serve::{Server, ServerOptions};
+use testkit::serve::{Server, ServerOptions};
 
 /// Two different builds (different bytes, so different blobs and layers).
 fn serve_builds() -> Server {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use image::{tar_gz, Entry};
 use rand::Rng;
 use sha2::{Digest, Sha256};
-use vrun::serve::{Fault, Server, ServerOptions};
+use testkit::serve::{Fault, Server, ServerOptions};
 use vrun::state::ProcState;
 
 /// Kills per run of the test (the brief asks for at least 20).

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::TestDir;
-use vrun::serve::{Server, ServerOptions};
+use testkit::serve::{Server, ServerOptions};
 
 /// A loop-mounted ext4 of its own; unmounted (and its loop device freed) on drop.
 struct Ext4 {

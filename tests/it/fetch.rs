@@ -1,4 +1,4 @@
-//! The HTTP half of the pipeline against a real loopback server (`vrun::serve`) that
+//! The HTTP half of the pipeline against a real loopback server (`testkit::serve`) that
 //! injects the faults real networks produce: error statuses, cut connections, stalls,
 //! ignored ranges, slow links, proxies.
 //!
@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use md5::Digest;
+use testkit::serve::{Fault, Server, ServerOptions};
 use vrun::fetch::{
     verify_md5, BodyHasher, BodySink, FetchErrorKind, FetchRequest, HttpClient, HttpOptions,
     Progress, Resume, SinkError, TimeoutKind,
 };
-use vrun::serve::{Fault, Server, ServerOptions};
 
 /// A sink that keeps every byte and counts resets.
 #[derive(Default)]

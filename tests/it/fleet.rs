@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::{wait_until, ChildGuard, TestDir};
 use sha2::{Digest, Sha256};
-use vrun::serve::{Fault, Server, ServerOptions};
+use testkit::serve::{Fault, Server, ServerOptions};
 
 const SETUPS: usize = 8;
 

@@ -720,12 +720,12 @@ fn setup_again_on_another_build_remounts_but_not_under_a_running_shell() {
     // Setup leaves the root mounted; the same container name set up again with another
     // build must show that build, and must not pull the root from under a live shell.
     let mut p = TestProc::new("rebuild", ProcOpts::cmd("exit 0"));
-    let other = vrun::serve::Server::start(
+    let other = testkit::serve::Server::start(
         [(
             "/b.tar.gz",
             image::app_build(&[image::Entry::file("second-build", "2", 0o644)]),
         )],
-        vrun::serve::ServerOptions::default(),
+        testkit::serve::ServerOptions::default(),
     )
     .unwrap();
     let mut doc: serde_json::Value =

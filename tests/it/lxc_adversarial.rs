@@ -26,7 +26,7 @@ use std::process::{Command, Output, Stdio};
 
 use image::Entry;
 use lxc_proc::{mounts_under, unique};
-use vrun::serve::{Server, ServerOptions};
+use testkit::serve::{Server, ServerOptions};
 
 /// A proc under test: its own VR_ROOT, server, and proc.yaml.
 struct Proc {

@@ -1,4 +1,4 @@
-//! Networks that misbehave (issue 14): the real `vrun setup` against `vrun::serve` on
+//! Networks that misbehave (issue 14): the real `vrun setup` against `testkit::serve` on
 //! 127.0.0.1 with the faults an operator meets — a failing sibling download, trickles,
 //! a server that never answers, a file that changes between two requests, connections
 //! cut every megabyte, private-CA TLS, credentials in URLs, interrupted setups, bad
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::{wait_until, Run, TestDir, Vrun};
 use md5::{Digest, Md5};
 use sha2::Sha256;
-use vrun::serve::{Fault, Server, ServerOptions};
+use testkit::serve::{Fault, Server, ServerOptions};
 
 /// Far above what any of these tests needs; only a hang reaches it.
 const BOUND: Duration = Duration::from_secs(45);

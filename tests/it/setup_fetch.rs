@@ -1,5 +1,5 @@
 //! End-to-end tests of `vrun setup`'s streaming fetch (issue 3): the real `vrun` binary
-//! downloads from `vrun::serve` on 127.0.0.1 (started here, serving from this process
+//! downloads from `testkit::serve` on 127.0.0.1 (started here, serving from this process
 //! while the child runs) archives built here by GNU tar and the real compressors, into a
 //! temp `VR_ROOT`. Each test checks the exit code, the stderr line, what the server saw
 //! (its request log) and what was — or was not — published in the store and under
@@ -22,7 +22,7 @@ use std::time::Duration;
 use common::{wait_until, TestDir, Vrun};
 use md5::Md5;
 use sha2::{Digest, Sha256};
-use vrun::serve::{Fault, Server, ServerOptions};
+use testkit::serve::{Fault, Server, ServerOptions};
 
 /// `nobody:nogroup`: the build must end up owned by the proc's user, not by the archive's.
 const OWNER: u32 = 65534;
@@ -368,7 +368,7 @@ fn serve_paths(files: &[(&str, &[u8])]) -> Server {
 }
 
 /// The GET requests the server saw for `url`'s path.
-fn gets(server: &Server, url: &str) -> Vec<vrun::serve::RequestRecord> {
+fn gets(server: &Server, url: &str) -> Vec<testkit::serve::RequestRecord> {
     let path = url.strip_prefix(&server.base_url()).unwrap();
     server
         .requests(path)

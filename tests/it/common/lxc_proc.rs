@@ -1,7 +1,7 @@
 //! A set-up proc for LXC tests, driven through the real `vrun` binary.
 //!
 //! [`TestProc::new`] serves a busybox image tarball and an app build tarball (both built
-//! by the test, see `image.rs`) from `vrun::serve` on 127.0.0.1, writes a proc.yaml (as
+//! by the test, see `image.rs`) from `testkit::serve` on 127.0.0.1, writes a proc.yaml (as
 //! JSON, which is YAML) pointing at them, and runs the real `vrun setup` in a fresh temp
 //! `VR_ROOT` (named with a space, so every LXC path needs quoting): download, verify,
 //! extract into the cache, Procfile resolution, env files — exactly what a deploy does.
@@ -125,14 +125,14 @@ pub struct Finished {
 
 /// The loopback server with the test's tarballs.
 pub struct Tarballs {
-    pub server: vrun::serve::Server,
+    pub server: testkit::serve::Server,
     pub image_url: String,
     pub build_url: String,
 }
 
 impl Tarballs {
     pub fn serve(app_files: &[image::Entry]) -> Self {
-        let server = vrun::serve::Server::start(
+        let server = testkit::serve::Server::start(
             [
                 ("/images/busybox.tar.gz".to_string(), image::busybox_image()),
                 (
@@ -140,7 +140,7 @@ impl Tarballs {
                     image::app_build(app_files),
                 ),
             ],
-            vrun::serve::ServerOptions::default(),
+            testkit::serve::ServerOptions::default(),
         )
         .unwrap();
         Self {

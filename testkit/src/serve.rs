@@ -1,4 +1,4 @@
-//! A small loopback HTTP/1.1 file server for tests, benches and `vrun demo`.
+//! A small loopback HTTP/1.1 file server with fault injection, for tests and benches.
 //!
 //! NOT a production server. It exists because every claim vrun makes about downloads
 //! (resume, retries, timeouts, streaming, exactly one GET per build) has to be shown
@@ -10,8 +10,8 @@
 //! what the client actually sent.
 //!
 //! Why hand-written HTTP/1.1 on std threads rather than a framework: it is a few
-//! hundred lines, needs no framework, runs without a tokio runtime (the demo and the
-//! bench harness drive `vrun setup` as a child process while this serves), and every
+//! hundred lines, needs no framework, runs without a tokio runtime (the deploy bench and the
+//! LXC tests drive `vrun setup` as a child process while this serves), and every
 //! byte on the wire is under the test's control, which is the whole point of fault
 //! injection. One thread accepts; each connection gets a thread (keep-alive is
 //! supported, since reqwest pools connections). Dropping the [`Server`] shuts every
