@@ -21,15 +21,7 @@ const SLICE: usize = 128 * 1024;
 fn body() -> Vec<u8> {
     // Deterministic, not constant (a constant buffer could flatter nothing here, but
     // keeps the bench honest against future content-dependent code).
-    let mut x: u64 = 0x5eed_2026;
-    (0..BODY)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    testkit::noise(BODY, 0x5eed_2026)
 }
 
 fn hashing(c: &mut Criterion) {

@@ -5,6 +5,17 @@
 //!
 //! - [`serve`]: the fault-injecting loopback HTTP/1.1 server every download test and the
 //!   deploy bench run against. (`vrun demo` has its own plain file server,
-//!   `vrun::demo::server`, which only serves.)
+//!   `src/demo/server.rs`, which only serves.)
+//! - [`noise`]: deterministic incompressible bytes (xorshift64) from a seed.
+//! - [`ChildGuard`], [`pipe_through`]: child processes that die with the test, and the
+//!   real command-line compressors that make test archives.
+//! - [`tree`]: a directory tree as a value two trees can be compared by.
 
+mod noise;
+mod process;
 pub mod serve;
+mod tree;
+
+pub use noise::{noise, XorShift};
+pub use process::{pipe_through, ChildGuard};
+pub use tree::tree;

@@ -203,19 +203,7 @@ fn compress(format: Format, data: &[u8]) -> Vec<u8> {
         Format::Zstd => &["zstd", "-c", "-q"],
         Format::Tar => return data.to_vec(),
     };
-    let mut child = Command::new(tool[0])
-        .args(&tool[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", tool[0]));
-    let mut stdin = child.stdin.take().unwrap();
-    let input = data.to_vec();
-    let feeder = std::thread::spawn(move || stdin.write_all(&input));
-    let out = child.wait_with_output().unwrap();
-    feeder.join().unwrap().unwrap();
-    assert!(out.status.success(), "{} failed", tool[0]);
-    out.stdout
+    testkit::pipe_through(tool, data)
 }
 
 // ------------------------------------------------------------------ arena and snapshots
@@ -1737,17 +1725,7 @@ fn enospc_mid_extraction_is_a_clean_error() {
     }
     // The download itself does not fit: 3 MiB of incompressible bytes, so the blob write
     // (the tee before the decoder) hits ENOSPC. Same promise.
-    let noise: Vec<u8> = {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..3 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
+    let noise = testkit::noise(3 << 20, 0x9e37_79b9_7f4a_7c15);
     let archive = compress(Format::Gzip, &Tar::new().file("noise", &noise).end());
     assert!(archive.len() > 2 << 20);
     let rt = runtime();

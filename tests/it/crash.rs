@@ -17,7 +17,6 @@ use crate::common::image;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -36,19 +35,6 @@ const KILLS: usize = 22;
 /// setup. Recovery setups are served at full speed (they only have to finish).
 const THROTTLE: u64 = 1_000_000;
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 /// A build of ~200 files (0.9 MB, incompressible) with dirs, links and modes.
 fn build_tarball() -> Vec<u8> {
     let mut e = vec![
@@ -60,13 +46,13 @@ fn build_tarball() -> Vec<u8> {
         for f in 0..30 {
             e.push(Entry::file(
                 &format!("lib{d}/m{f}.py"),
-                pseudo_random(4000 + f * 13, (d * 100 + f) as u64),
+                testkit::noise(4000 + f * 13, (d * 100 + f) as u64),
                 if f % 7 == 0 { 0o755 } else { 0o644 },
             ));
         }
     }
     e.push(Entry::symlink("current", "lib0"));
-    e.push(Entry::file("big.bin", pseudo_random(100_000, 99), 0o600));
+    e.push(Entry::file("big.bin", testkit::noise(100_000, 99), 0o600));
     tar_gz(&e)
 }
 
@@ -76,49 +62,20 @@ fn image_tarball() -> Vec<u8> {
     for d in ["bin", "etc", "usr", "usr/lib", "var", "tmp"] {
         e.push(Entry::dir(d, 0o755));
     }
-    e.push(Entry::file("bin/su", pseudo_random(50_000, 7), 0o4755));
+    e.push(Entry::file("bin/su", testkit::noise(50_000, 7), 0o4755));
     e.push(Entry::symlink("bin/sh", "/bin/su"));
     e.push(Entry::symlink("var/run", "/run"));
     for i in 0..100 {
         e.push(
             Entry::file(
                 &format!("usr/lib/lib{i}.so"),
-                pseudo_random(9000 + i, 1000 + i as u64),
+                testkit::noise(9000 + i, 1000 + i as u64),
                 0o644,
             )
             .owned(100 + i as u64 % 3, 200),
         );
     }
     tar_gz(&e)
-}
-
-/// What a tree holds, for identity checks: kind, mode, owner, content hash, link target.
-fn walk(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let what = if m.is_dir() {
-                todo.push(p.clone());
-                "dir".to_string()
-            } else if m.file_type().is_symlink() {
-                format!("link {}", fs::read_link(&p).unwrap().display())
-            } else {
-                format!(
-                    "file {}",
-                    hex::encode(Sha256::digest(fs::read(&p).unwrap()))
-                )
-            };
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
-            out.insert(
-                rel,
-                format!("{what} {:o} {}:{}", m.mode() & 0o7777, m.uid(), m.gid()),
-            );
-        }
-    }
-    out
 }
 
 /// The store as a reader sees it: only complete blobs and layers. Returns the problems.
@@ -262,7 +219,7 @@ impl Fixture {
             ("image", state.image_layer.clone().unwrap()),
             ("upper", proc_dir.join("upper")),
         ] {
-            for (k, v) in walk(&dir) {
+            for (k, v) in testkit::tree(&dir) {
                 all.insert(format!("{tag}:{k}"), v);
             }
         }

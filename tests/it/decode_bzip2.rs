@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
+use testkit::noise;
 
 use vrun::decode::{self, decoder_with, DecodeOptions, Format};
 
@@ -78,13 +79,8 @@ fn tool(cmd: &[&str], input: &[u8]) -> Vec<u8> {
 
 /// Deterministic content shaped like a build: text runs, noise runs, zero runs.
 fn content(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut x = testkit::XorShift::new(seed);
+    let mut next = move || x.next_u64();
     let words: [&[u8]; 8] = [
         b"def ",
         b"self",
@@ -103,19 +99,6 @@ fn content(len: usize, seed: u64) -> Vec<u8> {
             2 => (0..run / 8).for_each(|_| out.extend_from_slice(&next().to_le_bytes())),
             _ => out.resize(out.len() + run, 0),
         }
-    }
-    out.truncate(len);
-    out
-}
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
     }
     out.truncate(len);
     out

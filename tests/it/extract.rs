@@ -290,19 +290,7 @@ fn compress(format: Format, data: &[u8]) -> Vec<u8> {
         Format::Zstd => &["zstd", "-c", "-q", "-1"],
         Format::Tar => return data.to_vec(),
     };
-    let mut child = Command::new(tool[0])
-        .args(&tool[1..])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = data.to_vec();
-    let feeder = std::thread::spawn(move || stdin.write_all(&input));
-    let out = child.wait_with_output().unwrap();
-    feeder.join().unwrap().unwrap();
-    assert!(out.status.success());
-    out.stdout
+    testkit::pipe_through(tool, data)
 }
 
 fn decode_all(data: &[u8]) -> std::io::Result<Vec<u8>> {

@@ -41,16 +41,7 @@ impl BodySink for Collect {
 
 /// Deterministic incompressible-looking bytes (xorshift), so a splice would show.
 fn body(len: usize, seed: u64) -> Bytes {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    Bytes::from(v)
+    Bytes::from(testkit::noise(len, seed))
 }
 
 /// Small timeouts and near-zero backoff so fault tests stay fast.

@@ -10,32 +10,18 @@
 //! against hangs.
 
 use crate::common;
+use testkit::noise;
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{wait_until, ChildGuard, TestDir};
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 use testkit::serve::{Fault, Server, ServerOptions};
 
 const SETUPS: usize = 8;
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// A gzipped GNU tar of a Procfile and `n` noise files of `size` bytes.
 fn archive(n: usize, size: usize, seed: u64) -> Vec<u8> {
@@ -108,32 +94,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Every entry of a tree: kind, mode, owner, size and content hash.
-fn walk(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(dir) = todo.pop() {
-        for e in fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
-            let what = if m.is_dir() {
-                todo.push(p.clone());
-                "dir".to_string()
-            } else if m.file_type().is_symlink() {
-                format!("link {}", fs::read_link(&p).unwrap().display())
-            } else {
-                hex::encode(Sha256::digest(fs::read(&p).unwrap()))
-            };
-            out.insert(
-                rel,
-                format!("{what} {:o} {}:{} {}", m.mode(), m.uid(), m.gid(), m.size()),
-            );
-        }
-    }
-    out
 }
 
 fn layer_roots(t: &TestDir) -> Vec<PathBuf> {
@@ -246,11 +206,14 @@ fn eight_roots_behind_nginx_get_identical_trees_and_the_origin_sends_each_artifa
         build.len().div_ceil(1 << 20)
     );
     // Every root holds the same two layers, with identical trees.
-    let want: Vec<_> = layer_roots(&dirs[0]).iter().map(|r| walk(r)).collect();
+    let want: Vec<_> = layer_roots(&dirs[0])
+        .iter()
+        .map(|r| testkit::tree(r))
+        .collect();
     assert_eq!(want.len(), 2);
     assert!(want[0].len() > 10 && want[1].len() > 10);
     for t in &dirs[1..] {
-        let got: Vec<_> = layer_roots(t).iter().map(|r| walk(r)).collect();
+        let got: Vec<_> = layer_roots(t).iter().map(|r| testkit::tree(r)).collect();
         assert_eq!(got, want, "trees differ in {}", t.root().display());
     }
 }

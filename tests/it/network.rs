@@ -9,6 +9,7 @@
 //! what is left under the root.
 
 use crate::common;
+use testkit::noise;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -22,19 +23,6 @@ use testkit::serve::{Fault, Server, ServerOptions};
 
 /// Far above what any of these tests needs; only a hang reaches it.
 const BOUND: Duration = Duration::from_secs(45);
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn run(cmd: &mut Command) -> Vec<u8> {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));

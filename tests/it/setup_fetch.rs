@@ -11,12 +11,13 @@
 //! Waits poll with generous deadlines; nothing asserts a duration.
 
 use crate::common;
+use testkit::{noise, pipe_through};
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{wait_until, TestDir, Vrun};
@@ -40,20 +41,6 @@ fn run(cmd: &mut Command) -> Vec<u8> {
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
-}
-
-/// Deterministic incompressible bytes (xorshift), so archives have a realistic ratio.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A build as Velociraptor ships one: a Procfile at the top, dirs, files of a few sizes
@@ -157,26 +144,6 @@ fn compress(fmt: Fmt, tar: &[u8]) -> Vec<u8> {
         return tar.to_vec();
     };
     pipe_through(argv, tar)
-}
-
-/// `input` through the command `argv` (stdin → stdout), which must succeed.
-fn pipe_through(argv: &[&str], input: &[u8]) -> Vec<u8> {
-    let mut child = Command::new(argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let feeder = std::thread::spawn(move || {
-        use std::io::Write;
-        stdin.write_all(&input).unwrap();
-    });
-    let out = child.wait_with_output().unwrap();
-    feeder.join().unwrap();
-    assert!(out.status.success(), "{argv:?} failed");
-    out.stdout
 }
 
 /// A test archive: its bytes, where its source tree is, and its digests.

@@ -280,23 +280,7 @@ impl Drop for MountGuard {
     }
 }
 
-/// Kills a child started as the leader of its own process group (`process_group(0)`),
-/// with everything in that group, and reaps it on drop.
-pub struct ChildGuard(pub std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let pgid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.0.wait();
-        // The rest of the group (e.g. flock's `sleep`, which inherits the locked fd) dies
-        // asynchronously: wait until the group is gone so its locks are really released.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while nix::sys::signal::killpg(pgid, None).is_ok() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    }
-}
+pub use testkit::ChildGuard;
 
 /// The name libtest knows a test by (`fetch::child_env_stall`), for re-running it alone in
 /// a child process with `--exact`: `module` is the test's `module_path!()`.
