@@ -29,9 +29,6 @@
 //! with the validator it came with, and the same rules apply (206 appends, 200 restarts;
 //! a 416 for a partial that is already whole completes at once).
 //!
-//! [`body_pipe`] is the usual sink's core: a bounded channel to the blocking decoder
-//! thread, whose reader tells a restart and a failed download apart from a clean end.
-//!
 //! Timeouts are per step, plus a floor on speed: connecting has
 //! [`HttpOptions::connect_timeout`], the body has an *idle* limit
 //! ([`HttpOptions::read_timeout`]) on each chunk, and the low-speed rule
@@ -43,7 +40,6 @@
 mod error;
 mod hash;
 mod http;
-mod pipe;
 
 use std::fmt;
 use std::future::Future;
@@ -60,7 +56,6 @@ pub use http::{
     DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES, DEFAULT_SPEED_LIMIT, DEFAULT_SPEED_TIME, MAX_REDIRECTS,
     RETRY_AFTER_CAP,
 };
-pub use pipe::{body_pipe, is_restart, BodyRestarted, PipeReader, PipeSink};
 
 /// The consumer of a body. The fetcher calls `chunk` for every piece in order and waits
 /// for it to finish before reading more from the network (that wait *is* the

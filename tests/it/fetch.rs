@@ -6,6 +6,8 @@
 //! the `child_*` tests of this same binary in a child process with that environment, so
 //! they never race the other tests' clients.
 
+mod pipe;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -970,7 +972,7 @@ async fn a_resume_that_does_not_continue_where_we_stopped_is_refused() {
 
 /// Read a pipe to the end on a plain thread, starting over on each restart.
 fn drain_pipe(
-    mut r: vrun::fetch::PipeReader,
+    mut r: pipe::PipeReader,
 ) -> std::thread::JoinHandle<(Vec<u8>, u32, std::io::Result<()>)> {
     use std::io::Read;
     std::thread::spawn(move || {
@@ -980,7 +982,7 @@ fn drain_pipe(
             match r.read(&mut buf) {
                 Ok(0) => return (got, restarts, Ok(())),
                 Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) if vrun::fetch::is_restart(&e) => {
+                Err(e) if pipe::is_restart(&e) => {
                     got.clear();
                     restarts += 1;
                 }
@@ -995,7 +997,7 @@ async fn pipe_carries_the_body_and_its_restart_to_a_blocking_reader() {
     let data = body(2_000_000, 23);
     let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
     server.set_fault("/b.tgz", Fault::new().drop_after(900_000, 1).ignore_range());
-    let (mut sink, reader) = vrun::fetch::body_pipe(4);
+    let (mut sink, reader) = pipe::body_pipe(4);
     let consumer = drain_pipe(reader);
     let out = client(quick())
         .fetch(&server.url("/b.tgz"), &mut sink)
@@ -1011,7 +1013,7 @@ async fn pipe_carries_the_body_and_its_restart_to_a_blocking_reader() {
 #[tokio::test]
 async fn pipe_reader_sees_a_failed_download_as_an_error_not_eof() {
     let server = serve_one("/b.tgz", body(10, 24), ServerOptions::default());
-    let (mut sink, reader) = vrun::fetch::body_pipe(4);
+    let (mut sink, reader) = pipe::body_pipe(4);
     let consumer = drain_pipe(reader);
     client(quick())
         .fetch(&server.url("/nope.tgz"), &mut sink)
@@ -1025,7 +1027,7 @@ async fn pipe_reader_sees_a_failed_download_as_an_error_not_eof() {
 #[tokio::test]
 async fn pipe_consumer_that_stops_fails_the_fetch_without_retry() {
     let server = serve_one("/b.tgz", body(4_000_000, 25), ServerOptions::default());
-    let (mut sink, reader) = vrun::fetch::body_pipe(2);
+    let (mut sink, reader) = pipe::body_pipe(2);
     drop(reader);
     let url = server.url("/b.tgz");
     let err = client(quick()).fetch(&url, &mut sink).await.unwrap_err();
@@ -1045,7 +1047,7 @@ async fn the_consumer_has_the_first_bytes_while_the_server_still_holds_the_rest(
     let server = Server::empty(ServerOptions::default()).unwrap();
     server.insert("/b.tgz", data.clone()).unwrap();
     server.set_fault("/b.tgz", Fault::new().gate_after(HELD));
-    let (mut sink, mut reader) = vrun::fetch::body_pipe(4);
+    let (mut sink, mut reader) = pipe::body_pipe(4);
     let seen = Arc::new(AtomicU64::new(0));
     let seen_by_reader = Arc::clone(&seen);
     let consumer = std::thread::spawn(move || {

@@ -1,5 +1,8 @@
 //! A bounded pipe from the async fetcher to a blocking consumer (decoder, tar reader).
 //!
+//! Test support: the fetch tests' sink for a blocking reader (it was `vrun::fetch::body_pipe`,
+//! but setup's pipeline has its own sink, so only these tests used it).
+//!
 //! The decoders are synchronous `Read`ers and belong on their own thread (DESIGN §3);
 //! the fetcher is async. [`body_pipe`] joins them with a bounded channel of chunks:
 //! [`PipeSink`] is the fetcher's [`BodySink`] and waits (without blocking the runtime)
@@ -19,7 +22,7 @@ use std::io::{self, Read};
 use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
 
-use super::{BodySink, SinkError};
+use vrun::fetch::{BodySink, SinkError};
 
 enum Msg {
     Data(Bytes),
