@@ -71,8 +71,7 @@ use bytes::Bytes;
 use md5::Digest as _;
 use rand::Rng;
 use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, IF_MODIFIED_SINCE, IF_NONE_MATCH,
-    IF_RANGE, LOCATION, RANGE,
+    HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, IF_RANGE, LOCATION, RANGE,
 };
 use reqwest::StatusCode;
 
@@ -294,8 +293,8 @@ pub struct Resume {
     pub validator: Option<String>,
 }
 
-/// What the store remembers about a URL's last download (its `ETag` and `Last-Modified`),
-/// for asking the server "only if it changed" ([`HttpClient::fetch_if_changed`]).
+/// The `ETag` and `Last-Modified` a 200 came with, handed to the sink at `begin` (the
+/// store keeps them with a partial download, so a later process can resume it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Validators {
     pub etag: Option<String>,
@@ -305,8 +304,6 @@ pub struct Validators {
 /// How one attempt ended well.
 enum Attempted {
     Complete,
-    /// 304: the resource still matches the caller's validators; no body was sent.
-    NotModified,
 }
 
 /// The download client. Cheap to clone (one connection pool).
@@ -387,8 +384,6 @@ struct Transfer<'a> {
     total: Option<u64>,
     /// Wire bytes of the current response.
     wire: u64,
-    /// Validators for a conditional first request (If-None-Match / If-Modified-Since).
-    conditional: Option<Validators>,
     whole_checked: bool,
     /// Undoing a `Content-Encoding: gzip` the server applied, with the md5 of the wire
     /// bytes beside it.
@@ -541,29 +536,14 @@ impl HttpClient {
         req: FetchRequest<'_>,
         sink: &mut S,
     ) -> Result<FetchOutcome, FetchError> {
-        let out = self.run(req, None, sink).await?;
-        Ok(out.expect("only a conditional request can end without a body"))
-    }
-
-    /// Download only if the resource no longer matches `known` (the ETag/Last-Modified
-    /// of the copy the caller holds): `Ok(None)` when the server answers 304 Not
-    /// Modified, in which case the sink saw nothing. Validators that are both absent
-    /// make this an ordinary download.
-    pub async fn fetch_if_changed<S: BodySink>(
-        &self,
-        req: FetchRequest<'_>,
-        known: &Validators,
-        sink: &mut S,
-    ) -> Result<Option<FetchOutcome>, FetchError> {
-        self.run(req, Some(known.clone()), sink).await
+        self.run(req, sink).await
     }
 
     async fn run<S: BodySink>(
         &self,
         req: FetchRequest<'_>,
-        conditional: Option<Validators>,
         sink: &mut S,
-    ) -> Result<Option<FetchOutcome>, FetchError> {
+    ) -> Result<FetchOutcome, FetchError> {
         let url = req.url;
         let shown = redact_url(url);
         let error = |attempts, kind| FetchError {
@@ -592,7 +572,6 @@ impl HttpClient {
             last_modified: None,
             total: None,
             wire: 0,
-            conditional,
             whole_checked: req.whole_checked,
             decoding: None,
             wire_md5: None,
@@ -624,7 +603,6 @@ impl HttpClient {
             let before = t.high_water;
             let failure = match self.attempt(&mut t, sink).await {
                 Ok(Attempted::Complete) => break,
-                Ok(Attempted::NotModified) => return Ok(None),
                 Err(f) => f,
             };
             let progressed = t.high_water > before;
@@ -674,7 +652,7 @@ impl HttpClient {
 
         let wall = t.started.elapsed();
         let digest = t.hasher.finish();
-        Ok(Some(FetchOutcome {
+        Ok(FetchOutcome {
             md5_hex: digest.md5_hex,
             sha256_hex: digest.sha256_hex,
             bytes: digest.bytes,
@@ -687,7 +665,7 @@ impl HttpClient {
             restarts: t.restarts,
             unvalidated_resumes: t.unvalidated_resumes,
             wire_md5_hex: t.wire_md5,
-        }))
+        })
     }
 
     /// Jittered exponential backoff before retry number `n` (1-based).
@@ -813,14 +791,6 @@ impl HttpClient {
         t.wire = 0;
         let offset = t.hasher.bytes();
         let mut req = self.client.get(t.url);
-        if let Some(v) = t.conditional.as_ref().filter(|_| offset == 0) {
-            if let Some(etag) = &v.etag {
-                req = req.header(IF_NONE_MATCH, etag.as_str());
-            }
-            if let Some(date) = &v.last_modified {
-                req = req.header(IF_MODIFIED_SINCE, date.as_str());
-            }
-        }
         if offset > 0 {
             req = req.header(RANGE, format!("bytes={offset}-"));
             match &t.validator {
@@ -849,9 +819,6 @@ impl HttpClient {
                 };
                 sink.begin(&v)
                     .map_err(|e| Failure::fatal(FetchErrorKind::Sink(e)))?;
-            }
-            StatusCode::NOT_MODIFIED if offset == 0 && t.conditional.is_some() => {
-                return Ok(Attempted::NotModified);
             }
             StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => {
                 // We hold at least the whole body: done if exactly, else start over.
