@@ -22,6 +22,7 @@ pub mod sample;
 pub mod serve;
 pub mod state;
 pub mod tar;
+pub mod units;
 pub mod uptest;
 pub mod writeback;
 pub mod yaml;

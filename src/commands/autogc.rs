@@ -20,7 +20,8 @@ use vrun::paths::Root;
 use vrun::state::ProcState;
 use vrun_cache::{AutoGc, LayerKey, Store, MAX_AGE_ENV, MAX_SIZE_ENV};
 
-use super::cache::{human_size, parse_duration, parse_size, references};
+use super::cache::references;
+use vrun::units::{human_size, parse_duration, parse_size};
 
 /// The policy from the environment (defaults where unset).
 pub fn policy() -> anyhow::Result<AutoGc> {
@@ -180,6 +181,6 @@ mod tests {
         );
         let err = policy_from(env(&[(MAX_AGE_ENV, "lots")])).unwrap_err();
         assert!(format!("{err:#}").contains(MAX_AGE_ENV), "{err:#}");
-        assert_eq!(describe(&AutoGc::default()), "max size 20 GiB, max age 7d");
+        assert_eq!(describe(&AutoGc::default()), "max size 20.00 GiB, max age 7d");
     }
 }

@@ -24,6 +24,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use vrun::paths::Root;
 use vrun::state::ProcState;
+use vrun::units::{human_size, parse_duration, parse_size};
 use vrun_cache::{CacheEntry, EntryKind, GcOptions, GcReport, References, Store, VerifyReport};
 
 /// Where the kernel lists this process's mounts (live overlays and their lower dirs).
@@ -420,24 +421,6 @@ fn write_table(entries: &[CacheEntry], out: &mut dyn Write) -> std::io::Result<(
     )
 }
 
-/// `1536` → `1.5 KiB`: binary units, one decimal below 10.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else if value < 10.0 {
-        format!("{value:.1} {}", UNITS[unit])
-    } else {
-        format!("{value:.0} {}", UNITS[unit])
-    }
-}
-
 fn human_age(now: SystemTime, unix_secs: u64) -> String {
     let then = SystemTime::UNIX_EPOCH + Duration::from_secs(unix_secs);
     let secs = now.duration_since(then).unwrap_or_default().as_secs();
@@ -449,69 +432,9 @@ fn human_age(now: SystemTime, unix_secs: u64) -> String {
     }
 }
 
-/// Parses `--max-size`: bytes, or a number with `K M G T` (powers of 1024, optional
-/// `B`/`iB`), e.g. `500M`, `1.5G`, `20GiB`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected e.g. 500M, 20G or a byte count"))?;
-    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        "T" | "TB" | "TIB" => 1 << 40,
-        _ => {
-            return Err(format!(
-                "invalid size {s:?}: unknown unit {unit:?} (use K, M, G or T)"
-            ))
-        }
-    };
-    Ok((value * mult as f64) as u64)
-}
-
-/// Parses `--older-than`: a number with `s m h d w`, e.g. `30d`, `12h`, `2w`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let err = || format!("invalid duration {s:?}: expected e.g. 30d, 12h, 90m, 2w");
-    let (num, unit) = t.split_at(t.len().saturating_sub(1));
-    let value: u64 = num.parse().map_err(|_| err())?;
-    let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        _ => return Err(err()),
-    };
-    Ok(Duration::from_secs(value * secs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("500M"), Ok(500 << 20));
-        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
-        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
-        assert!(parse_size("big").is_err());
-        assert!(parse_size("5Q").is_err());
-        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86400)));
-        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
-        assert!(parse_duration("12").is_err());
-        assert!(parse_duration("d").is_err());
-        assert_eq!(human_size(512), "512 B");
-        assert_eq!(human_size(1536), "1.5 KiB");
-        assert_eq!(human_size(200 << 20), "200 MiB");
-    }
 
     #[test]
     fn cli_parses_cache_subcommands() {
