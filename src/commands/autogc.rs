@@ -181,6 +181,9 @@ mod tests {
         );
         let err = policy_from(env(&[(MAX_AGE_ENV, "lots")])).unwrap_err();
         assert!(format!("{err:#}").contains(MAX_AGE_ENV), "{err:#}");
-        assert_eq!(describe(&AutoGc::default()), "max size 20.00 GiB, max age 7d");
+        assert_eq!(
+            describe(&AutoGc::default()),
+            "max size 20.00 GiB, max age 7d"
+        );
     }
 }

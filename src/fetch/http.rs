@@ -77,8 +77,8 @@ use reqwest::header::{
 use reqwest::StatusCode;
 
 use super::error::{secs, FetchError, FetchErrorKind, TimeoutKind};
-use super::hash::BodyHasher;
 use super::{redact_url, BodySink, FetchOutcome, Progress};
+use vrun_cache::BodyHasher;
 
 /// Connection set-up limit (DESIGN §3): a healthy server connects in milliseconds; ten
 /// seconds covers a congested link without hanging a deploy on a dead host.
@@ -571,17 +571,7 @@ impl HttpClient {
             attempts,
             kind,
         };
-        match reqwest::Url::parse(url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            Ok(u) => {
-                let reason = format!("scheme {:?} is not http or https", u.scheme());
-                return Err(error(0, FetchErrorKind::InvalidUrl { reason }));
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                return Err(error(0, FetchErrorKind::InvalidUrl { reason }));
-            }
-        }
+        check_url(url)?;
         let mut t = Transfer {
             url,
             shown: shown.clone(),
@@ -1250,6 +1240,22 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         parts.push(e.to_string());
     }
     parts.join(": ")
+}
+
+/// Refuse a URL vrun will not fetch (unparsable, or not `http`/`https`), as the error a
+/// fetch of it would return: the one check, used before any I/O (setup checks every URL
+/// before it creates anything) and again when the request is sent.
+pub fn check_url(url: &str) -> Result<(), FetchError> {
+    let reason = match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => return Ok(()),
+        Ok(u) => format!("scheme {:?} is not http or https", u.scheme()),
+        Err(e) => e.to_string(),
+    };
+    Err(FetchError {
+        url: redact_url(url),
+        attempts: 0,
+        kind: FetchErrorKind::InvalidUrl { reason },
+    })
 }
 
 #[cfg(test)]

@@ -41,7 +41,6 @@
 //! waits are reported as they happen through [`HttpClient::with_notices`].
 
 mod error;
-mod hash;
 mod http;
 mod pipe;
 
@@ -53,14 +52,14 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use error::{FetchError, FetchErrorKind, TimeoutKind};
-pub use hash::{BodyDigest, BodyHasher};
 pub use http::{
-    FetchRequest, HttpClient, HttpOptions, HttpSetupError, Notify, Resume, Validators,
+    check_url, FetchRequest, HttpClient, HttpOptions, HttpSetupError, Notify, Resume, Validators,
     DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_NOTICE_AFTER,
     DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES, DEFAULT_SPEED_LIMIT, DEFAULT_SPEED_TIME, MAX_REDIRECTS,
     RETRY_AFTER_CAP,
 };
 pub use pipe::{body_pipe, is_restart, BodyRestarted, PipeReader, PipeSink};
+pub use vrun_cache::{BodyDigest, BodyHasher};
 
 /// The consumer of a body. The fetcher calls `chunk` for every piece in order and waits
 /// for it to finish before reading more from the network (that wait *is* the

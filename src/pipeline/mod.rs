@@ -166,16 +166,7 @@ impl Artifact {
     /// check every URL before it creates anything under `$VR_ROOT` (bad input leaves the
     /// host as it was). The client checks again when it sends the request.
     pub fn check_url(&self) -> Result<(), FetchError> {
-        let reason = match reqwest::Url::parse(&self.url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => return Ok(()),
-            Ok(u) => format!("scheme {:?} is not http or https", u.scheme()),
-            Err(e) => e.to_string(),
-        };
-        Err(FetchError {
-            url: self.shown_url(),
-            attempts: 0,
-            kind: fetch::FetchErrorKind::InvalidUrl { reason },
-        })
+        fetch::check_url(&self.url)
     }
 }
 
