@@ -127,7 +127,7 @@ impl Partial {
     /// the URL).
     pub fn set_meta(&self, meta: &PartialMeta) -> Result<(), StoreError> {
         let body = serde_json::to_vec_pretty(meta).expect("partial meta serializes");
-        fsutil::write_atomic_private(&self.meta, &body)
+        fsutil::write_store_file_private(&self.meta, &body)
     }
     /// Forget the bytes and the record (the dir stays, still held, for a fresh start).
     pub fn clear(&self) -> Result<(), StoreError> {
@@ -427,7 +427,7 @@ impl Store {
     pub fn record_digest(&self, d: &BlobDigest, url: Option<&UrlRecord>) -> Result<(), StoreError> {
         check_hex("sha256", &d.sha256, 64)?;
         check_hex("md5", &d.md5, 32)?;
-        fsutil::write_atomic_private(
+        fsutil::write_store_file_private(
             &self.layout.index_md5().join(&d.md5),
             format!("{}\n", d.sha256).as_bytes(),
         )?;
@@ -470,7 +470,7 @@ impl Store {
             ..rec.clone()
         };
         let body = serde_json::to_vec_pretty(&stored).expect("url record serializes");
-        fsutil::write_atomic_private(&self.url_index_path(&rec.url), &body)
+        fsutil::write_store_file_private(&self.url_index_path(&rec.url), &body)
     }
 
     fn url_index_path(&self, url: &str) -> PathBuf {
