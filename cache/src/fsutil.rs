@@ -343,3 +343,19 @@ pub(crate) fn sorted_names(dir: &Path) -> Result<Vec<(String, PathBuf)>, StoreEr
     names.sort();
     Ok(names)
 }
+
+pub(crate) fn check_hex(what: &'static str, value: &str, len: usize) -> Result<(), StoreError> {
+    if is_hex(value, len) {
+        Ok(())
+    } else {
+        Err(StoreError::BadDigest {
+            what,
+            value: value.to_owned(),
+            expected: if len == 64 {
+                "64 lowercase hex digits"
+            } else {
+                "32 lowercase hex digits"
+            },
+        })
+    }
+}

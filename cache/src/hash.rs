@@ -87,6 +87,13 @@ impl Write for BodyHasher {
     }
 }
 
+/// sha256 and md5 of a file in one pass (re-checking a blob in the store).
+pub(crate) fn hash_file(path: &std::path::Path) -> Result<(String, String), crate::StoreError> {
+    let f = fs_err::File::open(path)?;
+    let d = BodyHasher::new().hash_reader(f)?.finish();
+    Ok((d.sha256_hex, d.md5_hex))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

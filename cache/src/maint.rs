@@ -460,7 +460,7 @@ impl Store {
                 continue;
             }
             report.blobs_checked += 1;
-            let (sha, md5) = hash_blob(&path)?;
+            let (sha, md5) = crate::hash::hash_file(&path)?;
             if sha != name {
                 report.bad.push(self.quarantined(
                     "blob",
@@ -560,13 +560,6 @@ fn check_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
         Ok(now) => recorded.diff(&now, MAX_DIFFS_REPORTED),
         Err(e) => vec![format!("cannot scan layer: {e}")],
     }
-}
-
-/// sha256 and md5 of a file in one pass.
-pub(crate) fn hash_blob(path: &Path) -> Result<(String, String), StoreError> {
-    let f = fs_err::File::open(path)?;
-    let d = crate::BodyHasher::new().hash_reader(f)?.finish();
-    Ok((d.sha256_hex, d.md5_hex))
 }
 
 fn file_name(path: &Path) -> String {

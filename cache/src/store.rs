@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
-use crate::fsutil;
+use crate::fsutil::{self, check_hex};
 use crate::layout::{self, Layout, LAYOUT_VERSION, STORE_LOCK};
 use crate::lock::{self, KeyLock, LockMode};
 
@@ -350,7 +350,7 @@ impl Store {
         if !path.is_file() {
             return Ok(false);
         }
-        let (sha, md5) = crate::maint::hash_blob(&path)?;
+        let (sha, md5) = crate::hash::hash_file(&path)?;
         let md5_ok = expect_md5.is_none_or(|m| m.eq_ignore_ascii_case(&md5));
         if sha == sha256 && md5_ok {
             let _ = fsutil::touch(&path);
@@ -524,22 +524,6 @@ pub fn url_lock_key(url: &str) -> String {
 /// The key to lock while publishing a blob.
 pub fn blob_lock_key(sha256: &str) -> String {
     format!("blob-{sha256}")
-}
-
-pub(crate) fn check_hex(what: &'static str, value: &str, len: usize) -> Result<(), StoreError> {
-    if fsutil::is_hex(value, len) {
-        Ok(())
-    } else {
-        Err(StoreError::BadDigest {
-            what,
-            value: value.to_owned(),
-            expected: if len == 64 {
-                "64 lowercase hex digits"
-            } else {
-                "32 lowercase hex digits"
-            },
-        })
-    }
 }
 
 pub(crate) fn read_md5_entry(path: &Path) -> Option<String> {
