@@ -80,12 +80,12 @@ use super::error::{secs, FetchError, FetchErrorKind, TimeoutKind};
 use super::{redact_url, BodySink, FetchOutcome, Progress};
 use vrun_cache::BodyHasher;
 
-/// Connection set-up limit (DESIGN §3): a healthy server connects in milliseconds; ten
+/// Connection set-up limit: a healthy server connects in milliseconds; ten
 /// seconds covers a congested link without hanging a deploy on a dead host.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest silence tolerated while reading the body (per chunk, not overall).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Attempts in a row without a new byte tolerated after the first (DESIGN §3).
+/// Attempts in a row without a new byte tolerated after the first.
 pub const DEFAULT_RETRIES: u32 = 3;
 /// First backoff; doubled per fruitless retry and jittered to [½, 1]× so parallel setups
 /// that failed together do not retry together.
@@ -122,7 +122,7 @@ const ENV_NOTICE_AFTER: &str = "VRUN_NOTICE_AFTER";
 /// Where notices (long waits, retries) go: setup prints them on stderr.
 pub type Notify = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// Tunables of the client. `Default` is DESIGN §3; [`HttpOptions::from_env`] adds the
+/// Tunables of the client: `Default` is the constants above; [`HttpOptions::from_env`] adds the
 /// `VRUN_*` overrides.
 #[derive(Debug, Clone)]
 pub struct HttpOptions {

@@ -1,6 +1,6 @@
 //! The download half of the streaming pipeline: HTTP body → md5 + sha256 → a sink.
 //!
-//! Why push-style. The pipeline (DESIGN §3) must overlap network, hashing, the blob
+//! Why push-style. The pipeline (`crate::pipeline`) must overlap network, hashing, the blob
 //! tee and decompression with bounded memory. The fetcher therefore owns the network
 //! loop and *pushes* each body chunk into a [`BodySink`], awaiting the sink before it
 //! reads the next chunk. The sink applies backpressure (typically a bounded channel to
