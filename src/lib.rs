@@ -18,6 +18,7 @@ pub mod notice;
 pub mod paths;
 pub mod pipeline;
 pub mod procfile;
+pub mod references;
 pub mod sample;
 pub mod serve;
 pub mod state;
