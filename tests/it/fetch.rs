@@ -84,7 +84,7 @@ fn serve_one(path: &str, data: Bytes, opts: ServerOptions) -> Server {
 fn run_child(child_name: &str, env: &[(&str, &str)]) {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
-        child_name,
+        &crate::common::test_name(module_path!(), child_name),
         "--exact",
         "--ignored",
         "--nocapture",
@@ -779,7 +779,7 @@ async fn serves_files_from_disk() {
 
 /// Loopback throughput of a 256 MiB body through the whole client (hashes included) into
 /// a sink that drops the bytes. A figure, not a test: run it in release,
-/// `cargo test --release --test fetch -- --ignored --nocapture loopback_throughput`.
+/// `cargo test --release --test it -- --ignored --nocapture fetch::loopback_throughput`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement; run explicitly in release"]
 async fn loopback_throughput() {

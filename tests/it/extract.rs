@@ -907,7 +907,7 @@ fn first_file_is_on_disk_before_the_stream_ends() {
 }
 
 /// Peak memory of decode + extract of a real archive, for the closing note:
-/// `VRUN_RSS_ARCHIVE=target/bench-corpus/build.tar.xz cargo test --test extract peak_rss -- --ignored --nocapture`
+/// `VRUN_RSS_ARCHIVE=target/bench-corpus/build.tar.xz cargo test --test it extract::peak_rss -- --ignored --nocapture`
 #[test]
 #[ignore = "measurement; needs VRUN_RSS_ARCHIVE"]
 fn peak_rss_of_streaming_extract() {

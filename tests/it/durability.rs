@@ -11,7 +11,7 @@
 //! Publish times, quiet and busy, are measured by `cargo bench -p vrun-cache --bench
 //! publish`.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::Write;

@@ -6,9 +6,8 @@
 //! and `/apps/images` (vr.server `remote.py`, `MAX_BUILD_AGE`); vrun's store is elsewhere,
 //! so the runner keeps it bounded itself.
 
-mod common;
-#[path = "common/image.rs"]
-mod image;
+use crate::common;
+use crate::common::image;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -99,6 +98,7 @@ fn vrun_ok(t: &TestDir, args: &[&Path], env: &[(&str, &str)]) -> String {
 
 #[test]
 fn unused_layers_past_the_age_budget_go_and_a_procs_layers_never_do() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let server = serve_builds();
     let t = TestDir::new();
     let (setup, teardown) = (Path::new("setup"), Path::new("teardown"));
@@ -138,6 +138,7 @@ fn unused_layers_past_the_age_budget_go_and_a_procs_layers_never_do() {
 
 #[test]
 fn the_size_budget_removes_least_recently_used_unreferenced_entries() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let server = serve_builds();
     let t = TestDir::new();
     let (setup, teardown) = (Path::new("setup"), Path::new("teardown"));
@@ -170,6 +171,7 @@ fn the_size_budget_removes_least_recently_used_unreferenced_entries() {
 
 #[test]
 fn a_busy_store_and_the_hourly_stamp_leave_the_cache_alone() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let server = serve_builds();
     let t = TestDir::new();
     let (setup, teardown) = (Path::new("setup"), Path::new("teardown"));
@@ -225,6 +227,7 @@ fn a_busy_store_and_the_hourly_stamp_leave_the_cache_alone() {
 
 #[test]
 fn a_bad_budget_is_one_error_line_and_touches_nothing() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let server = serve_builds();
     let t = TestDir::new();
     let a = proc_yaml(&t, &server, "a", "one");

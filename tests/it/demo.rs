@@ -6,7 +6,7 @@
 //! end-to-end tests run the real `vrun demo` (real LXC, real loopback server) and then
 //! check, from outside, that nothing is left mounted, running or on disk.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -61,6 +61,7 @@ fn gnu_extract(bytes: &[u8], into: &Path) {
 
 #[test]
 fn the_sample_build_is_a_valid_tarball_with_procfile_and_executable_uptests() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let t = TestDir::new();
     let bytes = sample::app_build_tar_gz().unwrap();
     let listing = gnu_list(t.path(), "build.tar.gz", &bytes);
@@ -95,6 +96,7 @@ fn the_sample_build_is_a_valid_tarball_with_procfile_and_executable_uptests() {
 
 #[test]
 fn the_busybox_image_holds_the_hosts_busybox_applets_and_an_app_user() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let t = TestDir::new();
     let bytes = sample::busybox_image_tar_gz().unwrap();
     let listing = gnu_list(t.path(), "image.tar.gz", &bytes);
@@ -167,6 +169,7 @@ fn in_chroot(root: &Path, args: &[&str]) -> Command {
 /// user), but in a plain chroot: this pins the sample itself, independent of vrun.
 #[test]
 fn the_sample_app_serves_on_port_and_passes_its_own_uptests() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let t = TestDir::new();
     let root = t.path().join("rootfs");
     gnu_extract(&sample::busybox_image_tar_gz().unwrap(), &root);
@@ -259,6 +262,7 @@ fn assert_nothing_left(dir: &Path, container: &str) {
 /// The README's first command, minus the install: a whole deploy in a temp root.
 #[test]
 fn demo_deploys_uptests_and_tears_down_leaving_nothing() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let t = TestDir::new();
     let run = t.vrun(["demo"]).env_remove("VR_ROOT").run();
     assert_eq!(run.code, Some(0), "vrun demo failed:\n{}", run.stderr);
@@ -300,6 +304,7 @@ fn demo_deploys_uptests_and_tears_down_leaving_nothing() {
 /// server's port, hence the URLs, differ; the md5s do not).
 #[test]
 fn a_second_demo_on_the_same_root_reuses_the_cached_layers() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let t = TestDir::new();
     let first = t.vrun(["demo"]).run();
     assert_eq!(first.code, Some(0), "first demo failed:\n{}", first.stderr);
@@ -325,6 +330,7 @@ fn a_second_demo_on_the_same_root_reuses_the_cached_layers() {
 /// the host's system directories, read-only, and the demo still passes and cleans up.
 #[test]
 fn demo_in_host_rootfs_mode_deploys_and_leaves_nothing() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let t = TestDir::new();
     let run = t.vrun(["demo", "--host-rootfs"]).run();
     assert_eq!(run.code, Some(0), "vrun demo failed:\n{}", run.stderr);
@@ -380,6 +386,7 @@ fn stop_pid(pid: i32) {
 
 #[test]
 fn demo_keep_leaves_the_proc_running_and_prints_how_to_stop_it() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let mut kept = KeptDemo {
         t: TestDir::new(),
         pid: None,
@@ -456,6 +463,7 @@ fn demo_keep_leaves_the_proc_running_and_prints_how_to_stop_it() {
 
 #[test]
 fn demo_without_lxc_says_what_to_install_and_touches_nothing() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let t = TestDir::new();
     let empty = t.path().join("empty-path");
     std::fs::create_dir(&empty).unwrap();
@@ -466,6 +474,7 @@ fn demo_without_lxc_says_what_to_install_and_touches_nothing() {
 
 #[test]
 fn demo_as_non_root_says_it_needs_root() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     // A copy of vrun that nobody can reach (a clone under /root is not), started in /.
     let dir = tempfile::Builder::new()
         .prefix("vrun-nonroot-")

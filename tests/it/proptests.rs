@@ -17,7 +17,7 @@
 //! CI runs `PROPTEST_CASES` cases per property (default 1000 here: seconds in a debug
 //! build). Each property also counts its accepted inputs and fails if none was accepted,
 //! so a mutation scheme that only ever produces garbage cannot pass silently. Locally:
-//! `PROPTEST_CASES=40000 cargo test --test proptests -- --nocapture`.
+//! `PROPTEST_CASES=40000 cargo test --test it proptests:: -- --nocapture`.
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -6,11 +6,9 @@
 //! the same. Where vrun deliberately differs, the test states the original's result
 //! (checked against the oracle where it is safe to evaluate) next to vrun's, and why.
 
-mod common;
-#[path = "common/image.rs"]
-mod image;
-#[path = "common/lxc_proc.rs"]
-mod lxc_proc;
+use crate::common;
+use crate::common::image;
+use crate::common::lxc_proc;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -125,6 +123,7 @@ fn sourced(env_sh: &Path, keys: &[&str]) -> Result<BTreeMap<String, String>, Str
 
 #[test]
 fn env_sh_sources_to_what_the_originals_did() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let t = TestDir::new();
     // Entries whose sourced value must be exactly the original's (point 4: plain
     // references expanded at source time; point 5: Python's str() of non-strings).
@@ -186,6 +185,7 @@ fn env_sh_sources_to_what_the_originals_did() {
 
 #[test]
 fn env_values_where_vrun_deliberately_differs_from_the_original() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let t = TestDir::new();
     let pwned = t.path().join("pwned");
     // (key, value, the original's sourced result or None when its env.sh broke, vrun's).
@@ -306,6 +306,7 @@ fn resolved_command(proc_dir: &Path) -> String {
 
 #[test]
 fn procfiles_resolve_as_pyyaml_read_them_with_the_line_grammar_as_fallback() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     // (Procfile, what vrun runs). The original's result is computed by PyYAML; "ERROR"
     // where the original's setup failed (not a YAML mapping), where vrun falls back to
     // Heroku's line grammar.
@@ -357,6 +358,7 @@ fn procfiles_resolve_as_pyyaml_read_them_with_the_line_grammar_as_fallback() {
 
 #[test]
 fn a_yaml_procfile_command_runs_in_the_container() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     // vr.runners 4.0 ran `echo "a: b"` for this Procfile; vrun used to keep the outer
     // quotes and fail with 127.
     let opts = lxc_proc::ProcOpts {
@@ -370,6 +372,7 @@ fn a_yaml_procfile_command_runs_in_the_container() {
 
 #[test]
 fn procs_the_original_accepted_set_up_under_vr_commons_name() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     // (proc.yaml tweaks as Python source, what else must hold). Each directory name is
     // vr.common's get_container_name of the same document, computed by the oracle.
     let cases: &[(&str, &str)] = &[
@@ -419,6 +422,7 @@ fn procs_the_original_accepted_set_up_under_vr_commons_name() {
 
 #[test]
 fn any_shell_name_is_exported_and_other_keys_are_skipped_with_a_warning() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     // The original exported every key: LD_LIBRARY_PATH reached the app, and `BAD-KEY`
     // made only its own `export` line fail when sourced.
     let t = TestDir::new();

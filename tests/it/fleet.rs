@@ -9,7 +9,7 @@
 //! `--nocapture` for the closing note; nothing here asserts a duration beyond a bound
 //! against hangs.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -13,8 +13,7 @@
 //! setup: the same, and the build layer, the image layer and the proc's files are
 //! identical (content, modes, owners, links) to the ones of a clean setup.
 
-#[path = "common/image.rs"]
-mod image;
+use crate::common::image;
 
 use std::collections::BTreeMap;
 use std::fs;

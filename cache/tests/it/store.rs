@@ -96,7 +96,7 @@ fn spawn_child(role: &str, args: &[&str]) -> ChildGuard {
     let child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "child_process_entry",
+            "store::child_process_entry",
             "--nocapture",
             "--test-threads=1",
         ])

@@ -10,7 +10,7 @@
 //! `kill -9` one half-way, or to watch the first file land before the last byte leaves.
 //! Waits poll with generous deadlines; nothing asserts a duration.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -1311,7 +1311,7 @@ fn build_and_image_download_at_the_same_time_into_their_own_layers() {
 ///
 /// ```text
 /// VRUN_MEASURE_ARCHIVE=/mnt/m/big.tar.gz VRUN_MEASURE_ROOT=/mnt/m/root \
-///   cargo test --release --test setup_fetch -- --ignored --nocapture measure_setup
+///   cargo test --release --test it -- --ignored --nocapture setup_fetch::measure_setup
 /// ```
 ///
 /// Runs, each under `/usr/bin/time -v`: a cold setup (empty store: download + extract),

@@ -1188,7 +1188,7 @@ impl std::io::Read for Pattern {
 }
 
 /// A plain (not sparse) file over 4 GiB: 64-bit size, block addresses past 2^20.
-/// Writes 4 GiB, so not in CI: `cargo test --release --test erofs -- --ignored`.
+/// Writes 4 GiB, so not in CI: `cargo test --release --test it erofs:: -- --ignored`.
 #[test]
 #[ignore]
 fn plain_file_over_4_gib() {

@@ -19,7 +19,7 @@
 //!
 //! The corpus is one table ([`cases`]) so the verdict table of the closing note is
 //! generated from the same source the test asserts: `VRUN_VERDICTS=path cargo test --test
-//! adversarial corpus` writes it as Markdown.
+//! it adversarial::corpus` writes it as Markdown.
 //!
 //! Resource limits (a decompression bomb, ENOSPC on a tiny tmpfs, entry count and depth)
 //! have their own tests below; the container side is in `adversarial_lxc.rs`.
@@ -1159,7 +1159,7 @@ fn cases(c: &Ctx) -> Vec<Case> {
     // GNU tar 1.34 extracts an archive that stops on a header boundary without its end
     // blocks, silently; so does vrun when the gzip trailer proves the stream whole. A
     // *plain* tar like this is refused by setup unless an md5 proves it whole
-    // (tests/network.rs `a_tar_without_end_blocks_…`).
+    // (tests/it/network.rs `a_tar_without_end_blocks_…`).
     add(
         "tar without end marker",
         "gzip of file `f`, tar ends on a block boundary",

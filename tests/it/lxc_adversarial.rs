@@ -15,10 +15,8 @@
 //!
 //! Every test cleans up (teardown, then unmount, then the temp dir) even when it fails.
 
-#[path = "common/image.rs"]
-mod image;
-#[path = "common/lxc_proc.rs"]
-mod lxc_proc;
+use crate::common::image;
+use crate::common::lxc_proc;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -259,6 +257,7 @@ const STATUS_CMD: &str = "grep -E '^(Uid|Gid|CapEff|CapPrm|CapBnd|NoNewPrivs):' 
 
 #[test]
 fn app_runs_as_its_user_with_caps_dropped_and_no_new_privs() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let p = Proc::new("caps", &[], &[]);
     p.write_yaml(serde_json::json!({ "cmd": STATUS_CMD }));
     p.ok("setup");
@@ -302,6 +301,7 @@ fn app_runs_as_its_user_with_caps_dropped_and_no_new_privs() {
 
 #[test]
 fn teardown_never_deletes_volume_host_data() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let p = Proc::new("vol", &[], &[]);
     let vol = p.dir().join("volume");
     fs::create_dir_all(vol.join("deep")).unwrap();
@@ -335,6 +335,7 @@ fn teardown_never_deletes_volume_host_data() {
 
 #[test]
 fn proc_lxc_cannot_be_injected_through_proc_yaml() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let p = Proc::new("inj", &[], &[]);
     let vol = p.dir().join("v");
     fs::create_dir(&vol).unwrap();
@@ -438,6 +439,7 @@ fn proc_lxc_cannot_be_injected_through_proc_yaml() {
 
 #[test]
 fn image_var_run_symlink_to_a_host_path_never_reaches_the_host() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let s = Sentinel::new();
     let abs = s.abs();
     // The image's `var/run` is an absolute symlink to the host sentinel, and the image also
@@ -473,6 +475,7 @@ fn image_var_run_symlink_to_a_host_path_never_reaches_the_host() {
 
 #[test]
 fn volume_mount_point_symlinked_to_a_host_path_is_refused() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let s = Sentinel::new();
     let abs = s.abs();
     let image_extra = vec![Entry::symlink("vol", &format!("{abs}/created-by-mount"))];

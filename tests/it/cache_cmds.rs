@@ -5,7 +5,7 @@
 //! re-executes itself (`child_process_entry`, selected by `VRUN_CACHE_CMDS_CHILD`).
 
 #[allow(dead_code)]
-#[path = "../src/commands/cache.rs"]
+#[path = "../../src/commands/cache.rs"]
 mod cache_cmd;
 
 use std::path::{Path, PathBuf};
@@ -232,7 +232,11 @@ fn gc_waits_for_a_running_setup_and_keeps_what_it_published() {
     let published = tmp.path().join("published");
     let go = tmp.path().join("go");
     let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_process_entry", "--nocapture"])
+        .args([
+            "--exact",
+            &crate::common::test_name(module_path!(), "child_process_entry"),
+            "--nocapture",
+        ])
         .env(CHILD_ENV, "setup")
         .env(
             "CHILD_ARGS",

@@ -10,10 +10,8 @@
 //! guard shuts supervisord down, kills what is left of the proc's containers and unmounts
 //! everything under the root before the temp dir goes, even when an assertion fails.
 
-#[path = "common/image.rs"]
-mod image;
-#[path = "common/lxc_proc.rs"]
-mod lxc_proc;
+use crate::common::image;
+use crate::common::lxc_proc;
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -402,6 +400,7 @@ fn proc_info(version: &str, port: u16, tarballs: &Tarballs, env: serde_json::Val
 
 #[test]
 fn a_velociraptor_host_deploys_uptests_reboots_and_tears_down_under_supervisord() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let mut host = Host::new();
     let port = free_port();
     // The Procfile's command finds `vrapp-env` only through env's `PATH: /app/bin:$PATH`.
@@ -560,6 +559,7 @@ fn a_velociraptor_host_deploys_uptests_reboots_and_tears_down_under_supervisord(
 
 #[test]
 fn supervisorctl_stop_of_an_app_ignoring_sigterm_is_vruns_own_orderly_stop() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     // supervisord's default stopwaitsecs is 10: vrun's default grace (7 s) plus its
     // cleanup must end before supervisord SIGKILLs vrun, so supervisord logs vrun's own
     // exit (137: the app was killed after the grace period), not "terminated by SIGKILL".
@@ -614,6 +614,7 @@ fn supervisorctl_stop_of_an_app_ignoring_sigterm_is_vruns_own_orderly_stop() {
 
 #[test]
 fn vr_builder_build_proc_sets_up_runs_its_copied_script_and_tears_down() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let mut host = Host::new();
     let tarballs = Tarballs::serve(&[]);
     // vr.builder's working dir: the app checkout (chowned to the build user), a buildpack

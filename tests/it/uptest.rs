@@ -1,10 +1,8 @@
 //! `vrun uptest` against real LXC: the original uptester's JSON contract, parallelism,
 //! timeouts, and uptests that reach the running app over the network.
 
-#[path = "common/image.rs"]
-mod image;
-#[path = "common/lxc_proc.rs"]
-mod lxc_proc;
+use crate::common::image;
+use crate::common::lxc_proc;
 
 use std::time::Duration;
 
@@ -61,6 +59,7 @@ fn overlap(stamps: &std::path::Path) -> usize {
 
 #[test]
 fn uptests_run_in_parallel_in_name_order_with_the_original_json() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let slow = "n=${0##*/}; touch /tmp/st/$n.start; sleep 2; ls /tmp/st > /tmp/st/$n.seen; \
                 touch /tmp/st/$n.end";
     let mut files = vec![
@@ -168,6 +167,7 @@ fn uptests_run_in_parallel_in_name_order_with_the_original_json() {
 
 #[test]
 fn hanging_uptest_is_killed_at_the_timeout_and_leaves_nothing() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let opts = ProcOpts {
         app_files: vec![
             Entry::dir("uptests", 0o755),
@@ -202,6 +202,7 @@ fn hanging_uptest_is_killed_at_the_timeout_and_leaves_nothing() {
 
 #[test]
 fn uptests_reach_the_running_app_and_fail_on_a_wrong_port() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let http_uptest = || ProcOpts {
         app_files: vec![
             Entry::dir("uptests", 0o755),
@@ -238,6 +239,7 @@ fn uptests_reach_the_running_app_and_fail_on_a_wrong_port() {
 
 #[test]
 fn no_uptests_dir_is_an_empty_array() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let mut p = TestProc::new("none", ProcOpts::default());
     let (code, out, err) = uptest(&mut p, 5);
     assert_eq!((code, out.as_str()), (0, "[]\n"), "{err}");
@@ -245,6 +247,7 @@ fn no_uptests_dir_is_an_empty_array() {
 
 #[test]
 fn uptest_that_cannot_run_at_all_leaves_stdout_empty() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let mut p = TestProc::new("upnolxc", ProcOpts::default());
     let r = p.vrun_env(
         ["uptest"],
@@ -261,6 +264,7 @@ fn uptest_that_cannot_run_at_all_leaves_stdout_empty() {
 
 #[test]
 fn uptest_of_a_proc_not_set_up_fails_with_empty_stdout() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("proc.yaml");
     std::fs::write(

@@ -5,10 +5,8 @@
 //! container name nobody else uses; `TestProc`'s Drop kills containers, removes cgroups
 //! and unmounts even when an assertion fails.
 
-#[path = "common/image.rs"]
-mod image;
-#[path = "common/lxc_proc.rs"]
-mod lxc_proc;
+use crate::common::image;
+use crate::common::lxc_proc;
 
 use std::io::{Read, Write};
 use std::process::Stdio;
@@ -38,6 +36,7 @@ fn workload_pid(p: &TestProc) -> Option<i32> {
 
 #[test]
 fn run_serves_http_and_shell_shares_env_user_and_rootfs() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let mut p = TestProc::new("http", ProcOpts::default());
     let port = p.opts.port;
     let (pid, _out, err) = p.spawn_run(5);
@@ -112,6 +111,7 @@ fn run_serves_http_and_shell_shares_env_user_and_rootfs() {
 
 #[test]
 fn sigterm_reaches_the_app_and_its_status_is_vruns() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let opts = ProcOpts {
         cmd: Some(
             "trap 'echo got-term > /tmp/term-note; exit 42' TERM; \
@@ -140,6 +140,7 @@ fn sigterm_reaches_the_app_and_its_status_is_vruns() {
 
 #[test]
 fn app_ignoring_term_is_killed_after_the_grace_period() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let opts = ProcOpts {
         cmd: Some("trap '' TERM; echo up > /tmp/started; while :; do sleep 1; done".into()),
         ..ProcOpts::default()
@@ -158,6 +159,7 @@ fn app_ignoring_term_is_killed_after_the_grace_period() {
 
 #[test]
 fn exit_status_of_the_app_is_vruns() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let opts = ProcOpts {
         cmd: Some("exit 7".into()),
         ..ProcOpts::default()
@@ -183,6 +185,7 @@ fn exit_status_of_the_app_is_vruns() {
 
 #[test]
 fn orphans_of_a_killed_run_are_cleaned_by_the_next_run() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let opts = ProcOpts {
         cmd: Some(
             "if [ -f /tmp/second ]; then exit 5; fi; touch /tmp/second; exec sleep 1000".into(),
@@ -228,6 +231,7 @@ fn orphans_of_a_killed_run_are_cleaned_by_the_next_run() {
 
 #[test]
 fn kill_9_of_vrun_alone_stops_the_container() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let opts = ProcOpts {
         cmd: Some("echo up > /tmp/started; exec sleep 1000".into()),
         ..ProcOpts::default()
@@ -247,6 +251,7 @@ fn kill_9_of_vrun_alone_stops_the_container() {
 
 #[test]
 fn mem_limit_kills_an_app_that_allocates_more() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let opts = ProcOpts {
         // The shell itself holds 200 MB in a variable.
         cmd: Some("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}".into()),
@@ -275,6 +280,7 @@ fn mem_limit_kills_an_app_that_allocates_more() {
 
 #[test]
 fn volume_is_writable_by_the_app_and_lands_on_the_host() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let host = tempfile::tempdir().unwrap();
     std::os::unix::fs::chown(host.path(), Some(1000), Some(1000)).unwrap();
     let opts = ProcOpts {
@@ -295,6 +301,7 @@ fn volume_is_writable_by_the_app_and_lands_on_the_host() {
 
 #[test]
 fn proc_without_image_runs_on_the_hosts_system_dirs_read_only() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let opts = ProcOpts {
         cmd: Some("cat /app/www/index.html; id -u; touch /usr/vrun-write-test 2>/dev/null && echo WROTE; true"
             .into()),
@@ -312,6 +319,7 @@ fn proc_without_image_runs_on_the_hosts_system_dirs_read_only() {
 
 #[test]
 fn missing_lxc_is_a_clear_error() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let mut p = TestProc::new("nolxc", ProcOpts::default());
     let missing = [("VRUN_LXC_EXECUTE", "/nonexistent/lxc-execute")];
     for args in [vec!["run"], vec!["shell", "--", "true"]] {
@@ -326,6 +334,7 @@ fn missing_lxc_is_a_clear_error() {
 
 #[test]
 fn teardown_refuses_while_a_shell_runs_then_cleans_everything() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let mut p = TestProc::new("busy", ProcOpts::default());
     let (pid, _, _) = p.spawn(
         [
@@ -369,6 +378,7 @@ fn teardown_refuses_while_a_shell_runs_then_cleans_everything() {
 
 #[test]
 fn shell_without_a_terminal_reads_commands_from_stdin() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let p = TestProc::new("stdin", ProcOpts::default());
     let mut child = p
         .command(["shell"])
@@ -461,6 +471,7 @@ impl Drop for PtySession {
 
 #[test]
 fn interactive_shell_has_a_real_pty_and_job_control() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let p = TestProc::new("pty", ProcOpts::default());
     let mut s = PtySession::start(&p);
     // LXC's console flushes input typed before it is up: wait for the prompt.
@@ -508,6 +519,7 @@ fn interactive_shell_has_a_real_pty_and_job_control() {
 
 #[test]
 fn a_killed_shell_is_stopped_and_its_leftovers_swept_by_the_next() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let mut p = TestProc::new("shkill", ProcOpts::default());
     let (pid, _, _) = p.spawn(
         [
@@ -537,6 +549,7 @@ fn a_killed_shell_is_stopped_and_its_leftovers_swept_by_the_next() {
 
 #[test]
 fn teardown_cleans_a_killed_runs_orphan_and_keeps_the_layers() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let opts = ProcOpts {
         cmd: Some("echo up > /tmp/started; exec sleep 1000".into()),
         ..ProcOpts::default()
@@ -579,6 +592,7 @@ fn teardown_cleans_a_killed_runs_orphan_and_keeps_the_layers() {
 
 #[test]
 fn vrun_teardown_refuses_while_running_then_removes_all_but_the_cache() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let mut p = TestProc::new("teardown", ProcOpts::default());
     let port = p.opts.port;
     let (pid, _, err) = p.spawn_run(2);
@@ -642,6 +656,7 @@ fn vrun_teardown_refuses_while_running_then_removes_all_but_the_cache() {
 
 #[test]
 fn second_proc_of_the_same_build_and_image_reuses_the_layers() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     let mut p = TestProc::new("first", ProcOpts::default());
     let second = p.sibling_file("second");
     let r = p.shell(&["true"]);
@@ -701,6 +716,7 @@ fn second_proc_of_the_same_build_and_image_reuses_the_layers() {
 
 #[test]
 fn setup_again_on_another_build_remounts_but_not_under_a_running_shell() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     // Setup leaves the root mounted; the same container name set up again with another
     // build must show that build, and must not pull the root from under a live shell.
     let mut p = TestProc::new("rebuild", ProcOpts::cmd("exit 0"));
@@ -751,6 +767,7 @@ fn setup_again_on_another_build_remounts_but_not_under_a_running_shell() {
 
 #[test]
 fn volumes_that_cannot_be_one_mount_entry_are_refused_by_setup_before_anything_exists() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     // Newlines are already refused by the proc.yaml parser; whitespace would split the
     // fstab-style mount entry (the original's proc.lxc broke the same way, at start), so
     // setup, which now writes proc.lxc, refuses it naming the key and creates nothing.
@@ -774,6 +791,7 @@ fn volumes_that_cannot_be_one_mount_entry_are_refused_by_setup_before_anything_e
 
 #[test]
 fn a_volume_whose_host_dir_is_missing_warns_at_setup_and_refuses_at_run() {
+    let _lxc = crate::common::lxc_suite(module_path!());
     // The original's setup never looked at volume host dirs; its run failed in LXC.
     // vrun's setup warns and still sets up; run and shell refuse with one line.
     let host = tempfile::tempdir().unwrap();

@@ -8,7 +8,7 @@
 //! `VRUN_*` variables, so each test takes seconds; the bound only catches a hang), and
 //! what is left under the root.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

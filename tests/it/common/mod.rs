@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod image;
+pub mod lxc_proc;
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -291,6 +294,61 @@ impl Drop for ChildGuard {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while nix::sys::signal::killpg(pgid, None).is_ok() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+/// The name libtest knows a test by (`fetch::child_env_stall`), for re-running it alone in
+/// a child process with `--exact`: `module` is the test's `module_path!()`.
+pub fn test_name(module: &str, name: &str) -> String {
+    let module = module.split_once("::").map_or("", |(_crate, rest)| rest);
+    if module.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{module}::{name}")
+    }
+}
+
+/// Which LXC suite runs now, and how many of its tests.
+struct SuiteState {
+    suite: Option<&'static str>,
+    holders: usize,
+}
+
+static LXC_SUITE: std::sync::Mutex<SuiteState> = std::sync::Mutex::new(SuiteState {
+    suite: None,
+    holders: 0,
+});
+static LXC_SUITE_FREE: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Held by every test of an LXC suite (`lxc_suite(module_path!())`) for its whole run.
+///
+/// The suites were separate test binaries, which cargo runs one after another: the tests
+/// of one suite ran in parallel with each other and with nothing else. In one binary this
+/// keeps that for LXC: tests of the same suite share the guard, a test of another LXC
+/// suite waits until the last of them has dropped it. Tests that use no LXC take nothing
+/// and run beside them.
+pub struct LxcSuite(());
+
+pub fn lxc_suite(suite: &'static str) -> LxcSuite {
+    let mut state = LXC_SUITE.lock().unwrap_or_else(|p| p.into_inner());
+    while state.suite.is_some_and(|s| s != suite) {
+        state = LXC_SUITE_FREE
+            .wait(state)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+    state.suite = Some(suite);
+    state.holders += 1;
+    LxcSuite(())
+}
+
+impl Drop for LxcSuite {
+    fn drop(&mut self) {
+        let mut state = LXC_SUITE.lock().unwrap_or_else(|p| p.into_inner());
+        state.holders -= 1;
+        if state.holders == 0 {
+            state.suite = None;
+            LXC_SUITE_FREE.notify_all();
         }
     }
 }

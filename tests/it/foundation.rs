@@ -2,7 +2,7 @@
 //! proc.yaml checks, the lock (against util-linux `flock`), the files setup writes
 //! (checked with a real `sh`, a busybox chroot and the real PyYAML), and teardown.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
