@@ -293,9 +293,10 @@ pub async fn prepare(
     }
     if let Some(sha256) = known_sha256(&store, &art) {
         if let Some(blob) = store.blob(&sha256) {
-            let (store2, art2, lim2) = (store.clone(), art.clone(), limits.clone());
+            let (store2, art2, lim2, http2) =
+                (store.clone(), art.clone(), limits.clone(), http.clone());
             let reused = tokio::task::spawn_blocking(move || {
-                from_blob(&store2, &art2, &sha256, &blob, &lim2, started)
+                from_blob(&store2, &http2, &art2, &sha256, &blob, &lim2, started)
             })
             .await
             .map_err(|_| PipelineError::Panicked { url: url.clone() })??;
@@ -368,6 +369,7 @@ fn layer_hit(store: &Store, art: &Artifact, started: Instant) -> Option<Prepared
 /// the caller downloads it again (once).
 fn from_blob(
     store: &Store,
+    http: &HttpClient,
     art: &Artifact,
     sha256: &str,
     blob: &Path,
@@ -388,10 +390,10 @@ fn from_blob(
                 source,
             })?
     {
-        eprintln!(
+        http.notice(&format!(
             "warning: the cached {} of {url} failed its md5 check and was quarantined; downloading it again",
             art.name()
-        );
+        ));
         return Ok(None);
     }
     let store_err = |source| PipelineError::Store {
