@@ -222,7 +222,7 @@ fn main() {
             .unwrap()
             .expect("nobody else holds it");
         let opened = t.elapsed();
-        let refs = cache_cmd::references(&root, store.dir(), true).unwrap();
+        let (refs, _) = vrun::references::references(&root, store.dir(), true).unwrap();
         let referenced = t.elapsed();
         let due = store.auto_gc_due(&policy, &refs).unwrap();
         let checked = t.elapsed();

@@ -191,10 +191,10 @@ impl Keys<'_> {
                 .map(Some)
                 .map_err(|_| self.invalid(key, format!("{i} is not a byte count"))),
             Some(Value::Str(s)) if s.trim().is_empty() => Ok(None),
-            Some(Value::Str(s)) => match parse_size(s) {
-                Some(0) => Ok(None),
-                Some(n) => Ok(Some(n)),
-                None => Err(self.invalid(
+            Some(Value::Str(s)) => match crate::units::parse_size(s) {
+                Ok(0) => Ok(None),
+                Ok(n) => Ok(Some(n)),
+                Err(_) => Err(self.invalid(
                     key,
                     format!("{s:?} is not a size (bytes, or a number with k, M, G or T)"),
                 )),
@@ -289,23 +289,6 @@ fn describe(v: &Value) -> String {
             other.scalar_text().unwrap_or_default()
         ),
     }
-}
-
-/// `1234`, `512k`, `256M`, `1G`, `2T` (powers of 1024, an optional trailing `b`/`B`).
-pub fn parse_size(s: &str) -> Option<u64> {
-    let t = s.trim();
-    let t = t.strip_suffix(['b', 'B']).unwrap_or(t);
-    let (digits, mult) = match t.chars().last()? {
-        'k' | 'K' => (&t[..t.len() - 1], 1u64 << 10),
-        'm' | 'M' => (&t[..t.len() - 1], 1 << 20),
-        'g' | 'G' => (&t[..t.len() - 1], 1 << 30),
-        't' | 'T' => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse::<u64>().ok()?.checked_mul(mult)
 }
 
 /// Why `part` cannot be one component of a container name, if it cannot.
@@ -671,13 +654,22 @@ mod tests {
     }
 
     #[test]
-    fn parses_sizes() {
-        assert_eq!(parse_size("512k"), Some(512 << 10));
-        assert_eq!(parse_size("1G"), Some(1 << 30));
-        assert_eq!(parse_size("12"), Some(12));
-        assert_eq!(parse_size("256MB"), Some(256 << 20));
-        assert_eq!(parse_size("-1"), None);
-        assert_eq!(parse_size("M"), None);
+    fn memory_limits_use_the_one_size_grammar() {
+        // The same grammar as `vrun cache gc --max-size` (`crate::units`): 1.5G included.
+        let c = parse("mem_limit: 1.5G\nmemsw_limit: 256MB\n").unwrap();
+        assert_eq!(
+            (c.mem_limit, c.memsw_limit),
+            (Some(3 << 29), Some(256 << 20))
+        );
+        for bad in ["-1", "M", "5Q"] {
+            let e = parse(&format!("mem_limit: '{bad}'\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("mem_limit") && e.contains("is not a size"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

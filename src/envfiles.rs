@@ -30,9 +30,8 @@
 //! is started.
 
 use std::ffi::OsString;
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{EnvValue, Owner, ProcConfig};
@@ -324,14 +323,14 @@ pub fn create_proc_dirs(proc: &ProcPaths) -> Result<(), EnvFilesError> {
 /// Write the three files into `upper` (temp sibling, fsync, rename; then fsync `upper`).
 pub fn write_files(upper: &Path, files: &ProcFiles, owner: &Owner) -> Result<(), EnvFilesError> {
     let app = Some((owner.uid, owner.gid));
-    write_atomic(&upper.join(ENV_SH), &files.env_sh, SECRET_MODE, app)?;
-    write_atomic(
+    write(&upper.join(ENV_SH), &files.env_sh, SECRET_MODE, app)?;
+    write(
         &upper.join(SETTINGS_YAML),
         files.settings_yaml.as_bytes(),
         SECRET_MODE,
         app,
     )?;
-    write_atomic(
+    write(
         &upper.join(PROC_SH),
         files.proc_sh.as_bytes(),
         SCRIPT_MODE,
@@ -347,45 +346,17 @@ pub fn write_files(upper: &Path, files: &ProcFiles, owner: &Owner) -> Result<(),
     })
 }
 
-/// Replace `path` with `body` atomically; `owner` = (uid, gid) to chown to.
-pub fn write_atomic(
+/// [`vrun_cache::write_atomic`] (temp sibling, fsync, rename), the error naming `path`.
+fn write(
     path: &Path,
     body: &[u8],
     mode: u32,
     owner: Option<(u32, u32)>,
 ) -> Result<(), EnvFilesError> {
-    let name = path.file_name().expect("a file path").to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.vrun-tmp"));
-    let err = |source| EnvFilesError::Write {
+    vrun_cache::write_atomic(path, body, mode, owner).map_err(|source| EnvFilesError::Write {
         path: path.to_owned(),
         source,
-    };
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(err)?;
-    let result = (|| {
-        f.write_all(body)?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
-        }
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err(e));
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]

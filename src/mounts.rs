@@ -39,6 +39,9 @@ pub struct MountEntry {
     pub mount_point: PathBuf,
     pub fs_type: String,
     pub source: String,
+    /// The filesystem's own options, as the kernel shows them (still escaped: overlayfs
+    /// backslash-escapes `:` and `,` inside its `lowerdir=` paths); see [`overlay_lowers`].
+    pub super_options: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,9 +103,49 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 mount_point: PathBuf::from(OsStr::from_bytes(&unescape(fields[4]))),
                 fs_type: right[0].to_string(),
                 source: String::from_utf8_lossy(&unescape(right[1])).into_owned(),
+                super_options: right.get(2).copied().unwrap_or("").to_string(),
             })
         })
         .collect()
+}
+
+/// The lower dirs of every overlay among `mounts`, each with its mount point.
+pub fn overlay_lowers(mounts: &[MountEntry]) -> Vec<(PathBuf, PathBuf)> {
+    let mut out = Vec::new();
+    for m in mounts.iter().filter(|m| m.fs_type == "overlay") {
+        for opt in split_unescaped(&m.super_options, ',') {
+            if let Some(lowers) = opt.strip_prefix("lowerdir=") {
+                for lower in split_unescaped(lowers, ':') {
+                    let lower = PathBuf::from(OsStr::from_bytes(&unescape(&lower)));
+                    out.push((m.mount_point.clone(), lower));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Splits on `sep` except where it is backslash-escaped (overlayfs escapes `:` and `,`
+/// in paths it shows).
+fn split_unescaped(s: &str, sep: char) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        let last = parts.last_mut().expect("never empty");
+        if c == '\\' {
+            if let Some(next) = chars.next() {
+                if next != sep {
+                    last.push('\\');
+                }
+                last.push(next);
+            }
+        } else if c == sep {
+            parts.push(String::new());
+        } else {
+            last.push(c);
+        }
+    }
+    parts
 }
 
 /// This process's mounts, in mount order.
@@ -287,6 +330,28 @@ mod tests {
         assert_eq!(m[1].source, "over\\lay");
         assert_eq!(m[1].parent_id, 22);
         assert_eq!(unescape("a\\011b\\012c\\"), b"a\tb\nc\\");
+    }
+
+    #[test]
+    fn overlay_lower_dirs_from_mountinfo() {
+        let text = "36 35 98:0 / /mnt rw - ext4 /dev/vda rw\n\
+            90 25 0:52 / /apps/procs/a\\040b/rootfs rw,relatime - overlay overlay \
+            rw,lowerdir=/apps/cache/layers-v1/build-x/root:/apps/cache/layers-v1/image\\:y/root,\
+            upperdir=/apps/procs/a/upper,workdir=/apps/procs/a/work\n";
+        let lowers = overlay_lowers(&parse_mountinfo(text));
+        assert_eq!(
+            lowers,
+            [
+                (
+                    PathBuf::from("/apps/procs/a b/rootfs"),
+                    PathBuf::from("/apps/cache/layers-v1/build-x/root")
+                ),
+                (
+                    PathBuf::from("/apps/procs/a b/rootfs"),
+                    PathBuf::from("/apps/cache/layers-v1/image:y/root")
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //! in use. It is versioned (a newer vrun refuses to misread an unknown version) and
 //! written as temp file + rename, never truncated in place.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -66,18 +65,12 @@ impl ProcState {
         Ok(state)
     }
 
-    /// Write as temp sibling + fsync + rename.
+    /// Write atomically ([`vrun_cache::write_atomic`]: temp sibling, fsync, rename).
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        let err = |source| StateError::Write {
+        let body = serde_json::to_vec_pretty(self).expect("state serializes");
+        vrun_cache::write_atomic(path, &body, 0o644, None).map_err(|source| StateError::Write {
             path: path.to_owned(),
             source,
-        };
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        let body = serde_json::to_vec_pretty(self).expect("state serializes");
-        f.write_all(&body).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)?;
-        Ok(())
+        })
     }
 }

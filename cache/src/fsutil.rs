@@ -18,37 +18,59 @@ pub(crate) fn random_name() -> String {
     format!("{}-{:016x}", std::process::id(), rand::random::<u64>())
 }
 
-/// Writes `body` to a temp sibling (`.tmp-<random>`, never a name readers look at),
-/// fsyncs it and renames it over `path`. Readers see the old or the new file, never a
-/// torn one.
-pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> Result<(), StoreError> {
-    write_atomic_mode(path, body, 0o644)
-}
-
-/// [`write_atomic`] for a file only its owner may read (index entries name URLs).
-pub(crate) fn write_atomic_private(path: &Path, body: &[u8]) -> Result<(), StoreError> {
-    write_atomic_mode(path, body, 0o600)
-}
-
-fn write_atomic_mode(path: &Path, body: &[u8], mode: u32) -> Result<(), StoreError> {
-    use fs_err::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().expect("store paths have a parent");
+/// The one atomic small-file write of vrun and its store: `body` goes to a new temp
+/// sibling (`.tmp-<pid>-<random>`, created exclusively, never a name readers look at),
+/// is given `owner` and exactly `mode` (whatever the umask), fsynced, and renamed over
+/// `path`.
+///
+/// Guarantee: readers see the old file or the new one, never a torn one, and the new
+/// content is on disk before it replaces the old (so a crash cannot leave an empty or
+/// partial file under `path`). The rename itself is durable once the caller fsyncs the
+/// directory ([`fsync_dir`] in the store; `envfiles::write_files` does it for its three),
+/// which lets a caller writing several files in one directory pay that once. On error
+/// the temp file is removed and `path` is untouched; the error is the bare io error, for
+/// the caller to name `path`.
+pub fn write_atomic(
+    path: &Path,
+    body: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let tmp = dir.join(format!(".tmp-{}", random_name()));
     let result = (|| {
-        let mut f = fs_err::OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(mode)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(body)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        }
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
-        fs_err::rename(&tmp, path)?;
-        Ok(())
+        std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// [`write_atomic`] of a store file anyone may read.
+pub(crate) fn write_store_file(path: &Path, body: &[u8]) -> Result<(), StoreError> {
+    write_atomic(path, body, 0o644, None).map_err(|e| StoreError::io("write", path, e))
+}
+
+/// [`write_atomic`] of a store file only its owner may read (index entries name URLs).
+pub(crate) fn write_store_file_private(path: &Path, body: &[u8]) -> Result<(), StoreError> {
+    write_atomic(path, body, 0o600, None).map_err(|e| StoreError::io("write", path, e))
 }
 
 /// fsync a directory, making the renames done in it durable.
@@ -320,4 +342,20 @@ pub(crate) fn sorted_names(dir: &Path) -> Result<Vec<(String, PathBuf)>, StoreEr
     }
     names.sort();
     Ok(names)
+}
+
+pub(crate) fn check_hex(what: &'static str, value: &str, len: usize) -> Result<(), StoreError> {
+    if is_hex(value, len) {
+        Ok(())
+    } else {
+        Err(StoreError::BadDigest {
+            what,
+            value: value.to_owned(),
+            expected: if len == 64 {
+                "64 lowercase hex digits"
+            } else {
+                "32 lowercase hex digits"
+            },
+        })
+    }
 }

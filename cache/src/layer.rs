@@ -32,10 +32,10 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
-use crate::fsutil;
+use crate::fsutil::{self, check_hex};
 use crate::layout::{LAYER_MANIFEST, LAYER_META, LAYER_ROOT};
 use crate::manifest::{Manifest, TreeStats};
-use crate::store::{check_hex, Store};
+use crate::store::Store;
 
 /// Format of `layer.json`; a different number is not a layer this code can vouch for.
 pub(crate) const LAYER_META_FORMAT: u32 = 1;

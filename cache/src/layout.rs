@@ -131,10 +131,10 @@ pub(crate) fn create(layout: &Layout, found: Option<u32>) -> Result<(), StoreErr
     }
     let tag = layout.root.join(CACHEDIR_TAG);
     if !tag.exists() {
-        fsutil::write_atomic(&tag, CACHEDIR_TAG_BODY.as_bytes())?;
+        fsutil::write_store_file(&tag, CACHEDIR_TAG_BODY.as_bytes())?;
     }
     if found != Some(LAYOUT_VERSION) {
-        fsutil::write_atomic(
+        fsutil::write_store_file(
             &layout.version_file(),
             format!("{LAYOUT_VERSION}\n").as_bytes(),
         )?;

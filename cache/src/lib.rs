@@ -59,6 +59,7 @@
 
 mod error;
 mod fsutil;
+mod hash;
 mod layer;
 pub mod layout;
 mod lock;
@@ -68,6 +69,8 @@ mod policy;
 mod store;
 
 pub use error::StoreError;
+pub use fsutil::write_atomic;
+pub use hash::{BodyDigest, BodyHasher};
 pub use layer::{LayerKey, LayerKind, LayerMeta, ManifestMode};
 pub use lock::{lock_holders, KeyLock};
 pub use maint::{

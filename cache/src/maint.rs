@@ -11,13 +11,10 @@
 //! published name.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use md5::Md5;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::StoreError;
 use crate::fsutil;
@@ -33,9 +30,6 @@ pub const LEFTOVER_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// How many manifest differences verify reports per layer (the rest are counted).
 const MAX_DIFFS_REPORTED: usize = 5;
-
-/// Read buffer for re-hashing blobs.
-const HASH_BUF: usize = 256 * 1024;
 
 /// Layer paths in use, and who uses them (proc names, "live mount", …).
 #[derive(Debug, Default, Clone)]
@@ -466,7 +460,7 @@ impl Store {
                 continue;
             }
             report.blobs_checked += 1;
-            let (sha, md5) = hash_blob(&path)?;
+            let (sha, md5) = crate::hash::hash_file(&path)?;
             if sha != name {
                 report.bad.push(self.quarantined(
                     "blob",
@@ -566,23 +560,6 @@ fn check_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
         Ok(now) => recorded.diff(&now, MAX_DIFFS_REPORTED),
         Err(e) => vec![format!("cannot scan layer: {e}")],
     }
-}
-
-/// sha256 and md5 of a file in one pass.
-pub(crate) fn hash_blob(path: &Path) -> Result<(String, String), StoreError> {
-    let mut f = fs_err::File::open(path)?;
-    let mut sha = Sha256::new();
-    let mut md5 = Md5::new();
-    let mut buf = vec![0u8; HASH_BUF];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        sha.update(&buf[..n]);
-        md5.update(&buf[..n]);
-    }
-    Ok((hex::encode(sha.finalize()), hex::encode(md5.finalize())))
 }
 
 fn file_name(path: &Path) -> String {

@@ -188,7 +188,7 @@ impl Store {
         };
         let stamp = self.layout.root.join(STAMP);
         if std::fs::symlink_metadata(&stamp).is_err() {
-            fsutil::write_atomic(&stamp, b"")?;
+            fsutil::write_store_file(&stamp, b"")?;
         }
         fsutil::touch(&stamp)?;
         Ok(report)

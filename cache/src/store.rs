@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
-use crate::fsutil;
+use crate::fsutil::{self, check_hex};
 use crate::layout::{self, Layout, LAYOUT_VERSION, STORE_LOCK};
 use crate::lock::{self, KeyLock, LockMode};
 
@@ -127,7 +127,7 @@ impl Partial {
     /// the URL).
     pub fn set_meta(&self, meta: &PartialMeta) -> Result<(), StoreError> {
         let body = serde_json::to_vec_pretty(meta).expect("partial meta serializes");
-        fsutil::write_atomic_private(&self.meta, &body)
+        fsutil::write_store_file_private(&self.meta, &body)
     }
     /// Forget the bytes and the record (the dir stays, still held, for a fresh start).
     pub fn clear(&self) -> Result<(), StoreError> {
@@ -350,7 +350,7 @@ impl Store {
         if !path.is_file() {
             return Ok(false);
         }
-        let (sha, md5) = crate::maint::hash_blob(&path)?;
+        let (sha, md5) = crate::hash::hash_file(&path)?;
         let md5_ok = expect_md5.is_none_or(|m| m.eq_ignore_ascii_case(&md5));
         if sha == sha256 && md5_ok {
             let _ = fsutil::touch(&path);
@@ -427,7 +427,7 @@ impl Store {
     pub fn record_digest(&self, d: &BlobDigest, url: Option<&UrlRecord>) -> Result<(), StoreError> {
         check_hex("sha256", &d.sha256, 64)?;
         check_hex("md5", &d.md5, 32)?;
-        fsutil::write_atomic_private(
+        fsutil::write_store_file_private(
             &self.layout.index_md5().join(&d.md5),
             format!("{}\n", d.sha256).as_bytes(),
         )?;
@@ -470,7 +470,7 @@ impl Store {
             ..rec.clone()
         };
         let body = serde_json::to_vec_pretty(&stored).expect("url record serializes");
-        fsutil::write_atomic_private(&self.url_index_path(&rec.url), &body)
+        fsutil::write_store_file_private(&self.url_index_path(&rec.url), &body)
     }
 
     fn url_index_path(&self, url: &str) -> PathBuf {
@@ -524,22 +524,6 @@ pub fn url_lock_key(url: &str) -> String {
 /// The key to lock while publishing a blob.
 pub fn blob_lock_key(sha256: &str) -> String {
     format!("blob-{sha256}")
-}
-
-pub(crate) fn check_hex(what: &'static str, value: &str, len: usize) -> Result<(), StoreError> {
-    if fsutil::is_hex(value, len) {
-        Ok(())
-    } else {
-        Err(StoreError::BadDigest {
-            what,
-            value: value.to_owned(),
-            expected: if len == 64 {
-                "64 lowercase hex digits"
-            } else {
-                "32 lowercase hex digits"
-            },
-        })
-    }
 }
 
 pub(crate) fn read_md5_entry(path: &Path) -> Option<String> {

@@ -10,7 +10,7 @@
 //! use of the torn-down proc's layers, so "age" means time since a proc last used a
 //! layer, not since it was downloaded.
 //!
-//! A module of its own, beside `cache.rs` (whose `references` it uses), so the policy and
+//! A module of its own, beside `cache.rs` (both use `vrun::references`), so the policy and
 //! gc's rules can change independently.
 
 use std::time::Duration;
@@ -20,7 +20,8 @@ use vrun::paths::Root;
 use vrun::state::ProcState;
 use vrun_cache::{AutoGc, LayerKey, Store, MAX_AGE_ENV, MAX_SIZE_ENV};
 
-use super::cache::{human_size, parse_duration, parse_size, references};
+use vrun::references::references;
+use vrun::units::{human_size, parse_duration, parse_size};
 
 /// The policy from the environment (defaults where unset).
 pub fn policy() -> anyhow::Result<AutoGc> {
@@ -98,7 +99,7 @@ fn run(
     let Some(store) = Store::try_open_exclusive(&cache_dir)? else {
         return Ok(());
     };
-    let refs = references(root, store.dir(), true)?;
+    let (refs, _) = references(root, store.dir(), true)?;
     let Some(report) = store.auto_gc(policy, &refs)? else {
         return Ok(());
     };
@@ -180,6 +181,9 @@ mod tests {
         );
         let err = policy_from(env(&[(MAX_AGE_ENV, "lots")])).unwrap_err();
         assert!(format!("{err:#}").contains(MAX_AGE_ENV), "{err:#}");
-        assert_eq!(describe(&AutoGc::default()), "max size 20 GiB, max age 7d");
+        assert_eq!(
+            describe(&AutoGc::default()),
+            "max size 20.00 GiB, max age 7d"
+        );
     }
 }

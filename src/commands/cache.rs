@@ -1,11 +1,9 @@
 //! `vrun cache ls | gc | verify`: the store made operable, as thin functions over
 //! `vrun-cache`.
 //!
-//! The store cannot know which layers are in use; this module can. Every proc dir's
-//! `state.json` names the layers its overlay stacks, and the kernel's mount table names
-//! the lower dirs of every overlay mounted right now (a live container whose proc dir
-//! was damaged still counts). Both go into [`References`], so gc never removes a layer
-//! a proc needs. gc reads them only after it holds the store's exclusive lock: a setup
+//! The store cannot know which layers are in use; the root can ([`vrun::references`]:
+//! every proc's `state.json` and the live overlays' lower dirs). gc reads them only
+//! after it holds the store's exclusive lock: a setup
 //! still running holds the shared lock until its state file is written, so a layer it
 //! just published is either visible as referenced or not yet published.
 //!
@@ -18,16 +16,13 @@
 //! `commands` module, and tests include it as-is.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
 use vrun::paths::Root;
-use vrun::state::ProcState;
-use vrun_cache::{CacheEntry, EntryKind, GcOptions, GcReport, References, Store, VerifyReport};
-
-/// Where the kernel lists this process's mounts (live overlays and their lower dirs).
-const MOUNTINFO: &str = "/proc/self/mountinfo";
+use vrun::references::references;
+use vrun::units::{human_size, parse_duration, parse_size};
+use vrun_cache::{CacheEntry, EntryKind, GcOptions, GcReport, Store, VerifyReport};
 
 /// Hex digits of a sha256 shown in the table (the JSON has the full key), enough to be
 /// unique in any real cache and short enough for a terminal row.
@@ -123,7 +118,10 @@ pub fn ls_to(root: &Root, json: bool, out: &mut dyn Write) -> anyhow::Result<()>
     let cache_dir = root.cache_dir();
     let entries = if cache_dir.exists() {
         let store = Store::open_with(&cache_dir, false, announce_wait)?;
-        let refs = references(root, store.dir(), false)?;
+        let (refs, warnings) = references(root, store.dir(), false)?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
         store.entries(&refs)?
     } else {
         Vec::new()
@@ -147,7 +145,7 @@ pub fn gc_to(
     on_wait: impl FnOnce(&Path),
 ) -> anyhow::Result<GcReport> {
     let store = Store::open_with(&root.cache_dir(), true, on_wait)?;
-    let refs = references(root, store.dir(), true)?;
+    let (refs, _) = references(root, store.dir(), true)?;
     let opts = GcOptions {
         budget: args.max_size,
         older_than: args.older_than,
@@ -235,128 +233,6 @@ pub fn verify_to(root: &Root, deep: bool, out: &mut dyn Write) -> anyhow::Result
     Ok(report)
 }
 
-/// Layers in use: every proc's state file, and the lower dirs of live overlay mounts.
-/// `strict`: an unreadable state file is an error (gc must not guess) rather than a
-/// warning (ls).
-pub fn references(root: &Root, cache_dir: &Path, strict: bool) -> anyhow::Result<References> {
-    let mut refs = References::new();
-    let procs = root.procs_dir();
-    let dirs = match std::fs::read_dir(&procs) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(with_mounts(refs, cache_dir))
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot list {}", procs.display())),
-    };
-    for entry in dirs {
-        let entry = entry.with_context(|| format!("cannot list {}", procs.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let state_path = root.proc(&name).state();
-        if !state_path.exists() {
-            continue;
-        }
-        match ProcState::load(&state_path) {
-            Ok(state) => {
-                for layer in [state.build_layer, state.image_layer].into_iter().flatten() {
-                    refs.add(layer, name.clone());
-                }
-            }
-            Err(e) if strict => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "cannot tell which layers proc {name} uses, so gc removes nothing"
-                )))
-            }
-            Err(e) => eprintln!("warning: {e}"),
-        }
-    }
-    Ok(with_mounts(refs, cache_dir))
-}
-
-fn with_mounts(mut refs: References, cache_dir: &Path) -> References {
-    if let Ok(text) = std::fs::read_to_string(MOUNTINFO) {
-        for (mount_point, lower) in overlay_lowers(&text) {
-            if lower.starts_with(cache_dir) {
-                refs.add(lower, format!("mounted on {}", mount_point.display()));
-            }
-        }
-    }
-    refs
-}
-
-/// (mount point, lower dir) of every overlay in a mountinfo text.
-fn overlay_lowers(mountinfo: &str) -> Vec<(PathBuf, PathBuf)> {
-    let mut out = Vec::new();
-    for line in mountinfo.lines() {
-        let Some((head, tail)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut tail = tail.split(' ');
-        if tail.next() != Some("overlay") {
-            continue;
-        }
-        let options = tail.nth(1).unwrap_or("");
-        let Some(mount_point) = head.split(' ').nth(4) else {
-            continue;
-        };
-        let mount_point = PathBuf::from(unescape(mount_point));
-        for opt in split_unescaped(options, ',') {
-            if let Some(lowers) = opt.strip_prefix("lowerdir=") {
-                for lower in split_unescaped(lowers, ':') {
-                    out.push((mount_point.clone(), PathBuf::from(unescape(&lower))));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Splits on `sep` except where it is backslash-escaped (overlayfs escapes `:` and `,`
-/// in paths it shows).
-fn split_unescaped(s: &str, sep: char) -> Vec<String> {
-    let mut parts = vec![String::new()];
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            if let Some(next) = chars.next() {
-                if next != sep {
-                    parts.last_mut().unwrap().push('\\');
-                }
-                parts.last_mut().unwrap().push(next);
-            }
-        } else if c == sep {
-            parts.push(String::new());
-        } else {
-            parts.last_mut().unwrap().push(c);
-        }
-    }
-    parts
-}
-
-/// Decodes mountinfo's `\ooo` octal escapes (space, tab, newline, backslash).
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let v = (bytes[i + 1] - b'0') as u32 * 64
-                + (bytes[i + 2] - b'0') as u32 * 8
-                + (bytes[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn kind_label(e: &CacheEntry) -> &'static str {
     match (e.kind, e.layer_kind) {
         (EntryKind::Blob, _) => "blob",
@@ -420,24 +296,6 @@ fn write_table(entries: &[CacheEntry], out: &mut dyn Write) -> std::io::Result<(
     )
 }
 
-/// `1536` → `1.5 KiB`: binary units, one decimal below 10.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else if value < 10.0 {
-        format!("{value:.1} {}", UNITS[unit])
-    } else {
-        format!("{value:.0} {}", UNITS[unit])
-    }
-}
-
 fn human_age(now: SystemTime, unix_secs: u64) -> String {
     let then = SystemTime::UNIX_EPOCH + Duration::from_secs(unix_secs);
     let secs = now.duration_since(then).unwrap_or_default().as_secs();
@@ -449,69 +307,9 @@ fn human_age(now: SystemTime, unix_secs: u64) -> String {
     }
 }
 
-/// Parses `--max-size`: bytes, or a number with `K M G T` (powers of 1024, optional
-/// `B`/`iB`), e.g. `500M`, `1.5G`, `20GiB`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected e.g. 500M, 20G or a byte count"))?;
-    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        "T" | "TB" | "TIB" => 1 << 40,
-        _ => {
-            return Err(format!(
-                "invalid size {s:?}: unknown unit {unit:?} (use K, M, G or T)"
-            ))
-        }
-    };
-    Ok((value * mult as f64) as u64)
-}
-
-/// Parses `--older-than`: a number with `s m h d w`, e.g. `30d`, `12h`, `2w`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let err = || format!("invalid duration {s:?}: expected e.g. 30d, 12h, 90m, 2w");
-    let (num, unit) = t.split_at(t.len().saturating_sub(1));
-    let value: u64 = num.parse().map_err(|_| err())?;
-    let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        _ => return Err(err()),
-    };
-    Ok(Duration::from_secs(value * secs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("500M"), Ok(500 << 20));
-        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
-        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
-        assert!(parse_size("big").is_err());
-        assert!(parse_size("5Q").is_err());
-        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86400)));
-        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
-        assert!(parse_duration("12").is_err());
-        assert!(parse_duration("d").is_err());
-        assert_eq!(human_size(512), "512 B");
-        assert_eq!(human_size(1536), "1.5 KiB");
-        assert_eq!(human_size(200 << 20), "200 MiB");
-    }
 
     #[test]
     fn cli_parses_cache_subcommands() {
@@ -544,27 +342,5 @@ mod tests {
             Cli::parse_from(["cache", "verify", "--deep"]).command,
             CacheCommand::Verify { deep: true }
         ));
-    }
-
-    #[test]
-    fn overlay_lower_dirs_from_mountinfo() {
-        let text = "36 35 98:0 / /mnt rw - ext4 /dev/vda rw\n\
-            90 25 0:52 / /apps/procs/a\\040b/rootfs rw,relatime - overlay overlay \
-            rw,lowerdir=/apps/cache/layers-v1/build-x/root:/apps/cache/layers-v1/image\\:y/root,\
-            upperdir=/apps/procs/a/upper,workdir=/apps/procs/a/work\n";
-        let lowers = overlay_lowers(text);
-        assert_eq!(
-            lowers,
-            [
-                (
-                    PathBuf::from("/apps/procs/a b/rootfs"),
-                    PathBuf::from("/apps/cache/layers-v1/build-x/root")
-                ),
-                (
-                    PathBuf::from("/apps/procs/a b/rootfs"),
-                    PathBuf::from("/apps/cache/layers-v1/image:y/root")
-                ),
-            ]
-        );
     }
 }

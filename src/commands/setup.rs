@@ -162,7 +162,8 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
         ensure_mounted_locked(&lock, &paths, &state, &proc.spec().host_system_dirs)?;
     }
     envfiles::write_files(&paths.rootfs(), &files, &owner)?;
-    envfiles::write_atomic(&paths.lxc_config(), lxc_config.as_bytes(), 0o644, None)?;
+    vrun_cache::write_atomic(&paths.lxc_config(), lxc_config.as_bytes(), 0o644, None)
+        .with_context(|| format!("cannot write {}", paths.lxc_config().display()))?;
     eprintln!(
         "vrun: {name} is set up in {} ({:.2} s)",
         paths.dir.display(),

@@ -1,4 +1,4 @@
-//! Safe, streaming extraction of a tar stream into a staging directory.
+//! Safe, streaming extraction of a tar stream into a staging directory (or another sink).
 //!
 //! # Shape
 //!
@@ -6,9 +6,19 @@
 //! pipeline on dedicated threads:
 //!
 //! ```text
-//! decoder(Format, impl Read) ─► tar::Reader ─► policy::plan ─► writer thread(s) ─► staging dir
-//!        (parse thread: decompress, parse, decide, make dirs/links)  (regular files)
+//!          this module: the driver, the same for every output         a Sink: where entries go
+//! decoder ─► tar::Reader ─► Limits ─► policy::plan ─► ExtractStats ─┬─ DirSink (dir.rs) ─► staging dir
+//!  (parse thread: decompress, parse, decide, count)                 └─ an EROFS image writer (next)
 //! ```
+//!
+//! The seam is [`Sink`]. Above it, and shared by every output: reading the tar stream,
+//! the [`Limits`] (entry count, bytes, path depth and length, metadata), the rules of each
+//! [`Mode`] in `policy` (what names, links, modes, owners and xattrs are allowed, what is
+//! refused or skipped; pure, no system calls), the end-of-stream checks and the counting
+//! in [`ExtractStats`]. Below it, only the making: [`DirSink`] resolves every path inside
+//! the root (`tree`), hands regular files to writer threads (`writer`), applies directory
+//! metadata at the end and keeps the free-space reserve. A sink decides nothing the policy
+//! decides, so an image sink gets the same refusals by construction.
 //!
 //! Why synchronous: every step is a blocking system call or CPU work. uv measured one
 //! blocking task per archive fed by a bounded pipe at 2–3× faster than one `spawn_blocking`
@@ -16,11 +26,10 @@
 //! file *creation* latency, not bandwidth, dominates. So the parse thread pulls decompressed
 //! bytes, reads entries with vrun's own tar reader (`crate::tar`, which follows GNU tar
 //! rule by rule; its module note says why it replaced the `tar` crate), lets
-//! `policy::plan` decide what each becomes under the mode's rules, does the namespace work
-//! itself, and hands regular files (header + data, bounded by a byte budget) to writer
-//! threads (`writer`). The reader and the policy know nothing of directories: they are
-//! what an image sink (issue 15) shares with this one. The number of writers is [`Writers`]; the default (4) was
-//! measured with `VRUN_BENCH_ONESHOT=7 cargo bench --bench writer` on this shared 2-core
+//! `policy::plan` decide what each becomes under the mode's rules, and the directory sink
+//! does the namespace work on that thread and hands regular files (header + data, bounded
+//! by a byte budget) to writer threads (`writer`). The number of writers is [`Writers`];
+//! the default (4) was measured with `VRUN_BENCH_ONESHOT=7 cargo bench --bench writer` on this shared 2-core
 //! machine: a 248 MB / 12k-file build `.tar.gz` onto a fresh loop-mounted ext4 took median
 //! 1.64 s inline, 1.72 s with 1 writer, 1.64 s with 2, 1.52 s with 4 (GNU `tar xzf`:
 //! 2.57 s); on tmpfs 1.31 / 1.14 / 1.15 / 1.21 s (`tar xzf` 2.16 s). For the plain tar, where
@@ -71,7 +80,7 @@
 //!
 //! # Free space
 //!
-//! The reserve (`Limits::min_free_bytes`) is checked before the first entry and then
+//! The directory sink's reserve (`Limits::min_free_bytes`) is checked before the first entry and then
 //! again whenever the bytes handed on for writing reach the next check point, including
 //! between the chunks of one large file: each check puts the next one at half the
 //! headroom it found (free space minus the reserve minus what the writers still hold
@@ -82,32 +91,24 @@
 //!
 //! Any error names the entry; the caller deletes the staging dir, so nothing is published.
 
+mod dir;
 mod policy;
 mod tree;
 mod writer;
 
-use std::collections::HashSet;
-use std::ffi::CString;
 use std::io::{self, BufReader, Read};
-use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
-use crate::tar::{self, Mtime};
-use policy::{reject, Planned, RelPath, What};
-use tree::{cstring, Dir, Owner, ResolveError, Tree};
-use writer::{io_error, read_error, xattr_error, FileMeta, Key, Pool, SMALL_FILE};
+use crate::tar;
 
-pub use policy::NAME_MAX;
+pub use dir::DirSink;
+pub use policy::{Planned, RelPath, What, NAME_MAX};
 pub use writer::Writers;
 
 /// Buffer between the decoder and the tar reader: tar reads 512-byte headers, and each
 /// decoder call has a fixed cost, so headers are served from here.
 const TAR_BUFFER: usize = 256 * 1024;
-
-/// Free space is re-checked at least every time this many bytes have been handed on.
-const SPACE_CHECK_EVERY: u64 = 64 * 1024 * 1024;
 
 /// How the archive's entries are treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,6 +238,34 @@ impl From<tar::Error> for ExtractError {
     }
 }
 
+/// Where admitted entries go: the seam between the rules and the medium.
+///
+/// [`extract_into`] reads the tar stream, enforces the [`Limits`], asks
+/// [`policy::plan`] what each entry may become under the [`Mode`] (a refusal ends the
+/// extraction there), counts it in [`ExtractStats`], and hands the plan to one of these
+/// calls, in archive order. A sink never re-decides names, links, modes or owners; it
+/// only makes them, and it reports failures as [`ExtractError`]s naming `p.entry`.
+pub trait Sink {
+    /// Before the first entry.
+    fn begin(&mut self) -> Result<(), ExtractError> {
+        Ok(())
+    }
+    /// A regular file ([`What::File`]); exactly its `data_len` bytes are read from `data`.
+    fn file(&mut self, p: &Planned, data: &mut dyn Read) -> Result<(), ExtractError>;
+    /// A directory ([`What::Dir`]); the root itself when `p.path` is empty.
+    fn dir(&mut self, p: &Planned) -> Result<(), ExtractError>;
+    /// A symlink ([`What::Symlink`]), its target already checked.
+    fn symlink(&mut self, p: &Planned) -> Result<(), ExtractError>;
+    /// A hard link ([`What::HardLink`]) to an earlier entry.
+    fn hardlink(&mut self, p: &Planned) -> Result<(), ExtractError>;
+    /// After the last entry and the end-of-stream checks: complete the output. Returns when
+    /// the first regular file was complete, if the sink knows.
+    fn finish(&mut self) -> Result<Option<Instant>, ExtractError>;
+    /// After an error: stop any background work. Whatever was written is the caller's to
+    /// delete; nothing of it is published.
+    fn abort(&mut self);
+}
+
 /// Extract a tar stream into `dest` (an existing, empty staging directory).
 pub fn extract(
     tar_stream: impl Read,
@@ -255,124 +284,48 @@ pub fn extract_with(
     limits: &Limits,
     writers: Writers,
 ) -> Result<ExtractStats, ExtractError> {
-    let dest_err = |source| ExtractError::Dest {
-        path: dest.to_path_buf(),
-        source,
-    };
-    // SAFETY: geteuid/getegid cannot fail.
-    let me = unsafe {
-        Owner {
-            uid: libc::geteuid(),
-            gid: libc::getegid(),
-        }
-    };
-    let (follow, implicit_owner) = match mode {
-        Mode::Build { uid, gid } => (false, Some(Owner { uid, gid })),
-        Mode::Image => (true, None),
-    };
-    let implicit_owner = implicit_owner.filter(|o| (o.uid, o.gid) != (me.uid, me.gid));
-    let tree = Tree::open(dest, follow, implicit_owner).map_err(dest_err)?;
-    let pool = Pool::new(writers).map_err(dest_err)?;
-    let space = Space {
-        root: tree.root().clone(),
-        dest: dest.to_path_buf(),
-        reserve: limits.min_free_bytes,
-        handed: 0,
-        next_check: 0,
-    };
-    let mut ex = Extraction {
-        tree,
-        mode,
-        limits: limits.clone(),
-        me,
-        pool,
-        space,
-        stats: ExtractStats::default(),
-        dirs: Vec::new(),
-        known_dirs: HashSet::new(),
-        links: HashSet::new(),
-    };
+    let mut sink = DirSink::open(dest, mode, limits, writers)?;
+    extract_into(tar_stream, &mut sink, mode, limits)
+}
+
+/// Extract a tar stream into any [`Sink`] under `mode`'s rules and `limits`.
+pub fn extract_into(
+    tar_stream: impl Read,
+    sink: &mut impl Sink,
+    mode: Mode,
+    limits: &Limits,
+) -> Result<ExtractStats, ExtractError> {
     let reader = tar::Reader::new(
         BufReader::with_capacity(TAR_BUFFER, tar_stream),
         limits.max_metadata_bytes,
     );
-    let result = ex.run(reader);
-    if let Err(e) = result {
-        ex.pool.abort();
+    let mut driver = Driver {
+        mode,
+        limits,
+        stats: ExtractStats::default(),
+    };
+    if let Err(e) = driver.run(reader, sink) {
+        sink.abort();
         return Err(e);
     }
-    ex.pool.finish()?;
-    ex.stats.first_file_done = ex.pool.first_file_done;
-    ex.apply_dir_metadata()?;
-    Ok(ex.stats)
+    driver.stats.first_file_done = sink.finish()?;
+    Ok(driver.stats)
 }
 
-/// A directory whose mode and mtime are applied at the end.
-struct DirMeta {
-    path: RelPath,
-    ino: u64,
-    perm: u32,
-    mtime: Mtime,
-}
-
-/// The free-space reserve of the destination filesystem (see the module note).
-struct Space {
-    root: Arc<Dir>,
-    dest: PathBuf,
-    reserve: u64,
-    /// Bytes of file data handed on for writing so far.
-    handed: u64,
-    next_check: u64,
-}
-
-impl Space {
-    /// `upcoming` bytes are about to be handed on; `queued` are handed on, not yet written.
-    fn check(&mut self, upcoming: u64, queued: u64) -> Result<(), ExtractError> {
-        self.handed += upcoming;
-        if self.reserve == 0 || self.handed < self.next_check {
-            return Ok(());
-        }
-        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-        // SAFETY: fstatvfs(2) on our root fd fills the struct on success.
-        let rc = unsafe { libc::fstatvfs(self.root.fd.as_raw_fd(), st.as_mut_ptr()) };
-        if rc != 0 {
-            return Ok(()); // Not knowing is not a reason to fail; ENOSPC still is.
-        }
-        // SAFETY: initialized by the successful call.
-        let st = unsafe { st.assume_init() };
-        let free = st.f_bavail * st.f_frsize;
-        let need = self.reserve + queued + upcoming;
-        if free < need {
-            return Err(ExtractError::NoSpace {
-                path: self.dest.clone(),
-                free,
-                reserve: self.reserve,
-            });
-        }
-        self.next_check = self.handed + ((free - need) / 2).min(SPACE_CHECK_EVERY);
-        Ok(())
-    }
-}
-
-struct Extraction {
-    tree: Tree,
+/// The sink-independent half of an extraction: reading, limits, policy, counting.
+struct Driver<'a> {
     mode: Mode,
-    limits: Limits,
-    me: Owner,
-    pool: Pool,
-    space: Space,
+    limits: &'a Limits,
     stats: ExtractStats,
-    dirs: Vec<DirMeta>,
-    /// Names we made directories (so a later non-directory knows to remove them).
-    known_dirs: HashSet<Key>,
-    /// Names we made symlinks or hard links. The directory cache may hold paths resolved
-    /// through such a name (images follow symlinks), so replacing one flushes the cache.
-    links: HashSet<Key>,
 }
 
-impl Extraction {
-    fn run<R: Read>(&mut self, mut reader: tar::Reader<R>) -> Result<(), ExtractError> {
-        self.space.check(0, 0)?;
+impl Driver<'_> {
+    fn run<R: Read>(
+        &mut self,
+        mut reader: tar::Reader<R>,
+        sink: &mut impl Sink,
+    ) -> Result<(), ExtractError> {
+        sink.begin()?;
         let mut last = String::from("(none: at the start)");
         while let Some(entry) = reader.next_entry()? {
             self.stats.entries += 1;
@@ -384,8 +337,8 @@ impl Extraction {
                     limit: self.limits.max_entries,
                 });
             }
-            let planned = policy::plan(&entry, self.mode, &self.limits)?;
-            self.entry(planned, &mut reader.data())?;
+            let planned = policy::plan(&entry, self.mode, self.limits)?;
+            self.entry(&planned, &mut reader.data(), sink)?;
         }
         if reader.ended_without_marker() {
             self.stats.ended_without_marker = Some(last.clone());
@@ -394,7 +347,6 @@ impl Extraction {
         self.check_rest(reader.into_inner(), offset, &last)
     }
 
-    /// After the end marker: only zeros may follow, and they count toward `max_bytes`.
     fn check_rest(
         &mut self,
         mut rest: impl Read,
@@ -432,298 +384,66 @@ impl Extraction {
         Ok(())
     }
 
-    fn entry(&mut self, p: Planned, data: &mut dyn Read) -> Result<(), ExtractError> {
+    fn entry(
+        &mut self,
+        p: &Planned,
+        data: &mut dyn Read,
+        sink: &mut impl Sink,
+    ) -> Result<(), ExtractError> {
         self.stats.dropped_xattrs += p.dropped_xattrs;
         self.stats.dropped_acls += p.dropped_acls;
         match &p.what {
-            What::File { .. } => self.file(p, data),
-            What::Dir => self.directory(&p),
-            What::Symlink { .. } => self.symlink(&p),
-            What::HardLink { .. } => self.hardlink(&p),
+            What::File {
+                data_len, sparse, ..
+            } => {
+                self.check_bytes(*data_len, &p.entry)?;
+                sink.file(p, data)?;
+                self.stats.sparse_files += u64::from(sparse.is_some());
+                self.stats.files += 1;
+                self.stats.bytes += data_len;
+            }
+            What::Dir => {
+                sink.dir(p)?;
+                self.stats.dirs += 1;
+            }
+            What::Symlink { .. } => {
+                sink.symlink(p)?;
+                self.stats.symlinks += 1;
+            }
+            What::HardLink { .. } => {
+                sink.hardlink(p)?;
+                self.stats.hardlinks += 1;
+            }
             What::SkippedDevice => {
                 self.stats.skipped_devices += 1;
-                Ok(())
+                return Ok(());
             }
         }
-    }
-
-    /// The owner to set on a new entry, or `None` if creating it as us already gives it.
-    fn owner_for(&self, p: &Planned) -> Option<Owner> {
-        let (uid, gid) = p.owner;
-        ((uid, gid) != (self.me.uid, self.me.gid)).then_some(Owner { uid, gid })
-    }
-
-    fn xattrs(&self, p: &Planned) -> Result<Vec<(CString, Vec<u8>)>, ExtractError> {
-        p.xattrs
-            .iter()
-            .map(|(n, v)| {
-                cstring(n)
-                    .map(|n| (n, v.clone()))
-                    .map_err(|e| io_error(&p.entry, "name an extended attribute", e))
-            })
-            .collect()
-    }
-
-    fn parent(&mut self, p: &Planned) -> Result<(Arc<Dir>, CString, Key), ExtractError> {
-        let Some((parent, name)) = p.path.split_last() else {
-            return Err(reject(&p.entry, "entry has an empty name"));
-        };
-        let dir = self
-            .tree
-            .dir(&parent, true)
-            .map_err(|e| resolve_err(&p.entry, e))?;
-        self.known_dirs.extend(self.tree.take_created());
-        let cname = cstring(name).map_err(|e| io_error(&p.entry, "name", e))?;
-        let key: Key = (dir.ino, name.into());
-        self.pool.settle(&key)?;
-        Ok((dir, cname, key))
-    }
-
-    /// Make room for a new entry at `name`: remove a directory we made there earlier
-    /// (a later entry wins). Non-directories are replaced by the creating call itself.
-    fn clear_dir_at(
-        &mut self,
-        dir: &Dir,
-        name: &CString,
-        key: &Key,
-        entry: &str,
-    ) -> Result<(), ExtractError> {
-        self.forget_link(key);
-        if !self.known_dirs.contains(key) {
-            return Ok(());
-        }
-        self.pool.drain()?;
-        tree::remove_any(dir.fd.as_fd(), name)
-            .map_err(|e| io_error(entry, "replace directory", e))?;
-        self.tree.flush();
-        self.known_dirs.remove(key);
-        Ok(())
-    }
-
-    /// A new entry replaces whatever is at `key`: if that was a symlink we made, no cached
-    /// directory may still be reached through it.
-    fn forget_link(&mut self, key: &Key) {
-        if self.links.remove(key) {
-            self.tree.flush();
-        }
-    }
-
-    fn file(&mut self, p: Planned, data: &mut dyn Read) -> Result<(), ExtractError> {
-        let What::File {
-            size,
-            data_len,
-            ref sparse,
-        } = p.what
-        else {
-            unreachable!("file() is only called for files");
-        };
-        self.check_bytes(data_len, &p.entry)?;
-        let upcoming = if data_len <= SMALL_FILE && sparse.is_none() {
-            data_len
-        } else {
-            0
-        };
-        self.space.check(upcoming, self.pool.queued())?;
-        let (dir, name, key) = self.parent(&p)?;
-        let replaces_link = self.links.contains(&key);
-        self.clear_dir_at(&dir, &name, &key, &p.entry)?;
-        let meta = FileMeta {
-            dir,
-            name,
-            perm: p.perm,
-            chown: self.owner_for(&p),
-            mtime: p.mtime,
-            size: data_len,
-            xattrs: self.xattrs(&p)?,
-            entry: p.entry.clone(),
-        };
-        self.stats.xattrs += meta.xattrs.len() as u64;
-        let space = &mut self.space;
-        let mut reserve = |n, queued| space.check(n, queued);
-        match sparse {
-            Some(segments) => {
-                self.pool.settle(&key)?;
-                self.pool
-                    .sparse_file(meta, segments, size, data, &mut reserve)?;
-                self.stats.sparse_files += 1;
-            }
-            None => self.pool.file(meta, key, data, &mut reserve)?,
-        }
-        if replaces_link {
-            // The writer replaces the link; until it has, a walk would still follow it.
-            self.pool.drain()?;
-            self.tree.flush();
-        }
-        self.stats.files += 1;
-        self.stats.bytes += data_len;
-        Ok(())
-    }
-
-    fn directory(&mut self, p: &Planned) -> Result<(), ExtractError> {
-        self.stats.dirs += 1;
-        let xattrs = self.xattrs(p)?;
-        self.stats.xattrs += xattrs.len() as u64;
-        let set_xattrs = |fd: std::os::fd::BorrowedFd<'_>| {
-            for (n, v) in &xattrs {
-                tree::fsetxattr(fd, n, v).map_err(|e| xattr_error(&p.entry, n, e))?;
-            }
-            Ok::<(), ExtractError>(())
-        };
-        if p.path.is_root() {
-            let root = self.tree.root().clone();
-            let fd = tree::reopen_dir(&root).map_err(|e| io_error(&p.entry, "open", e))?;
-            if let Some(o) = self.owner_for(p) {
-                tree::fchown(fd.as_fd(), o.uid, o.gid)
-                    .map_err(|e| io_error(&p.entry, "chown", e))?;
-            }
-            set_xattrs(fd.as_fd())?;
-            self.dirs.push(DirMeta {
-                path: p.path.clone(),
-                ino: root.ino,
-                perm: p.perm,
-                mtime: p.mtime,
-            });
-            return Ok(());
-        }
-        let (dir, name, key) = self.parent(p)?;
-        self.forget_link(&key);
-        let fd = dir.fd.as_fd();
-        loop {
-            match tree::mkdirat(fd, &name, 0o700) {
-                Ok(()) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    let st = tree::fstatat(fd, &name).map_err(|e| io_error(&p.entry, "stat", e))?;
-                    if tree::is_dir(&st) {
-                        break; // merge: the later entry's metadata wins
-                    }
-                    tree::unlinkat(fd, &name, false)
-                        .map_err(|e| io_error(&p.entry, "replace", e))?;
-                }
-                Err(e) => return Err(io_error(&p.entry, "create directory", e)),
-            }
-        }
-        if let Some(o) = self.owner_for(p) {
-            tree::fchownat(fd, &name, o.uid, o.gid).map_err(|e| io_error(&p.entry, "chown", e))?;
-        }
-        let opened =
-            tree::open_dir_nofollow(fd, &name).map_err(|e| io_error(&p.entry, "open", e))?;
-        if !xattrs.is_empty() {
-            let rw = tree::reopen_dir(&opened).map_err(|e| io_error(&p.entry, "open", e))?;
-            set_xattrs(rw.as_fd())?;
-        }
-        self.dirs.push(DirMeta {
-            path: p.path.clone(),
-            ino: opened.ino,
-            perm: p.perm,
-            mtime: p.mtime,
-        });
-        self.known_dirs.insert(key);
-        Ok(())
-    }
-
-    fn symlink(&mut self, p: &Planned) -> Result<(), ExtractError> {
-        let What::Symlink { target } = &p.what else {
-            unreachable!("symlink() is only called for symlinks");
-        };
-        let ctarget = cstring(target).map_err(|e| io_error(&p.entry, "read link target", e))?;
-        let xattrs = self.xattrs(p)?;
-        let (dir, name, key) = self.parent(p)?;
-        self.clear_dir_at(&dir, &name, &key, &p.entry)?;
-        let fd = dir.fd.as_fd();
-        if let Err(e) = tree::symlinkat(&ctarget, fd, &name) {
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(io_error(&p.entry, "create symlink", e));
-            }
-            tree::unlinkat(fd, &name, false).map_err(|e| io_error(&p.entry, "replace", e))?;
-            tree::symlinkat(&ctarget, fd, &name)
-                .map_err(|e| io_error(&p.entry, "create symlink", e))?;
-        }
-        if let Some(o) = self.owner_for(p) {
-            tree::fchownat(fd, &name, o.uid, o.gid).map_err(|e| io_error(&p.entry, "chown", e))?;
-        }
-        for (n, v) in &xattrs {
-            tree::lsetxattr_at(fd, &name, n, v).map_err(|e| xattr_error(&p.entry, n, e))?;
-        }
-        self.stats.xattrs += xattrs.len() as u64;
-        tree::utimensat_nofollow(fd, &name, p.mtime)
-            .map_err(|e| io_error(&p.entry, "set mtime of", e))?;
-        self.links.insert(key);
-        self.stats.symlinks += 1;
-        Ok(())
-    }
-
-    fn hardlink(&mut self, p: &Planned) -> Result<(), ExtractError> {
-        let What::HardLink { target, shown } = &p.what else {
-            unreachable!("hardlink() is only called for hard links");
-        };
-        let Some((tparent, tname)) = target.split_last() else {
-            return Err(reject(&p.entry, "hard link with an empty target"));
-        };
-        let tdir = self.tree.dir(&tparent, false).map_err(|e| match e {
-            ResolveError::Io(_, _, ref io) if io.kind() == io::ErrorKind::NotFound => reject(
-                &p.entry,
-                &format!("hard link target `{shown}` does not exist"),
-            ),
-            e => resolve_err(&p.entry, e),
-        })?;
-        let tname_c = cstring(tname).map_err(|e| io_error(&p.entry, "name", e))?;
-        self.pool.settle(&(tdir.ino, tname.into()))?;
-        let (dir, name, key) = self.parent(p)?;
-        self.clear_dir_at(&dir, &name, &key, &p.entry)?;
-        let link = |name: &CString| tree::linkat(tdir.fd.as_fd(), &tname_c, dir.fd.as_fd(), name);
-        let mut result = link(&name);
-        if result
-            .as_ref()
-            .is_err_and(|e| e.raw_os_error() == Some(libc::EEXIST))
-        {
-            tree::unlinkat(dir.fd.as_fd(), &name, false)
-                .map_err(|e| io_error(&p.entry, "replace", e))?;
-            result = link(&name);
-        }
-        result.map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOENT) => reject(
-                &p.entry,
-                &format!("hard link target `{shown}` does not exist"),
-            ),
-            Some(libc::EPERM) => reject(
-                &p.entry,
-                &format!("hard link target `{shown}` is a directory"),
-            ),
-            _ => io_error(&p.entry, "create hard link", e),
-        })?;
-        self.links.insert(key);
-        self.stats.hardlinks += 1;
-        Ok(())
-    }
-
-    /// Directory modes and mtimes, deepest first, each through an `O_NOFOLLOW` fd and only
-    /// if the path still names the directory we made (a later entry may have replaced it).
-    fn apply_dir_metadata(&mut self) -> Result<(), ExtractError> {
-        let mut dirs = std::mem::take(&mut self.dirs);
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.path.depth()));
-        for d in dirs {
-            let entry = String::from_utf8_lossy(d.path.as_bytes()).into_owned();
-            let Ok(dir) = self.tree.dir(&d.path, false) else {
-                continue;
-            };
-            if dir.ino != d.ino {
-                continue;
-            }
-            let fd = tree::reopen_dir(&dir).map_err(|e| io_error(&entry, "open", e))?;
-            tree::fchmod(fd.as_fd(), d.perm).map_err(|e| io_error(&entry, "chmod", e))?;
-            tree::futimens(fd.as_fd(), d.mtime).map_err(|e| io_error(&entry, "set mtime of", e))?;
-        }
+        // Hard links carry none (policy), so this counts what the sink set.
+        self.stats.xattrs += p.xattrs.len() as u64;
         Ok(())
     }
 }
 
-fn resolve_err(entry: &str, e: ResolveError) -> ExtractError {
-    match e {
-        ResolveError::Io(op, _, source) => ExtractError::Io {
+pub fn read_error(e: io::Error, entry: &str) -> ExtractError {
+    let from_decoder = e
+        .get_ref()
+        .is_some_and(|inner| inner.is::<crate::decode::DecodeError>());
+    if e.kind() == io::ErrorKind::UnexpectedEof && !from_decoder {
+        return ExtractError::Truncated {
             entry: entry.to_string(),
-            op,
-            source,
-        },
-        e => reject(entry, &e.to_string()),
+        };
+    }
+    ExtractError::Read {
+        after: entry.to_string(),
+        source: e,
+    }
+}
+
+pub fn io_error(entry: &str, op: &'static str, source: io::Error) -> ExtractError {
+    ExtractError::Io {
+        entry: entry.to_string(),
+        op,
+        source,
     }
 }

@@ -37,7 +37,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::tree::{self, Dir, Owner};
-use super::ExtractError;
+use super::{io_error, read_error, ExtractError};
 use crate::tar::{Mtime, Segment};
 
 /// Files up to this size are read whole and handed over in one piece.
@@ -584,28 +584,5 @@ fn check_read(read: io::Result<u64>, size: u64, entry: &str) -> Result<(), Extra
             entry: entry.to_string(),
         }),
         Err(e) => Err(read_error(e, entry)),
-    }
-}
-
-pub fn read_error(e: io::Error, entry: &str) -> ExtractError {
-    let from_decoder = e
-        .get_ref()
-        .is_some_and(|inner| inner.is::<crate::decode::DecodeError>());
-    if e.kind() == io::ErrorKind::UnexpectedEof && !from_decoder {
-        return ExtractError::Truncated {
-            entry: entry.to_string(),
-        };
-    }
-    ExtractError::Read {
-        after: entry.to_string(),
-        source: e,
-    }
-}
-
-pub fn io_error(entry: &str, op: &'static str, source: io::Error) -> ExtractError {
-    ExtractError::Io {
-        entry: entry.to_string(),
-        op,
-        source,
     }
 }

@@ -76,15 +76,15 @@ use reqwest::header::{
 use reqwest::StatusCode;
 
 use super::error::{secs, FetchError, FetchErrorKind, TimeoutKind};
-use super::hash::BodyHasher;
 use super::{redact_url, BodySink, FetchOutcome, Progress};
+use vrun_cache::BodyHasher;
 
-/// Connection set-up limit (DESIGN §3): a healthy server connects in milliseconds; ten
+/// Connection set-up limit: a healthy server connects in milliseconds; ten
 /// seconds covers a congested link without hanging a deploy on a dead host.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest silence tolerated while reading the body (per chunk, not overall).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Attempts in a row without a new byte tolerated after the first (DESIGN §3).
+/// Attempts in a row without a new byte tolerated after the first.
 pub const DEFAULT_RETRIES: u32 = 3;
 /// First backoff; doubled per fruitless retry and jittered to [½, 1]× so parallel setups
 /// that failed together do not retry together.
@@ -121,7 +121,7 @@ const ENV_NOTICE_AFTER: &str = "VRUN_NOTICE_AFTER";
 /// Where notices (long waits, retries) go: setup prints them on stderr.
 pub type Notify = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// Tunables of the client. `Default` is DESIGN §3; [`HttpOptions::from_env`] adds the
+/// Tunables of the client: `Default` is the constants above; [`HttpOptions::from_env`] adds the
 /// `VRUN_*` overrides.
 #[derive(Debug, Clone)]
 pub struct HttpOptions {
@@ -551,17 +551,7 @@ impl HttpClient {
             attempts,
             kind,
         };
-        match reqwest::Url::parse(url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            Ok(u) => {
-                let reason = format!("scheme {:?} is not http or https", u.scheme());
-                return Err(error(0, FetchErrorKind::InvalidUrl { reason }));
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                return Err(error(0, FetchErrorKind::InvalidUrl { reason }));
-            }
-        }
+        check_url(url)?;
         let mut t = Transfer {
             url,
             shown: shown.clone(),
@@ -1217,6 +1207,22 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         parts.push(e.to_string());
     }
     parts.join(": ")
+}
+
+/// Refuse a URL vrun will not fetch (unparsable, or not `http`/`https`), as the error a
+/// fetch of it would return: the one check, used before any I/O (setup checks every URL
+/// before it creates anything) and again when the request is sent.
+pub fn check_url(url: &str) -> Result<(), FetchError> {
+    let reason = match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => return Ok(()),
+        Ok(u) => format!("scheme {:?} is not http or https", u.scheme()),
+        Err(e) => e.to_string(),
+    };
+    Err(FetchError {
+        url: redact_url(url),
+        attempts: 0,
+        kind: FetchErrorKind::InvalidUrl { reason },
+    })
 }
 
 #[cfg(test)]

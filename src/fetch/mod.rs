@@ -1,6 +1,6 @@
 //! The download half of the streaming pipeline: HTTP body → md5 + sha256 → a sink.
 //!
-//! Why push-style. The pipeline (DESIGN §3) must overlap network, hashing, the blob
+//! Why push-style. The pipeline (`crate::pipeline`) must overlap network, hashing, the blob
 //! tee and decompression with bounded memory. The fetcher therefore owns the network
 //! loop and *pushes* each body chunk into a [`BodySink`], awaiting the sink before it
 //! reads the next chunk. The sink applies backpressure (typically a bounded channel to
@@ -38,7 +38,6 @@
 //! waits are reported as they happen through [`HttpClient::with_notices`].
 
 mod error;
-mod hash;
 mod http;
 
 use std::fmt;
@@ -49,13 +48,13 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use error::{FetchError, FetchErrorKind, TimeoutKind};
-pub use hash::{BodyDigest, BodyHasher};
 pub use http::{
-    FetchRequest, HttpClient, HttpOptions, HttpSetupError, Notify, Resume, Validators,
+    check_url, FetchRequest, HttpClient, HttpOptions, HttpSetupError, Notify, Resume, Validators,
     DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_NOTICE_AFTER,
     DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES, DEFAULT_SPEED_LIMIT, DEFAULT_SPEED_TIME, MAX_REDIRECTS,
     RETRY_AFTER_CAP,
 };
+pub use vrun_cache::{BodyDigest, BodyHasher};
 
 /// The consumer of a body. The fetcher calls `chunk` for every piece in order and waits
 /// for it to finish before reading more from the network (that wait *is* the

@@ -120,11 +120,9 @@ fn lxc_execute(
     cmd
 }
 
-/// Write `text` to `path` as temp sibling + rename.
+/// Write `text` to `path` atomically ([`vrun_cache::write_atomic`]).
 fn write_atomic(path: &Path, text: &str) -> Result<(), LxcError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, text).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    vrun_cache::write_atomic(path, text.as_bytes(), 0o644, None).map_err(io_err(path))
 }
 
 /// Render and write the proc's own `proc.lxc` (setup calls this too).

@@ -2,7 +2,7 @@
 //!
 //! vrun drives LXC 5 through its command-line tools only (`lxc-execute`, `lxc-info`): no
 //! `lxc-create`, no daemon, no liblxc binding. Every fact this module relies on was measured
-//! on LXC 5.0.2 (see `shared/LXC.md`); the ones that shaped the code:
+//! on LXC 5.0.2 (the LXC tests in `tests/` check them); the ones that shaped the code:
 //!
 //! - **One overlay, mounted by vrun.** LXC 5 refuses an overlay mount entry over the rootfs
 //!   (`Rootfs overmounted`), and two containers stacking their own overlays on one upper dir

@@ -2,7 +2,7 @@
 //!
 //! # Why our own reader
 //!
-//! What GNU tar 1.34 extracts is the reference (DESIGN §6): an entry vrun sees that
+//! What GNU tar 1.34 extracts is the reference (`tests/tar-verdicts.md`): an entry vrun sees that
 //! `tar -t` does not, or the reverse, is a parser differential and a security bug. Every
 //! differential found against GNU tar (issue 13) lived in header parsing, in the `tar`
 //! crate we used before: data read after directory, symlink and hard-link headers that

@@ -120,8 +120,9 @@ fn unused_layers_past_the_age_budget_go_and_a_procs_layers_never_do() {
     }
     let stderr = vrun_ok(&t, &[setup, &c], &[]);
     assert!(
-        stderr
-            .contains("vrun: cache policy (max size 20 GiB, max age 7d) removed 3 unused entries"),
+        stderr.contains(
+            "vrun: cache policy (max size 20.00 GiB, max age 7d) removed 3 unused entries"
+        ),
         "{stderr}"
     );
     assert!(!layer_one.exists(), "an unused 8-day-old layer was kept");

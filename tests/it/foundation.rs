@@ -482,7 +482,7 @@ fn setup_twice_keeps_upper_and_rewrites_the_files() {
     let leftovers: Vec<_> = std::fs::read_dir(&upper)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("vrun-tmp"))
+        .filter(|n| n.starts_with(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

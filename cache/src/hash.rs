@@ -1,4 +1,6 @@
-//! md5 + sha256 + byte count over every delivered body byte, in one pass.
+//! md5 + sha256 + byte count over every delivered body byte, in one pass: the one place
+//! both are computed, for a body as it arrives (`vrun`'s fetcher) and for a blob re-read
+//! from the store (`Store::rehash_blob`, `verify`).
 //!
 //! sha256 is the content address of a blob in the store; md5 is only what proc.yaml
 //! asserts (md5 collisions are practical, so it may verify but never name). Both are
@@ -83,6 +85,13 @@ impl Write for BodyHasher {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// sha256 and md5 of a file in one pass (re-checking a blob in the store).
+pub(crate) fn hash_file(path: &std::path::Path) -> Result<(String, String), crate::StoreError> {
+    let f = fs_err::File::open(path)?;
+    let d = BodyHasher::new().hash_reader(f)?.finish();
+    Ok((d.sha256_hex, d.md5_hex))
 }
 
 #[cfg(test)]
