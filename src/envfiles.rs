@@ -322,6 +322,11 @@ pub fn create_proc_dirs(proc: &ProcPaths) -> Result<(), EnvFilesError> {
 
 /// Write the three files into `upper` (temp sibling, fsync, rename; then fsync `upper`).
 pub fn write_files(upper: &Path, files: &ProcFiles, owner: &Owner) -> Result<(), EnvFilesError> {
+    // A setup killed while writing these leaves its temp sibling behind: sweep it first.
+    vrun_cache::remove_stale_temps(upper).map_err(|source| EnvFilesError::Write {
+        path: upper.to_owned(),
+        source,
+    })?;
     let app = Some((owner.uid, owner.gid));
     write(&upper.join(ENV_SH), &files.env_sh, SECRET_MODE, app)?;
     write(

@@ -18,6 +18,38 @@ pub(crate) fn random_name() -> String {
     format!("{}-{:016x}", std::process::id(), rand::random::<u64>())
 }
 
+/// Remove the temp siblings [`write_atomic`] left in `dir` when its process was killed
+/// between creating and renaming them (`.tmp-<pid>-<16 hex>` whose pid no longer runs);
+/// a live writer's temp is left alone. Returns how many were removed. A crashed setup's
+/// leftovers in a proc's upper dir would otherwise show in the container's `/`.
+pub fn remove_stale_temps(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(".tmp-")) else {
+            continue;
+        };
+        let Some((pid, random)) = rest.split_once('-') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<i32>() else {
+            continue;
+        };
+        if random.len() != 16 || !random.bytes().all(|b| b.is_ascii_hexdigit()) || pid <= 0 {
+            continue;
+        }
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !alive && entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// The one atomic small-file write of vrun and its store: `body` goes to a new temp
 /// sibling (`.tmp-<pid>-<random>`, created exclusively, never a name readers look at),
 /// is given `owner` and exactly `mode` (whatever the umask), fsynced, and renamed over
@@ -357,5 +389,26 @@ pub(crate) fn check_hex(what: &'static str, value: &str, len: usize) -> Result<(
                 "32 lowercase hex digits"
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_temps_of_dead_writers_go_and_live_ones_stay() {
+        let dir = std::env::temp_dir().join(format!("vrun-stale-{}", random_name()));
+        std::fs::create_dir(&dir).unwrap();
+        // pid 4194304 is above the kernel's largest pid_max: never a live process.
+        let dead = dir.join(".tmp-4194304-0123456789abcdef");
+        let live = dir.join(format!(".tmp-{}-0123456789abcdef", std::process::id()));
+        let other = dir.join(".tmp-notours");
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temps(&dir).unwrap(), 1);
+        assert!(!dead.exists() && live.exists() && other.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

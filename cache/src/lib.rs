@@ -69,7 +69,7 @@ mod policy;
 mod store;
 
 pub use error::StoreError;
-pub use fsutil::write_atomic;
+pub use fsutil::{remove_stale_temps, write_atomic};
 pub use hash::{BodyDigest, BodyHasher};
 pub use layer::{LayerKey, LayerKind, LayerMeta, ManifestMode};
 pub use lock::{lock_holders, KeyLock};
