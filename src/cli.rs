@@ -165,6 +165,11 @@ pub struct SetupArgs {
     /// build then downloads it again
     #[arg(long, env = "VRUN_NO_BLOB", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_blob: bool,
+    /// How new layers are stored: `erofs` (one image file per layer, mounted read-only
+    /// once per host), `dir` (an extracted tree), or `auto`: EROFS where this host can
+    /// mount it, else directories (said once). Default: VRUN_LAYERS, else auto
+    #[arg(long, value_name = "erofs|dir|auto")]
+    pub layers: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -764,9 +764,12 @@ impl Deployment {
             let mut below = mounts::mounts_below(dir).unwrap_or_default();
             below.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
             for mount in below {
+                // The cache's own mounts of its EROFS layers stay after a teardown (other
+                // procs share them); the demo's temp root goes, so they go with it.
+                let layer = vrun_cache::LayerKey::from_root(&mount).is_some();
                 if mounts::unmount(&mount).is_err() {
                     stuck.push(mount.display().to_string());
-                } else if narrate {
+                } else if narrate && !layer {
                     detail(&format!("unmounted {} (teardown left it)", mount.display()));
                 }
             }

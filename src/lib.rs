@@ -11,6 +11,7 @@ pub mod envfiles;
 pub mod erofs;
 pub mod extract;
 pub mod fetch;
+pub mod layers;
 pub mod lock;
 pub mod lxc;
 pub mod mounts;

@@ -39,6 +39,15 @@ pub enum StoreError {
     #[error("layer staging dir {path} is not a directory")]
     NotADirectory { path: PathBuf },
 
+    #[error("layer image {path} is not a regular file")]
+    NotAFile { path: PathBuf },
+
+    #[error("layer {key} is not stored as {expected}: publish it with the matching call")]
+    WrongStorage { key: String, expected: &'static str },
+
+    #[error("{path} is still mounted after unmounting it")]
+    StillMounted { path: PathBuf },
+
     #[error(
         "cache maintenance ({what}) needs the store opened exclusively (Store::open_exclusive)"
     )]

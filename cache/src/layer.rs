@@ -24,8 +24,24 @@
 //!
 //! Metadata lives beside the tree, not inside it, so nothing of the store shows up in
 //! the container's filesystem.
+//!
+//! # EROFS layers
+//!
+//! A layer may instead be one EROFS image ([`LayerStorage::Erofs`], issue 15):
+//! `layers-erofs-v1/<name>.erofs/` holds `image.erofs` (0444), `layer.json` (which records
+//! the image's sha256 instead of a manifest) and an empty `root/`, the store-owned mount
+//! point vrun mounts the image on, read-only, once per host. The storage is part of the
+//! key, so the same build may exist both ways, and its own bucket keeps a vrun that
+//! predates EROFS layers from misreading them. Publishing is the same assembly in ingest
+//! and one rename, but the data is one file the writer already fsynced (an `fdatasync`
+//! here finds nothing to do); removing the layer is one unlink of that file, whatever
+//! the tree held. The store never mounts (that needs vrun's mount code: file-backed or a
+//! loop device), but it does unmount its own mount points: gc and verify take the image
+//! off `root/` (lazily, so a running proc's overlay keeps working) before they remove or
+//! quarantine the layer, and never delete through a mount.
 
 use std::io::ErrorKind;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -33,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
 use crate::fsutil::{self, check_hex};
-use crate::layout::{LAYER_MANIFEST, LAYER_META, LAYER_ROOT};
+use crate::layout::{LAYER_IMAGE, LAYER_MANIFEST, LAYER_META, LAYER_ROOT};
 use crate::manifest::{Manifest, TreeStats};
 use crate::store::Store;
 
@@ -58,7 +74,40 @@ impl LayerKind {
     }
 }
 
-/// What a layer is made of. The same blob extracted for another owner is another layer.
+/// How a layer's tree is stored (`layer.json` and the key record it; see the module note).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerStorage {
+    /// An extracted directory tree, `layers-v1/<name>/root/`.
+    #[default]
+    Dir,
+    /// One EROFS image, `layers-erofs-v1/<name>/image.erofs`, mounted read-only on the
+    /// layer's `root/` (by vrun, once per host).
+    Erofs,
+}
+
+impl LayerStorage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerStorage::Dir => "dir",
+            LayerStorage::Erofs => "erofs",
+        }
+    }
+
+    /// `dir` or `erofs` (what `--layers` and `VRUN_LAYERS` take).
+    pub fn parse(s: &str) -> Option<LayerStorage> {
+        match s {
+            "dir" => Some(LayerStorage::Dir),
+            "erofs" => Some(LayerStorage::Erofs),
+            _ => None,
+        }
+    }
+}
+
+/// What a layer is made of. The same blob extracted for another owner is another layer,
+/// and so is the same tree stored another way ([`LayerStorage`]).
 /// For images the owner is not applied; pass 0, 0.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LayerKey {
@@ -66,26 +115,45 @@ pub struct LayerKey {
     pub kind: LayerKind,
     pub uid: u32,
     pub gid: u32,
+    /// Absent in keys written before EROFS layers existed: those are directories.
+    #[serde(default)]
+    pub storage: LayerStorage,
 }
 
+/// Suffix of an EROFS layer's name (so every layer name is unique across buckets).
+const EROFS_SUFFIX: &str = ".erofs";
+
 impl LayerKey {
+    /// A directory layer's key ([`LayerKey::stored_as`] for another storage).
     pub fn new(blob_sha256: impl Into<String>, kind: LayerKind, uid: u32, gid: u32) -> LayerKey {
         LayerKey {
             blob_sha256: blob_sha256.into(),
             kind,
             uid,
             gid,
+            storage: LayerStorage::Dir,
         }
     }
 
-    /// The directory name under `layers-v1/`: `<kind>-<sha256>-<uid>-<gid>`.
+    /// The same layer stored as `storage`.
+    pub fn stored_as(mut self, storage: LayerStorage) -> LayerKey {
+        self.storage = storage;
+        self
+    }
+
+    /// The layer's name: `<kind>-<sha256>-<uid>-<gid>` for a directory (under
+    /// `layers-v1/`), the same with `.erofs` for an image (under `layers-erofs-v1/`).
     pub fn dir_name(&self) -> String {
         format!(
-            "{}-{}-{}-{}",
+            "{}-{}-{}-{}{}",
             self.kind.as_str(),
             self.blob_sha256,
             self.uid,
-            self.gid
+            self.gid,
+            match self.storage {
+                LayerStorage::Dir => "",
+                LayerStorage::Erofs => EROFS_SUFFIX,
+            }
         )
     }
 
@@ -96,7 +164,11 @@ impl LayerKey {
 
     /// Inverse of [`LayerKey::dir_name`]; `None` for any other name.
     pub fn parse(name: &str) -> Option<LayerKey> {
-        let mut parts = name.split('-');
+        let (base, storage) = match name.strip_suffix(EROFS_SUFFIX) {
+            Some(base) => (base, LayerStorage::Erofs),
+            None => (name, LayerStorage::Dir),
+        };
+        let mut parts = base.split('-');
         let kind = match parts.next()? {
             "build" => LayerKind::Build,
             "image" => LayerKind::Image,
@@ -108,8 +180,20 @@ impl LayerKey {
         if parts.next().is_some() || !fsutil::is_hex(sha, 64) {
             return None;
         }
-        let key = LayerKey::new(sha, kind, uid, gid);
+        let key = LayerKey::new(sha, kind, uid, gid).stored_as(storage);
         (key.dir_name() == name).then_some(key)
+    }
+
+    /// The key of the layer whose root (what a proc mounts) is `root`:
+    /// `…/layers-v1/<name>/root` or `…/layers-erofs-v1/<name>/root`.
+    pub fn from_root(root: &Path) -> Option<LayerKey> {
+        if root.file_name()? != LAYER_ROOT {
+            return None;
+        }
+        let dir = root.parent()?;
+        let key = LayerKey::parse(dir.file_name()?.to_str()?)?;
+        let bucket = dir.parent()?.file_name()?;
+        (bucket == crate::layout::layers_bucket(key.storage)).then_some(key)
     }
 
     fn validate(&self) -> Result<(), StoreError> {
@@ -127,12 +211,17 @@ pub struct LayerMeta {
     #[serde(flatten)]
     pub stats: TreeStats,
     /// sha256 of `manifest-v1.tsv`, so a damaged manifest is detected rather than trusted.
+    /// Empty for an EROFS layer, which has no manifest: its image's sha256 proves it.
+    #[serde(default)]
     pub manifest_sha256: String,
     /// Time spent walking and hashing the staging tree for the manifest (cost accounting).
     pub manifest_seconds: f64,
     /// Whether the manifest holds content hashes ([`ManifestMode::Full`]).
     #[serde(default = "yes")]
     pub content_hashed: bool,
+    /// EROFS layers: sha256 of `image.erofs` as published (`verify --deep` re-hashes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_sha256: Option<String>,
 }
 
 fn yes() -> bool {
@@ -164,11 +253,27 @@ impl Drop for TempTree {
 }
 
 impl Store {
-    fn layer_dir(&self, key: &LayerKey) -> PathBuf {
-        self.layout.layers().join(key.dir_name())
+    pub(crate) fn layer_dir(&self, key: &LayerKey) -> PathBuf {
+        self.layout.layers_of(key.storage).join(key.dir_name())
+    }
+
+    /// Every entry of both layer buckets, as (name, path), sorted by name within each.
+    pub(crate) fn layer_dirs(&self) -> Result<Vec<(String, PathBuf)>, StoreError> {
+        let mut out = fsutil::sorted_names(&self.layout.layers_of(LayerStorage::Dir))?;
+        out.extend(fsutil::sorted_names(
+            &self.layout.layers_of(LayerStorage::Erofs),
+        )?);
+        Ok(out)
+    }
+
+    /// The key of a listed layer dir, if its name is a key that belongs in its bucket.
+    pub(crate) fn key_of(&self, name: &str, dir: &Path) -> Option<LayerKey> {
+        LayerKey::parse(name).filter(|k| self.layer_dir(k) == dir)
     }
 
     /// The root of the published layer, only if completely published. Records a use.
+    /// For an EROFS layer the root is the (possibly not yet mounted) mount point of
+    /// [`Store::layer_image`].
     pub fn layer(&self, key: &LayerKey) -> Option<PathBuf> {
         key.validate().ok()?;
         let dir = self.layer_dir(key);
@@ -183,8 +288,18 @@ impl Store {
         {
             return None;
         }
+        if key.storage == LayerStorage::Erofs
+            && !std::fs::symlink_metadata(dir.join(LAYER_IMAGE)).is_ok_and(|m| m.is_file())
+        {
+            return None;
+        }
         let _ = fsutil::touch(&dir);
         Some(root)
+    }
+
+    /// The image file of an EROFS layer (whether or not published).
+    pub fn layer_image(&self, key: &LayerKey) -> PathBuf {
+        self.layer_dir(key).join(LAYER_IMAGE)
     }
 
     /// Records a use of a layer now (also done by [`Store::layer`]).
@@ -218,6 +333,12 @@ impl Store {
         mode: ManifestMode,
     ) -> Result<PathBuf, StoreError> {
         key.validate()?;
+        if key.storage != LayerStorage::Dir {
+            return Err(StoreError::WrongStorage {
+                key: key.dir_name(),
+                expected: LayerStorage::Dir.as_str(),
+            });
+        }
         if !fs_err::symlink_metadata(staging)?.is_dir() {
             return Err(StoreError::NotADirectory {
                 path: staging.to_owned(),
@@ -258,6 +379,7 @@ impl Store {
             manifest_sha256: crate::sha256_hex(manifest_text.as_bytes()),
             manifest_seconds,
             content_hashed,
+            image_sha256: None,
         };
         let meta_json = serde_json::to_vec_pretty(&meta).expect("layer meta serializes");
         fs_err::write(wrapper.join(LAYER_META), meta_json)?;
@@ -268,12 +390,87 @@ impl Store {
         }
         fsutil::fsync_dir(&wrapper)?;
 
+        self.rename_layer_into_place(key, &wrapper, &mut cleanup)
+    }
+}
+
+impl Store {
+    /// Publishes `image` (an EROFS image file on the store's filesystem, normally
+    /// [`crate::Ingest::image_path`], whose sha256 the caller computed) as the EROFS layer
+    /// `key` and returns the layer's root: the empty directory vrun mounts it on. The
+    /// image is moved. As with [`Store::publish_layer`], an existing layer wins and a
+    /// damaged one is quarantined.
+    ///
+    /// Durability: an `fdatasync` of the image (free when the writer already synced it,
+    /// as vrun's does), then `layer.json` and the layer dir, the rename, and the bucket.
+    pub fn publish_image_layer(
+        &self,
+        key: &LayerKey,
+        image: &Path,
+        image_sha256: &str,
+        stats: TreeStats,
+    ) -> Result<PathBuf, StoreError> {
+        key.validate()?;
+        check_hex("image sha256", image_sha256, 64)?;
+        if key.storage != LayerStorage::Erofs {
+            return Err(StoreError::WrongStorage {
+                key: key.dir_name(),
+                expected: LayerStorage::Erofs.as_str(),
+            });
+        }
+        if !fs_err::symlink_metadata(image)?.is_file() {
+            return Err(StoreError::NotAFile {
+                path: image.to_owned(),
+            });
+        }
+        if let Some(root) = self.layer(key) {
+            let _ = std::fs::remove_file(image);
+            return Ok(root);
+        }
+        fs_err::File::open(image)?.sync_data()?;
+        let wrapper = self
+            .layout
+            .ingest()
+            .join(format!("{}.layer", fsutil::random_name()));
+        fs_err::create_dir(&wrapper)?;
+        let mut cleanup = TempTree(Some(wrapper.clone()));
+        let root = wrapper.join(LAYER_ROOT);
+        fs_err::create_dir(&root)?;
+        fs_err::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
+        let placed = wrapper.join(LAYER_IMAGE);
+        fs_err::rename(image, &placed)?;
+        fs_err::set_permissions(&placed, std::fs::Permissions::from_mode(IMAGE_MODE))?;
+        let meta = LayerMeta {
+            format: LAYER_META_FORMAT,
+            key: key.clone(),
+            published_at: crate::unix_now(),
+            stats,
+            manifest_sha256: String::new(),
+            manifest_seconds: 0.0,
+            content_hashed: true,
+            image_sha256: Some(image_sha256.to_owned()),
+        };
+        let meta_json = serde_json::to_vec_pretty(&meta).expect("layer meta serializes");
+        fs_err::write(wrapper.join(LAYER_META), meta_json)?;
+        fs_err::File::open(wrapper.join(LAYER_META))?.sync_all()?;
+        fsutil::fsync_dir(&wrapper)?;
+        self.rename_layer_into_place(key, &wrapper, &mut cleanup)
+    }
+
+    /// The last step of both publishes: rename the assembled `wrapper` to the layer's
+    /// name (quarantining a damaged layer of that name once), then fsync the bucket.
+    fn rename_layer_into_place(
+        &self,
+        key: &LayerKey,
+        wrapper: &Path,
+        cleanup: &mut TempTree,
+    ) -> Result<PathBuf, StoreError> {
         let dest = self.layer_dir(key);
         for attempt in 0..2 {
-            match std::fs::rename(&wrapper, &dest) {
+            match std::fs::rename(wrapper, &dest) {
                 Ok(()) => {
                     cleanup.0 = None;
-                    fsutil::fsync_dir(&self.layout.layers())?;
+                    fsutil::fsync_dir(&self.layout.layers_of(key.storage))?;
                     return Ok(dest.join(LAYER_ROOT));
                 }
                 Err(e) if is_exists(&e) => {
@@ -281,7 +478,7 @@ impl Store {
                         return Ok(root); // the other writer won; ours goes with `cleanup`
                     }
                     if attempt == 0 {
-                        self.quarantine(&dest, &key.dir_name())?;
+                        self.quarantine_layer(&dest, key)?;
                         continue;
                     }
                     return Err(StoreError::io(
@@ -301,6 +498,64 @@ impl Store {
         }
         unreachable!("the loop returns on its second attempt")
     }
+
+    /// Moves a layer dir to quarantine, first unmounting an EROFS layer's image from its
+    /// root (see [`unmount_root`]).
+    pub(crate) fn quarantine_layer(
+        &self,
+        dir: &Path,
+        key: &LayerKey,
+    ) -> Result<PathBuf, StoreError> {
+        unmount_root(&dir.join(LAYER_ROOT))?;
+        self.quarantine(dir, &key.dir_name())
+    }
+
+    /// Removes a layer dir (rename, then delete: O(1) for an EROFS layer, whose image is
+    /// one file), first unmounting an EROFS layer's image from its root.
+    pub(crate) fn remove_layer(&self, dir: &Path) -> Result<(), StoreError> {
+        unmount_root(&dir.join(LAYER_ROOT))?;
+        self.remove_entry(dir)
+    }
+}
+
+/// Mode of a published EROFS image: nobody writes to a layer.
+const IMAGE_MODE: u32 = 0o444;
+
+/// Mounts stacked on a layer root that [`unmount_root`] takes off before giving up (vrun
+/// mounts one; two racing mounters that both lost their lock could leave two).
+const MAX_STACKED: usize = 8;
+
+/// Whether something is mounted on `root` (its device differs from its parent's): one
+/// `stat` pair, no mount table to read.
+pub fn is_mounted(root: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(here), Some(Ok(parent))) = (
+        std::fs::symlink_metadata(root),
+        root.parent().map(std::fs::symlink_metadata),
+    ) else {
+        return false;
+    };
+    here.dev() != parent.dev()
+}
+
+/// Takes every mount off a layer's root (lazily, `MNT_DETACH`: a running proc's overlay
+/// keeps its own reference to the image and goes on working; the loop device of a loop
+/// mount is released with the last user). The store owns this mount point, so removing
+/// or quarantining a layer is never blocked by, and never deletes through, its mount.
+pub(crate) fn unmount_root(root: &Path) -> Result<(), StoreError> {
+    for _ in 0..MAX_STACKED {
+        if !is_mounted(root) {
+            return Ok(());
+        }
+        nix::mount::umount2(root, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(|e| StoreError::io("cannot unmount the layer image from", root, e.into()))?;
+    }
+    if is_mounted(root) {
+        return Err(StoreError::StillMounted {
+            path: root.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 fn is_exists(e: &std::io::Error) -> bool {

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::StoreError;
 use crate::fsutil;
+use crate::layer::LayerStorage;
 
 /// Layout version this code writes and reads. Bump together with the suffixes below.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -37,18 +38,39 @@ pub(crate) const BLOBS: &str = "blobs-v1/sha256";
 pub(crate) const INDEX_MD5: &str = "index-v1/md5";
 pub(crate) const INDEX_URL: &str = "index-v1/url";
 pub(crate) const LAYERS: &str = "layers-v1";
+/// EROFS layers live in a bucket of their own, so a vrun that predates them never looks
+/// at one (its `verify` would call the names unknown and quarantine them).
+pub(crate) const LAYERS_EROFS: &str = "layers-erofs-v1";
 pub(crate) const INGEST: &str = "ingest-v1";
 pub(crate) const LOCKS: &str = "locks-v1";
 pub(crate) const QUARANTINE: &str = "quarantine-v1";
 
 /// Every directory the layout needs, created by [`crate::Store::open`].
-pub(crate) const ALL_DIRS: [&str; 7] = [
-    BLOBS, INDEX_MD5, INDEX_URL, LAYERS, INGEST, LOCKS, QUARANTINE,
+pub(crate) const ALL_DIRS: [&str; 8] = [
+    BLOBS,
+    INDEX_MD5,
+    INDEX_URL,
+    LAYERS,
+    LAYERS_EROFS,
+    INGEST,
+    LOCKS,
+    QUARANTINE,
 ];
 
+/// The bucket holding layers stored as `storage`.
+pub(crate) fn layers_bucket(storage: LayerStorage) -> &'static str {
+    match storage {
+        LayerStorage::Dir => LAYERS,
+        LayerStorage::Erofs => LAYERS_EROFS,
+    }
+}
+
 /// Inside a published layer directory `layers-v1/<key>/`:
-/// the extracted tree itself (what overlayfs mounts as a lower dir),
+/// the extracted tree itself (what overlayfs mounts as a lower dir) — for an EROFS layer
+/// the empty directory its image is mounted on,
 pub(crate) const LAYER_ROOT: &str = "root";
+/// the image of an EROFS layer (`layers-erofs-v1/<key>/`), read-only,
+pub(crate) const LAYER_IMAGE: &str = "image.erofs";
 /// the small metadata file whose presence marks the layer complete,
 pub(crate) const LAYER_META: &str = "layer.json";
 /// and the per-entry manifest `verify --deep` re-checks.
@@ -73,8 +95,8 @@ impl Layout {
     pub fn index_url(&self) -> PathBuf {
         self.root.join(INDEX_URL)
     }
-    pub fn layers(&self) -> PathBuf {
-        self.root.join(LAYERS)
+    pub fn layers_of(&self, storage: LayerStorage) -> PathBuf {
+        self.root.join(layers_bucket(storage))
     }
     pub fn ingest(&self) -> PathBuf {
         self.root.join(INGEST)

@@ -35,6 +35,7 @@
 //! <cache>/CACHEDIR.TAG  VERSION
 //!   blobs-v1/sha256/<hex>        index-v1/md5/<md5>   index-v1/url/<sha256(url)>
 //!   layers-v1/<kind>-<sha256>-<uid>-<gid>/{root/, layer.json, manifest-v1.tsv}
+//!   layers-erofs-v1/<kind>-<sha256>-<uid>-<gid>.erofs/{image.erofs, root/, layer.json}
 //!   ingest-v1/<random>/  ingest-v1/partial-<sha256(url)>/{blob, partial.json}
 //!   locks-v1/<key>.lock  quarantine-v1/<time>-<random>-<what>
 //! ```
@@ -71,7 +72,7 @@ mod store;
 pub use error::StoreError;
 pub use fsutil::{remove_stale_temps, write_atomic};
 pub use hash::{BodyDigest, BodyHasher};
-pub use layer::{LayerKey, LayerKind, LayerMeta, ManifestMode};
+pub use layer::{is_mounted, LayerKey, LayerKind, LayerMeta, LayerStorage, ManifestMode};
 pub use lock::{lock_holders, KeyLock};
 pub use maint::{
     BadEntry, CacheEntry, EntryKind, GcOptions, GcReport, Leftover, References, VerifyReport,

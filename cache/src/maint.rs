@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
 use crate::fsutil;
-use crate::layer::{read_meta, LayerKey, LayerKind};
-use crate::layout::{LAYER_MANIFEST, LAYER_ROOT};
+use crate::layer::{read_meta, unmount_root, LayerKey, LayerKind, LayerMeta, LayerStorage};
+use crate::layout::{LAYER_IMAGE, LAYER_MANIFEST, LAYER_META, LAYER_ROOT};
 use crate::manifest::Manifest;
 use crate::store::{read_md5_entry, read_url_entry, Store};
 
@@ -100,6 +100,9 @@ pub struct CacheEntry {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub files: Option<u64>,
+    /// Layers only: a directory tree or an EROFS image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<LayerStorage>,
     /// Layers only: false when its `layer.json` is missing or unreadable (gc removes it,
     /// verify quarantines it, setup never uses it).
     pub complete: bool,
@@ -238,21 +241,19 @@ impl Store {
                 uid: None,
                 gid: None,
                 files: None,
+                storage: None,
                 complete: true,
                 used_by: Vec::new(),
             });
         }
-        for (name, dir) in fsutil::sorted_names(&self.layout.layers())? {
-            let Some(key) = LayerKey::parse(&name) else {
+        for (name, dir) in self.layer_dirs()? {
+            let Some(key) = self.key_of(&name, &dir) else {
                 continue;
             };
             let meta = read_meta(&dir).filter(|m| m.key == key);
             out.push(CacheEntry {
                 kind: EntryKind::Layer,
-                size: match &meta {
-                    Some(m) => m.stats.disk_bytes + fsutil::disk_usage(&dir.join(LAYER_MANIFEST)),
-                    None => fsutil::disk_usage(&dir),
-                },
+                size: layer_size(&dir, &key, meta.as_ref()),
                 last_used: unix(fsutil::mtime(&dir)),
                 md5: md5_of(&key.blob_sha256),
                 urls: urls_of(&key.blob_sha256),
@@ -263,6 +264,7 @@ impl Store {
                 uid: Some(key.uid),
                 gid: Some(key.gid),
                 files: meta.as_ref().map(|m| m.stats.files),
+                storage: Some(key.storage),
                 complete: meta.is_some(),
                 used_by: refs.users_of(&dir),
             });
@@ -305,15 +307,12 @@ impl Store {
             total -= entry.size;
             report.freed_bytes += entry.size;
             if !opts.dry_run {
-                let target = match entry.kind {
-                    EntryKind::Blob => entry.path.clone(),
-                    EntryKind::Layer => entry
-                        .path
-                        .parent()
-                        .expect("layer root has a parent")
-                        .to_owned(),
-                };
-                self.remove_entry(&target)?;
+                match entry.kind {
+                    EntryKind::Blob => self.remove_entry(&entry.path)?,
+                    EntryKind::Layer => {
+                        self.remove_layer(entry.path.parent().expect("layer root has a parent"))?
+                    }
+                }
             }
             report.removed.push(entry);
         }
@@ -409,11 +408,11 @@ impl Store {
             }
         }
         let rev = self.reverse_index()?;
-        let layered: std::collections::HashSet<String> =
-            fsutil::sorted_names(&self.layout.layers())?
-                .into_iter()
-                .filter_map(|(name, _)| LayerKey::parse(&name).map(|k| k.blob_sha256))
-                .collect();
+        let layered: std::collections::HashSet<String> = self
+            .layer_dirs()?
+            .into_iter()
+            .filter_map(|(name, dir)| self.key_of(&name, &dir).map(|k| k.blob_sha256))
+            .collect();
         for (sha, files) in rev.md5.iter().chain(rev.urls.iter()) {
             if !self.blob_path(sha).is_file() && !layered.contains(sha) {
                 for (_, path) in files {
@@ -483,19 +482,22 @@ impl Store {
                 }
             }
         }
-        for (name, dir) in fsutil::sorted_names(&self.layout.layers())? {
-            let Some(key) = LayerKey::parse(&name) else {
-                report.bad.push(self.quarantined(
-                    "unknown",
-                    &name,
-                    &dir,
-                    vec!["not a layer name".into()],
-                )?);
+        for (name, dir) in self.layer_dirs()? {
+            let Some(key) = self.key_of(&name, &dir) else {
+                let problems = vec!["not a layer name".into()];
+                let _ = unmount_root(&dir.join(LAYER_ROOT));
+                report
+                    .bad
+                    .push(self.quarantined("unknown", &name, &dir, problems)?);
                 continue;
             };
             report.layers_checked += 1;
-            let problems = check_layer(&dir, &key, deep);
+            let problems = match key.storage {
+                LayerStorage::Dir => check_layer(&dir, &key, deep),
+                LayerStorage::Erofs => check_image_layer(&dir, &key, deep),
+            };
             if !problems.is_empty() {
+                unmount_root(&dir.join(LAYER_ROOT))?;
                 report
                     .bad
                     .push(self.quarantined("layer", &name, &dir, problems)?);
@@ -559,6 +561,57 @@ fn check_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
     match Manifest::scan(&root, meta.content_hashed) {
         Ok(now) => recorded.diff(&now, MAX_DIFFS_REPORTED),
         Err(e) => vec![format!("cannot scan layer: {e}")],
+    }
+}
+
+/// Problems of one EROFS layer dir: `layer.json`, the image and its mount point; `deep`
+/// re-hashes the image against the sha256 recorded at publish (every byte of the tree,
+/// its metadata included, is in that one file).
+fn check_image_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
+    let Some(meta) = read_meta(dir) else {
+        return vec!["layer.json missing or unreadable (incomplete layer)".into()];
+    };
+    if meta.key != *key {
+        return vec![format!(
+            "layer.json records key {}, not {}",
+            meta.key.dir_name(),
+            key.dir_name()
+        )];
+    }
+    let Some(expected) = meta.image_sha256.as_deref() else {
+        return vec!["layer.json records no image sha256".into()];
+    };
+    let image = dir.join(LAYER_IMAGE);
+    if !image.is_file() {
+        return vec![format!("{} is missing", image.display())];
+    }
+    let root = dir.join(LAYER_ROOT);
+    if !root.is_dir() {
+        return vec![format!("{} is missing", root.display())];
+    }
+    if !deep {
+        return Vec::new();
+    }
+    match crate::hash::hash_file(&image) {
+        Ok((sha, _)) if sha == expected => Vec::new(),
+        Ok((sha, _)) => vec![format!(
+            "image sha256 mismatch: expected {expected}, got {sha}"
+        )],
+        Err(e) => vec![format!("cannot read {}: {e}", image.display())],
+    }
+}
+
+/// Bytes a layer takes on disk. An EROFS layer is its image and `layer.json`, never what
+/// is mounted on its root (that is the image again).
+pub(crate) fn layer_size(dir: &Path, key: &LayerKey, meta: Option<&LayerMeta>) -> u64 {
+    match (key.storage, meta) {
+        (LayerStorage::Erofs, _) => {
+            fsutil::disk_usage(&dir.join(LAYER_IMAGE)) + fsutil::disk_usage(&dir.join(LAYER_META))
+        }
+        (LayerStorage::Dir, Some(m)) => {
+            m.stats.disk_bytes + fsutil::disk_usage(&dir.join(LAYER_MANIFEST))
+        }
+        (LayerStorage::Dir, None) => fsutil::disk_usage(dir),
     }
 }
 

@@ -31,9 +31,9 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::StoreError;
 use crate::fsutil;
-use crate::layer::{read_meta, LayerKey};
-use crate::layout::{AUTOGC_STAMP as STAMP, LAYER_MANIFEST};
-use crate::maint::{GcOptions, GcReport, References, LEFTOVER_MAX_AGE};
+use crate::layer::{read_meta, LayerStorage};
+use crate::layout::AUTOGC_STAMP as STAMP;
+use crate::maint::{layer_size, GcOptions, GcReport, References, LEFTOVER_MAX_AGE};
 use crate::store::Store;
 
 /// Environment variable with the size budget (`20G`, `500M`, bytes; `off` for none).
@@ -111,18 +111,24 @@ impl Store {
         };
         // Which layer dirs are referenced, by name, in one pass over the references
         // ([`References::users_of`] per layer costs a path walk per reference).
-        let layers_dir = self.layout.layers();
+        let buckets = [
+            self.layout.layers_of(LayerStorage::Dir),
+            self.layout.layers_of(LayerStorage::Erofs),
+        ];
         let mut everything_referenced = false;
         let mut referenced: HashSet<&OsStr> = HashSet::new();
         for path in refs.paths() {
-            match path.strip_prefix(&layers_dir) {
-                Ok(rest) => {
-                    if let Some(Component::Normal(name)) = rest.components().next() {
-                        referenced.insert(name);
+            for bucket in &buckets {
+                match path.strip_prefix(bucket) {
+                    Ok(rest) => {
+                        // Layer names are unique across both buckets.
+                        if let Some(Component::Normal(name)) = rest.components().next() {
+                            referenced.insert(name);
+                        }
                     }
+                    Err(_) if bucket.starts_with(path) => everything_referenced = true,
+                    Err(_) => {}
                 }
-                Err(_) if layers_dir.starts_with(path) => everything_referenced = true,
-                Err(_) => {}
             }
         }
         let is_referenced = |dir: &Path| {
@@ -141,16 +147,16 @@ impl Store {
             unreferenced = true;
             total += fsutil::disk_usage(&path);
         }
-        for (name, dir) in fsutil::sorted_names(&layers_dir)? {
-            let Some(key) = LayerKey::parse(&name) else {
+        for (name, dir) in self.layer_dirs()? {
+            let Some(key) = self.key_of(&name, &dir) else {
                 continue;
             };
             let used = is_referenced(&dir);
             total += match read_meta(&dir).filter(|m| m.key == key) {
-                Some(m) => m.stats.disk_bytes + fsutil::disk_usage(&dir.join(LAYER_MANIFEST)),
+                Some(m) => layer_size(&dir, &key, Some(&m)),
                 // An incomplete (damaged) layer: gc removes it whatever its size.
                 None if !used => return Ok(true),
-                None => fsutil::disk_usage(&dir),
+                None => layer_size(&dir, &key, None),
             };
             if !used {
                 if policy.max_age.is_some_and(|age| idle_too_long(&dir, age)) {

@@ -159,6 +159,11 @@ impl Ingest {
     pub fn staging_dir(&self) -> &Path {
         &self.staging
     }
+    /// Where to write an EROFS image (not created here); hand it to
+    /// [`Store::publish_image_layer`].
+    pub fn image_path(&self) -> PathBuf {
+        self.dir.join("layer.erofs")
+    }
 }
 
 impl Drop for Ingest {

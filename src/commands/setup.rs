@@ -41,6 +41,11 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
     let (config, name) = super::load(file)?;
     let owner = config.owner()?;
     let cache_policy = super::autogc::policy()?;
+    // Parsed before anything is touched, so a bad value is a one-line error.
+    let layers = vrun::layers::LayersRequest::from_flag_or_env(
+        args.layers.as_deref(),
+        std::env::var(vrun::layers::LAYERS_ENV).ok().as_deref(),
+    )?;
     let host_env = |var: &str| std::env::var_os(var);
     if config.cmd.is_none() {
         if config.proc_name.is_none() {
@@ -77,6 +82,7 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
             uid: owner.uid,
             gid: owner.gid,
             keep_blob: !args.no_blob,
+            layers,
         });
     }
     if let Some(url) = &config.image_url {
@@ -87,6 +93,7 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
             uid: 0,
             gid: 0,
             keep_blob: !args.no_blob,
+            layers,
         });
     }
     for art in &artifacts {
@@ -120,6 +127,15 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
             .find(|(k, _)| *k == kind)
             .map(|(_, p)| p.layer.clone())
     };
+    // Said once, even when both artifacts fell back.
+    if let Some(why) = prepared.iter().find_map(|(_, p)| p.fallback.as_ref()) {
+        eprintln!("vrun: {why}");
+    }
+    // An EROFS layer is mounted on its root now (once per host: a second proc finds the
+    // mount): the Procfile is read from it, and the overlay stacks it.
+    for (_, p) in &prepared {
+        vrun::layers::ensure_ready(&p.layer)?;
+    }
     let build_layer = layer_of(LayerKind::Build);
     let image_layer = layer_of(LayerKind::Image);
 

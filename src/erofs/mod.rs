@@ -116,6 +116,6 @@ pub mod mount;
 mod writer;
 
 pub use writer::{
-    Entry, EntryKind, ErofsError, Extent, ImageStats, ImageWriter, Invalid, Metadata,
+    DirId, Entry, EntryKind, ErofsError, Extent, ImageStats, ImageWriter, Invalid, Metadata, Node,
     WriterOptions, SYMLINK_MAX,
 };

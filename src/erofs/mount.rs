@@ -11,6 +11,12 @@
 //!   loop device even where the kernel could read the file itself (containerd's EROFS
 //!   snapshotter calls mount(2) directly for the same reason).
 //!
+//! [`probe`] mounts its test image *detached* (`fsopen`/`fsconfig`/`fsmount`, Linux ≥ 5.2:
+//! a mount that is an fd, in no mount table) and reads the test file through the fd, so
+//! a probe killed half-way (`kill -9` of a setup) leaves no mount behind — an attached
+//! probe mount in the store's ingest dir would have been a stale mount that gc could not
+//! delete through. Older kernels get mount(2) and an unmount.
+//!
 //! Both are mounted `ro,nodev` (and `nosuid` on request). Which mounts of an image exist is
 //! read from `/proc/self/mountinfo`: a file-backed mount shows the image path as its
 //! source; a loop mount shows `/dev/loopN`, whose backing file is in
@@ -19,7 +25,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -356,10 +362,144 @@ impl Probe {
     }
 }
 
+/// Why a detached probe mount did not work.
+enum Detached {
+    /// The kernel has no `fsopen(2)` (before 5.2).
+    NoApi,
+    Failed(String),
+}
+
+/// `fsconfig(2)` commands and `fsmount(2)` attributes (`linux/mount.h`).
+const FSCONFIG_SET_FLAG: libc::c_uint = 0;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const MOUNT_ATTR_RDONLY: libc::c_uint = 1;
+const MOUNT_ATTR_NOSUID: libc::c_uint = 2;
+const MOUNT_ATTR_NODEV: libc::c_uint = 4;
+
+fn owned_fd(r: libc::c_long) -> io::Result<std::os::fd::OwnedFd> {
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel, owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as i32) })
+}
+
+/// Mounts `image` (or, with `through_loop`, a loop device backed by it) as a detached
+/// mount — an fd, attached nowhere — and reads the test file through it.
+fn probe_detached(image: &Path, through_loop: bool) -> Result<(), Detached> {
+    use std::ffi::CString;
+    let failed = |what: &str, e: io::Error| Detached::Failed(format!("{what}: {e}"));
+    // SAFETY: fsopen(2) with a NUL-terminated name.
+    let fs = owned_fd(unsafe { libc::syscall(libc::SYS_fsopen, c"erofs".as_ptr(), 1u32) })
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOSYS) => Detached::NoApi,
+            _ => failed("fsopen erofs", e),
+        })?;
+    let device = through_loop
+        .then(|| attach_loop(image))
+        .transpose()
+        .map_err(Detached::Failed)?;
+    let source = device.as_ref().map_or(image, |d| d.path.as_path());
+    let source_c = CString::new(source.as_os_str().as_bytes())
+        .map_err(|_| Detached::Failed("NUL in the image path".into()))?;
+    // SAFETY: fsconfig(2) on our fs context fd with NUL-terminated key and value.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_SET_STRING,
+            c"source".as_ptr(),
+            source_c.as_ptr(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(failed("fsconfig source", io::Error::last_os_error()));
+    }
+    // A read-only superblock: the loop device is read-only, and a writable open of it
+    // is refused (EACCES).
+    // SAFETY: fsconfig(2) SET_FLAG with a NUL-terminated key and no value.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_SET_FLAG,
+            c"ro".as_ptr(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(failed("fsconfig ro", io::Error::last_os_error()));
+    }
+    // SAFETY: fsconfig(2) CMD_CREATE takes no key or value.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if r < 0 {
+        let e = errno_text(Errno::last());
+        // The same words as a mount(2) that failed (see `mount_image`).
+        return Err(Detached::Failed(match through_loop {
+            true => format!("mount {}: {e}", source.display()),
+            false => e,
+        }));
+    }
+    // SAFETY: fsmount(2) on a created fs context.
+    let mnt = owned_fd(unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            fs.as_raw_fd(),
+            FSMOUNT_CLOEXEC,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        )
+    })
+    .map_err(|e| failed("fsmount", e))?;
+    let read = nix::fcntl::openat(
+        mnt.as_fd(),
+        "probe",
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(io::Error::from)
+    .and_then(|fd| {
+        let mut f = File::from(fd);
+        let mut b = Vec::new();
+        io::Read::read_to_end(&mut f, &mut b).map(|_| b)
+    });
+    drop(mnt); // the mount goes with its last reference; then the loop device (autoclear)
+    drop(device);
+    match read {
+        Ok(b) if b == b"erofs\n" => Ok(()),
+        Ok(_) => Err(Detached::Failed(
+            "mounted, but the test file read back wrong".into(),
+        )),
+        Err(e) => Err(failed("mounted, but reading the test file failed", e)),
+    }
+}
+
 /// Tries both mount methods with a tiny image written in `scratch` (a directory on the
 /// filesystem that will hold the images: whether a file there can back a mount is part
 /// of the question). Leaves nothing behind.
 pub fn probe(scratch: &Path) -> Probe {
+    probe_with(scratch, true)
+}
+
+/// [`probe`] that stops at the first method that works (what setup needs to decide; the
+/// loop attempt is then reported as "not tried").
+pub fn probe_first(scratch: &Path) -> Probe {
+    probe_with(scratch, false)
+}
+
+fn probe_with(scratch: &Path, both: bool) -> Probe {
     let kernel = std::fs::read_to_string("/proc/filesystems")
         .map(|t| {
             t.lines()
@@ -381,7 +521,12 @@ pub fn probe(scratch: &Path) -> Probe {
     }
     let image = dir.join("probe.erofs");
     let written = (|| {
-        let mut w = ImageWriter::create(&image, WriterOptions::default())?;
+        // Mounted from the page cache and deleted: nothing to make durable.
+        let opts = WriterOptions {
+            sync: false,
+            ..WriterOptions::default()
+        };
+        let mut w = ImageWriter::create(&image, opts)?;
         let meta = Metadata {
             mode: 0o644,
             ..Metadata::default()
@@ -393,7 +538,7 @@ pub fn probe(scratch: &Path) -> Probe {
         Err(e) => none(&format!("cannot write a test image: {e}")),
         Ok(_) => {
             let mnt = dir.join("mnt");
-            let try_one = |force_loop: bool| -> Result<(), String> {
+            let attached = |force_loop: bool| -> Result<(), String> {
                 let opts = MountOptions {
                     nosuid: true,
                     force_loop,
@@ -415,10 +560,22 @@ pub fn probe(scratch: &Path) -> Probe {
                     Err(e) => Err(format!("mounted, but reading the test file failed: {e}")),
                 }
             };
+            // A detached mount (fsopen/fsmount) is never in the mount table, so a probe
+            // killed half-way leaves no mount behind; kernels before 5.2 get mount(2).
+            let try_one = |force_loop: bool| match probe_detached(&image, force_loop) {
+                Err(Detached::NoApi) => attached(force_loop),
+                Err(Detached::Failed(why)) => Err(why),
+                Ok(()) => Ok(()),
+            };
+            let file_backed = try_one(false);
+            let loop_device = match (&file_backed, both) {
+                (Ok(()), false) => Err("not tried".to_string()),
+                _ => try_one(true),
+            };
             Probe {
                 kernel,
-                file_backed: try_one(false),
-                loop_device: try_one(true),
+                file_backed,
+                loop_device,
             }
         }
     };

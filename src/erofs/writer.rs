@@ -174,6 +174,13 @@ pub struct WriterOptions {
     /// note). Off: every file's data is block-aligned on its own blocks, as with
     /// `mkfs.erofs -Enoinline_data`.
     pub inline_tails: bool,
+    /// Start the writeback of what was written every this many bytes
+    /// ([`crate::writeback`]), so the disk works while the stream is still arriving and
+    /// the fsync at [`ImageWriter::finish`] finds little left. `None`: all at the end.
+    pub writeback_every: Option<u64>,
+    /// fsync the image at [`ImageWriter::finish`] (off only for throwaway images: the
+    /// mount probe's).
+    pub sync: bool,
 }
 
 impl Default for WriterOptions {
@@ -184,8 +191,27 @@ impl Default for WriterOptions {
                 ..Metadata::default()
             },
             inline_tails: true,
+            writeback_every: None,
+            sync: true,
         }
     }
+}
+
+/// A directory of the image being written, for [`ImageWriter::child`]. Directories are
+/// numbered as they are made; [`DirId::ROOT`] is the root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DirId(u32);
+
+impl DirId {
+    pub const ROOT: DirId = DirId(0);
+}
+
+/// What a name in the image being written is now: a directory, or another inode (a
+/// number shared by all hard links of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    Dir(DirId),
+    Inode(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +270,8 @@ pub struct ImageWriter {
     poisoned: bool,
     inline_tails: u64,
     buf: Vec<u8>,
+    /// Stream position at the last writeback kick.
+    kicked: u64,
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -383,6 +411,7 @@ impl ImageWriter {
             poisoned: false,
             inline_tails: 0,
             buf: vec![0; IO_BUF],
+            kicked: 0,
         }
     }
 
@@ -393,13 +422,59 @@ impl ImageWriter {
                 path: self.path.clone(),
             });
         }
-        let r = self.add_inner(entry, data);
+        let mut r = self.add_inner(entry, data);
+        if r.is_ok() {
+            r = self.kick_writeback();
+        }
         if let Err(e) = &r {
             if !matches!(e, ErofsError::Invalid { .. }) {
                 self.poisoned = true;
             }
         }
         r
+    }
+
+    /// What `name` in directory `dir` is now, if anything: for a sink that resolves
+    /// paths itself (an image's in-root symlinks, `crate::extract`'s EROFS sink).
+    pub fn child(&mut self, dir: DirId, name: &[u8]) -> Option<Node> {
+        self.lookup(dir.0, name).map(|c| match c {
+            Child::Dir(d) => Node::Dir(DirId(d)),
+            Child::Inode(i) => Node::Inode(i),
+        })
+    }
+
+    /// Makes `name` in `dir` a directory with [`WriterOptions::implicit_dir`] metadata, as
+    /// a missing parent is made (nothing may be there yet: check with
+    /// [`ImageWriter::child`]).
+    pub fn make_implicit_dir(&mut self, dir: DirId, name: &[u8]) -> Result<DirId, ErofsError> {
+        components(name)
+            .ok()
+            .filter(|c| c.len() == 1)
+            .ok_or_else(|| invalid(name, Invalid::EmptyComponent))?;
+        debug_assert!(self.lookup(dir.0, name).is_none(), "nothing there yet");
+        self.dirs.push(DirInfo {
+            meta: self.opts.implicit_dir.clone(),
+            xattrs: Vec::new(),
+        });
+        let d = self.dirs.len() as u32 - 1;
+        self.set_key(dir.0, name);
+        self.names.insert(self.key.as_slice().into(), Child::Dir(d));
+        Ok(DirId(d))
+    }
+
+    /// Every [`WriterOptions::writeback_every`] bytes: push the buffer into the page cache
+    /// and have the writeback thread start writing the file back.
+    fn kick_writeback(&mut self) -> Result<(), ErofsError> {
+        let Some(every) = self.opts.writeback_every else {
+            return Ok(());
+        };
+        if self.pos - self.kicked < every {
+            return Ok(());
+        }
+        self.out.flush().map_err(|e| self.io_err(e))?;
+        crate::writeback::written(self.out.get_ref());
+        self.kicked = self.pos;
+        Ok(())
     }
 
     pub fn add_dir(&mut self, path: &[u8], meta: &Metadata) -> Result<(), ErofsError> {
@@ -1019,7 +1094,21 @@ impl ImageWriter {
     }
 
     /// Writes directories, the shared xattrs and the superblock, fsyncs once, and closes.
-    pub fn finish(mut self) -> Result<ImageStats, ErofsError> {
+    pub fn finish(self) -> Result<ImageStats, ErofsError> {
+        self.finish_inner(false).map(|(stats, _)| stats)
+    }
+
+    /// [`ImageWriter::finish`], also returning the image's sha256 (lowercase hex): the
+    /// complete file is read back from the page cache and hashed on a second thread while
+    /// the fsync waits for the disk, so the hash costs no wall time where the disk is the
+    /// bottleneck. (A hash computed while streaming would not do: block 0 and the link
+    /// counts are written in place at the end.)
+    pub fn finish_hashed(self) -> Result<(ImageStats, String), ErofsError> {
+        self.finish_inner(true)
+            .map(|(stats, sha)| (stats, sha.expect("hashed on request")))
+    }
+
+    fn finish_inner(mut self, hash: bool) -> Result<(ImageStats, Option<String>), ErofsError> {
         if self.poisoned {
             return Err(ErofsError::Poisoned {
                 path: self.path.clone(),
@@ -1281,15 +1370,46 @@ impl ImageWriter {
         };
         file.write_all_at(&block0, 0).map_err(io)?;
         file.set_len(end).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        Ok(ImageStats {
+        let sha = std::thread::scope(|s| {
+            let hasher = hash.then(|| s.spawn(|| hash_file(file, end)));
+            if self.opts.sync {
+                file.sync_all().map_err(io)?;
+            }
+            hasher
+                .map(|h| h.join().expect("hashing does not panic").map_err(io))
+                .transpose()
+        })?;
+        let stats = ImageStats {
             bytes: end,
             dirs: order.len() as u64,
             inodes: live,
             inline_tails: self.inline_tails,
             orphans,
-        })
+        };
+        Ok((stats, sha))
     }
+}
+
+/// sha256 of the first `len` bytes of `file`, read with `pread` (the writer's fd is shared
+/// with the fsync running beside it).
+fn hash_file(file: &File, len: u64) -> io::Result<String> {
+    use sha2::Digest;
+    let mut sha = sha2::Sha256::new();
+    let mut buf = vec![0u8; IO_BUF];
+    let mut at = 0u64;
+    while at < len {
+        let want = (len - at).min(IO_BUF as u64) as usize;
+        let n = file.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("image ended at byte {at} of {len} while hashing it"),
+            ));
+        }
+        sha.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(hex::encode(sha.finalize()))
 }
 
 /// Room reserved for a directory record before its tail is appended.

@@ -6,7 +6,8 @@
 //! inside the root through `O_NOFOLLOW` fds (`tree`), regular files go to the writer
 //! pool (`writer`), directory modes and mtimes are applied at the end, deepest first, and
 //! the free-space reserve is checked as bytes are handed on (see the `extract` note).
-//! Another sink (an EROFS image) implements the same [`Sink`] and shares none of this.
+//! The other sink, [`super::ErofsSink`] (one EROFS image), implements the same [`Sink`]
+//! and shares none of this: it resolves paths against the image it writes.
 
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -423,7 +424,7 @@ impl DirSink {
     }
 }
 
-fn resolve_err(entry: &str, e: ResolveError) -> ExtractError {
+pub(super) fn resolve_err(entry: &str, e: ResolveError) -> ExtractError {
     match e {
         ResolveError::Io(op, _, source) => ExtractError::Io {
             entry: entry.to_string(),

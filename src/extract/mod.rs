@@ -8,7 +8,7 @@
 //! ```text
 //!          this module: the driver, the same for every output         a Sink: where entries go
 //! decoder ─► tar::Reader ─► Limits ─► policy::plan ─► ExtractStats ─┬─ DirSink (dir.rs) ─► staging dir
-//!  (parse thread: decompress, parse, decide, count)                 └─ an EROFS image writer (next)
+//!  (parse thread: decompress, parse, decide, count)                 └─ ErofsSink (erofs_sink.rs) ─► one image
 //! ```
 //!
 //! The seam is [`Sink`]. Above it, and shared by every output: reading the tar stream,
@@ -92,6 +92,7 @@
 //! Any error names the entry; the caller deletes the staging dir, so nothing is published.
 
 mod dir;
+mod erofs_sink;
 mod policy;
 mod tree;
 mod writer;
@@ -103,6 +104,7 @@ use std::time::Instant;
 use crate::tar;
 
 pub use dir::DirSink;
+pub use erofs_sink::{ErofsSink, ImageRoot};
 pub use policy::{Planned, RelPath, What, NAME_MAX};
 pub use writer::Writers;
 
@@ -217,6 +219,9 @@ pub enum ExtractError {
         free: u64,
         reserve: u64,
     },
+    /// The EROFS sink's image could not be created or completed (not an entry's fault).
+    #[error("cannot write the EROFS image {path}: {reason}")]
+    Image { path: PathBuf, reason: String },
     /// A writer stopped because another part failed; never returned to callers.
     #[error("extraction aborted")]
     Aborted,

@@ -121,6 +121,9 @@ pub enum LxcError {
     },
     #[error("invalid memory limits: {reason}")]
     BadLimit { reason: String },
+    /// An EROFS layer could not be mounted on its root (see `crate::layers`).
+    #[error(transparent)]
+    Layer(#[from] crate::layers::LayersError),
     #[error("processes of container {name} survived SIGKILL: {pids:?}")]
     Unkillable { name: String, pids: Vec<i32> },
 }

@@ -22,6 +22,10 @@
 //! from `/proc/self/mountinfo` (the kernel's own table, via [`crate::mounts`]), never
 //! guessed from the directory. Unmounting is teardown's, also in [`crate::mounts`].
 //!
+//! The lowers are store layers: a directory tree, or an EROFS layer's root, on which
+//! [`crate::layers::ensure_ready`] mounts the layer's image first if it is not mounted
+//! (after a reboot; once per host, shared by every proc of the layer).
+//!
 //! A proc without an image runs on the host's system directories (`precise` style): the
 //! lower is just the build layer, proc.lxc binds `/usr`, `/etc`, … read-only, and this module
 //! adds the skeleton (`proc`, `sys`, `dev`, `tmp`, and `bin -> usr/bin`-style symlinks on
@@ -122,6 +126,8 @@ fn mount_overlay(paths: &ProcPaths, state: &ProcState) -> Result<(), LxcError> {
         .into_iter()
         .flatten()
     {
+        // An EROFS layer's image is mounted on its root once per host, and stays.
+        crate::layers::ensure_ready(layer)?;
         if !layer.is_dir() {
             return Err(LxcError::BadLayer {
                 path: layer.clone(),

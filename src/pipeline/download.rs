@@ -5,12 +5,10 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vrun_cache::{BlobDigest, Partial, Store, UrlRecord};
+use vrun_cache::{BlobDigest, LayerStorage, Partial, Store, UrlRecord};
 
-use super::unpack::UnpackSink;
-use super::{
-    check_whole, Artifact, CacheUse, PipelineError, Prepared, TimingsBuilder, LAYER_MANIFEST,
-};
+use super::unpack::{Target, UnpackSink};
+use super::{check_whole, publish, Artifact, CacheUse, PipelineError, Prepared, TimingsBuilder};
 use crate::extract::Limits;
 use crate::fetch::{self, FetchError, FetchRequest, HttpClient, Progress, Resume};
 
@@ -78,6 +76,7 @@ pub(super) async fn download(
     store: &Store,
     http: &HttpClient,
     art: &Artifact,
+    storage: LayerStorage,
     limits: &Limits,
     progress: Option<Arc<Progress>>,
     started: Instant,
@@ -102,11 +101,12 @@ pub(super) async fn download(
     };
     let replay = resume.as_ref().map_or(0, |r| r.hasher.bytes());
     let ingest = store.new_ingest().map_err(store_err)?;
+    let target = Target::new(storage, &ingest);
     let mut sink = UnpackSink::start(
         partial,
         replay,
         url.clone(),
-        ingest.staging_dir(),
+        target.clone(),
         art.mode(),
         limits.clone(),
     )
@@ -185,11 +185,7 @@ pub(super) async fn download(
     // between leaves a layer no index points to yet; the next setup downloads again and
     // keeps that layer.
     let layer = tokio::task::block_in_place(|| {
-        let layer = store.publish_layer_with(
-            &art.key(&digest.sha256),
-            ingest.staging_dir(),
-            LAYER_MANIFEST,
-        )?;
+        let layer = publish(store, &art.key(&digest.sha256, storage), &target, &unpacked)?;
         match &partial {
             Some(p) => {
                 store.publish_blob_file(p.blob_path(), &digest, Some(&record))?;
@@ -214,6 +210,7 @@ pub(super) async fn download(
     Ok(Prepared {
         layer,
         timings: TimingsBuilder::new(url, CacheUse::Miss, outcome.bytes, started)
+            .stored(storage)
             .downloaded(outcome.ttfb, download_s)
             .extracted(
                 unpacked.format,
@@ -223,5 +220,6 @@ pub(super) async fn download(
             )
             .published(publish_started)
             .build(),
+        fallback: None,
     })
 }

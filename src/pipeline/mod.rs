@@ -5,8 +5,17 @@
 //!  tokio task                     │ unpack thread (one per artifact)
 //!  HTTP body ─► md5+sha256+count ─┼─► bounded channel ─► tee ─► blob file (ingest)
 //!  (fetch::HttpClient)            │                      └──► decoder ─► tar ─► writer(s) ─► staging
-//!                                 │  writeback kicks: each finished file, the blob every 8 MiB
+//!                                 │                                    (or) └─► ErofsSink ─► one image
+//!                                 │  writeback kicks: each finished file (the image every
+//!                                 │  8 MiB), the blob every 8 MiB
 //! ```
+//!
+//! Where the layer goes is the artifact's [`LayersRequest`], resolved only when something
+//! must be extracted ([`crate::layers::decide`]; a layer hit in auto mode takes either
+//! storage): a staging tree published with its manifest, or one EROFS image in the
+//! ingest dir, hashed beside its writer's one fsync and published by a rename
+//! (`vrun_cache::Store::publish_image_layer`). The rest of the pipeline — reuse, locks,
+//! resume, md5, blob — does not know which.
 //!
 //! Why this shape. The network and the hashers live on the async side, where reqwest is;
 //! everything after them is synchronous code on a dedicated thread fed by a bounded
@@ -81,14 +90,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use vrun_cache::{LayerKey, LayerKind, ManifestMode, Store};
+use vrun_cache::{LayerKey, LayerKind, LayerStorage, ManifestMode, Store, StoreError, TreeStats};
 
 use crate::decode::{self, DecodeError};
 use crate::extract::{ExtractError, ExtractStats, Limits, Mode};
 use crate::fetch::{self, FetchError, HttpClient, Md5Mismatch, Progress};
+use crate::layers::LayersRequest;
 use download::{download, Retry};
 use timings::TimingsBuilder;
-use unpack::{extraction_root, unpack, Flusher, FlushingReader, READ_BUF};
+use unpack::{unpack, Flusher, FlushingReader, Target, Unpacked, READ_BUF};
 use url_lock::lock_url;
 
 pub use timings::ArtifactTimings;
@@ -119,6 +129,9 @@ pub struct Artifact {
     /// wants — but another user's proc of the same build, or `vrun cache verify` healing
     /// a damaged layer, must download it again (`vrun setup --no-blob`).
     pub keep_blob: bool,
+    /// How the layer may be stored: a directory tree, an EROFS image, or auto (reuse
+    /// either; a new one is EROFS where this host can mount it). See `crate::layers`.
+    pub layers: LayersRequest,
 }
 
 impl Artifact {
@@ -131,8 +144,8 @@ impl Artifact {
             LayerKind::Image => Mode::Image,
         }
     }
-    fn key(&self, sha256: &str) -> LayerKey {
-        LayerKey::new(sha256, self.kind, self.uid, self.gid)
+    fn key(&self, sha256: &str, storage: LayerStorage) -> LayerKey {
+        LayerKey::new(sha256, self.kind, self.uid, self.gid).stored_as(storage)
     }
     fn name(&self) -> &'static str {
         self.kind.as_str()
@@ -194,9 +207,13 @@ pub enum CacheUse {
 /// A layer ready to mount.
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    /// The layer's root directory (for a build it holds `app/`).
+    /// The layer's root directory (for a build it holds `app/`); an EROFS layer's image
+    /// is mounted there by [`crate::layers::ensure_ready`].
     pub layer: PathBuf,
     pub timings: ArtifactTimings,
+    /// Auto mode made a directory layer because EROFS cannot be used here: why (for
+    /// the caller to say once).
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +237,9 @@ pub enum PipelineError {
         path: PathBuf,
         source: io::Error,
     },
+    /// The layer storage asked for cannot be used on this host.
+    #[error(transparent)]
+    Layers(#[from] crate::layers::LayersError),
     #[error("{url}: the unpack thread panicked")]
     Panicked { url: String },
     /// An archive with no entries (only end-of-archive blocks): never a real build or
@@ -291,24 +311,33 @@ pub async fn prepare(
     if let Some(hit) = layer_hit(&store, &art, started) {
         return Ok(hit);
     }
+    // Something is extracted now: decide how it is stored.
+    let (storage, fallback) =
+        tokio::task::block_in_place(|| crate::layers::decide(art.layers, store.dir()))?;
+    let with_fallback = |mut p: Prepared| {
+        p.fallback = fallback.clone();
+        p
+    };
     if let Some(sha256) = known_sha256(&store, &art) {
         if let Some(blob) = store.blob(&sha256) {
             let (store2, art2, lim2, http2) =
                 (store.clone(), art.clone(), limits.clone(), http.clone());
             let reused = tokio::task::spawn_blocking(move || {
-                from_blob(&store2, &http2, &art2, &sha256, &blob, &lim2, started)
+                let key = art2.key(&sha256, storage);
+                from_blob(&store2, &http2, &art2, &key, &blob, &lim2, started)
             })
             .await
             .map_err(|_| PipelineError::Panicked { url: url.clone() })??;
             if let Some(prepared) = reused {
-                return Ok(prepared);
+                return Ok(with_fallback(prepared));
             }
         }
     }
-    match download(
+    let fetched = match download(
         &store,
         &http,
         &art,
+        storage,
         &limits,
         progress.clone(),
         started,
@@ -320,12 +349,15 @@ pub async fn prepare(
         // have spliced two versions: once more, from byte 0.
         Err(Retry::Clean(e)) => {
             http.notice(&format!("{e}; the download was resumed without a validator, so it is fetched again from byte 0"));
-            download(&store, &http, &art, &limits, progress, started, false)
-                .await
-                .map_err(Retry::into_error)
+            download(
+                &store, &http, &art, storage, &limits, progress, started, false,
+            )
+            .await
+            .map_err(Retry::into_error)
         }
         other => other.map_err(Retry::into_error),
-    }
+    };
+    fetched.map(with_fallback)
 }
 
 /// The sha256 the store already associates with this artifact: by md5 when proc.yaml
@@ -339,8 +371,10 @@ fn known_sha256(store: &Store, art: &Artifact) -> Option<String> {
 
 fn layer_hit(store: &Store, art: &Artifact, started: Instant) -> Option<Prepared> {
     let sha256 = known_sha256(store, art)?;
-    let key = art.key(&sha256);
-    let layer = store.layer(&key)?;
+    let (key, layer) = crate::layers::reusable(art.layers).iter().find_map(|s| {
+        let key = art.key(&sha256, *s);
+        store.layer(&key).map(|layer| (key, layer))
+    })?;
     let _ = store.touch_layer(&key);
     let meta = store.layer_meta(&key);
     let compressed_bytes = store
@@ -357,26 +391,30 @@ fn layer_hit(store: &Store, art: &Artifact, started: Instant) -> Option<Prepared
     Some(Prepared {
         layer,
         timings: TimingsBuilder::new(&art.url, CacheUse::Layer, compressed_bytes, started)
+            .stored(key.storage)
             .content(
                 meta.as_ref().map_or(0, |m| m.stats.bytes),
                 meta.as_ref().map_or(0, |m| m.stats.files),
             )
             .build(),
+        fallback: None,
     })
 }
 
-/// Extract from a cached blob. `Ok(None)` means the blob failed its md5 and was discarded:
-/// the caller downloads it again (once).
+/// Extract from a cached blob into the layer `key` (the blob's sha256, stored as the
+/// setup decided). `Ok(None)` means the blob failed its md5 and was discarded: the caller
+/// downloads it again (once).
 fn from_blob(
     store: &Store,
     http: &HttpClient,
     art: &Artifact,
-    sha256: &str,
+    key: &LayerKey,
     blob: &Path,
     limits: &Limits,
     started: Instant,
 ) -> Result<Option<Prepared>, PipelineError> {
     let url = &art.shown_url();
+    let (sha256, storage) = (&key.blob_sha256, key.storage);
     let io_err = |source| PipelineError::Io {
         url: url.clone(),
         path: blob.to_owned(),
@@ -401,12 +439,7 @@ fn from_blob(
         source,
     };
     let ingest = store.new_ingest().map_err(store_err)?;
-    let dest =
-        extraction_root(art.mode(), ingest.staging_dir()).map_err(|source| PipelineError::Io {
-            url: url.clone(),
-            path: ingest.staging_dir().to_owned(),
-            source,
-        })?;
+    let target = Target::new(storage, &ingest);
     let file = std::fs::File::open(blob).map_err(io_err)?;
     let compressed_bytes = file.metadata().map_err(io_err)?.len();
     let mut reader = FlushingReader {
@@ -417,22 +450,52 @@ fn from_blob(
             source,
         })?,
     };
-    let (format, stats) =
-        unpack(&mut reader, &dest, art.mode(), limits).map_err(|e| e.with_url(url))?;
-    check_whole(art, format, &stats)?;
-    let extracted = Instant::now();
+    let mut unpacked =
+        unpack(&mut reader, &target, art.mode(), limits).map_err(|e| e.with_url(url))?;
+    check_whole(art, unpacked.format, &unpacked.stats)?;
     drop(reader); // waits for a flush in progress
-    let flushed = Instant::now();
+    unpacked.flushed = Instant::now();
     let publish_started = Instant::now();
-    let key = art.key(sha256);
-    let layer = store
-        .publish_layer_with(&key, ingest.staging_dir(), LAYER_MANIFEST)
-        .map_err(store_err)?;
+    let layer = publish(store, key, &target, &unpacked).map_err(store_err)?;
     Ok(Some(Prepared {
         layer,
         timings: TimingsBuilder::new(url, CacheUse::Blob, compressed_bytes, started)
-            .extracted(format, &stats, extracted, flushed)
+            .stored(storage)
+            .extracted(
+                unpacked.format,
+                &unpacked.stats,
+                unpacked.extracted,
+                unpacked.flushed,
+            )
             .published(publish_started)
             .build(),
+        fallback: None,
     }))
+}
+
+/// Publishes what an extraction made in `target` as the layer `key`: a staging tree
+/// (durable file by file, then renamed), or an EROFS image (fsynced by its writer, hashed
+/// beside that fsync, then renamed).
+fn publish(
+    store: &Store,
+    key: &LayerKey,
+    target: &Target,
+    unpacked: &Unpacked,
+) -> Result<PathBuf, StoreError> {
+    match (target, &unpacked.image) {
+        (Target::Dir { staging }, _) => store.publish_layer_with(key, staging, LAYER_MANIFEST),
+        (Target::Image { path }, Some((image, sha256))) => {
+            let s = &unpacked.stats;
+            let stats = TreeStats {
+                files: s.files + s.hardlinks,
+                dirs: image.dirs,
+                symlinks: s.symlinks,
+                other: 0,
+                bytes: s.bytes,
+                disk_bytes: image.bytes,
+            };
+            store.publish_image_layer(key, path, sha256, stats)
+        }
+        (Target::Image { .. }, None) => unreachable!("an image target's unpack hashes it"),
+    }
 }

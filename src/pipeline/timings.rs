@@ -17,6 +17,8 @@ use crate::extract::ExtractStats;
 pub struct ArtifactTimings {
     pub url: String,
     pub cache: CacheUse,
+    /// How the layer is stored: `dir` or `erofs` (`vrun setup --layers`).
+    pub layers: &'static str,
     /// Size of the tarball as downloaded (or as cached).
     pub compressed_bytes: u64,
     /// Bytes of file content in the extracted tree.
@@ -77,6 +79,7 @@ impl TimingsBuilder {
             t: ArtifactTimings {
                 url: url.to_owned(),
                 cache,
+                layers: "dir",
                 compressed_bytes,
                 bytes: 0,
                 files: 0,
@@ -93,6 +96,12 @@ impl TimingsBuilder {
                 dropped_acls: 0,
             },
         }
+    }
+
+    /// The layer's storage.
+    pub(super) fn stored(mut self, storage: vrun_cache::LayerStorage) -> Self {
+        self.t.layers = storage.as_str();
+        self
     }
 
     /// Content of a tree extracted earlier (a layer hit: its manifest's counts).

@@ -13,11 +13,12 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
-use vrun_cache::{Partial, PartialMeta};
+use vrun_cache::{Ingest, LayerStorage, Partial, PartialMeta};
 
 use super::PipelineError;
 use crate::decode::{self, DecodeError};
-use crate::extract::{self, ExtractError, ExtractStats, Limits, Mode};
+use crate::erofs::{ImageStats, Metadata};
+use crate::extract::{self, ErofsSink, ExtractError, ExtractStats, ImageRoot, Limits, Mode};
 use crate::fetch::{BodySink, SinkError, Validators};
 
 /// Chunks in flight between the fetcher and the unpack thread. hyper hands out body
@@ -68,19 +69,120 @@ impl UnpackError {
     }
 }
 
-/// decoder → tar → writer, then drain: the hashers upstream must see every byte, and
-/// the channel must close, even when the tar ends early.
+/// Where an extraction goes in its ingest dir: a staging tree, or one EROFS image.
+#[derive(Debug, Clone)]
+pub(super) enum Target {
+    Dir { staging: PathBuf },
+    Image { path: PathBuf },
+}
+
+impl Target {
+    pub(super) fn new(storage: LayerStorage, ingest: &Ingest) -> Target {
+        match storage {
+            LayerStorage::Dir => Target::Dir {
+                staging: ingest.staging_dir().to_owned(),
+            },
+            LayerStorage::Erofs => Target::Image {
+                path: ingest.image_path(),
+            },
+        }
+    }
+
+    /// The path errors name.
+    pub(super) fn path(&self) -> &Path {
+        match self {
+            Target::Dir { staging } => staging,
+            Target::Image { path } => path,
+        }
+    }
+
+    /// Back to empty, for a download that starts again from byte 0.
+    fn reset(&self) -> io::Result<()> {
+        match self {
+            Target::Dir { staging } => {
+                std::fs::remove_dir_all(staging)?;
+                std::fs::create_dir(staging)
+            }
+            Target::Image { path } => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
+/// What an extraction made, beside its stats.
+pub(super) struct Unpacked {
+    pub(super) format: decode::Format,
+    pub(super) stats: ExtractStats,
+    /// An EROFS target's image: what the writer wrote and the image's sha256.
+    pub(super) image: Option<(ImageStats, String)>,
+    /// Every entry written (into the page cache) and the stream drained.
+    pub(super) extracted: Instant,
+    /// The background flush that was running then has finished too (for an image: its
+    /// one fsync).
+    pub(super) flushed: Instant,
+}
+
+/// decoder → tar → sink, then drain: the hashers upstream must see every byte, and
+/// the channel must close, even when the tar ends early. `flushed` is filled in by
+/// the caller (who owns the flush of the input).
 pub(super) fn unpack(
     mut raw: impl Read + Send,
-    dest: &Path,
+    target: &Target,
     mode: Mode,
     limits: &Limits,
-) -> Result<(decode::Format, ExtractStats), UnpackError> {
+) -> Result<Unpacked, UnpackError> {
     let (format, mut decoded) = decode::open(&mut raw).map_err(UnpackError::Decode)?;
-    let stats = extract::extract(&mut decoded, dest, mode, limits).map_err(UnpackError::Extract)?;
+    let (stats, image, extracted) = match target {
+        Target::Dir { staging } => {
+            let dest =
+                extraction_root(mode, staging).map_err(|e| UnpackError::Io(staging.clone(), e))?;
+            let stats = extract::extract(&mut decoded, &dest, mode, limits)
+                .map_err(UnpackError::Extract)?;
+            (stats, None, Instant::now())
+        }
+        Target::Image { path } => {
+            let root = match mode {
+                Mode::Build { uid, gid } => ImageRoot::Under {
+                    name: b"app".to_vec(),
+                    meta: app_dir_meta(uid, gid),
+                },
+                Mode::Image => ImageRoot::Top,
+            };
+            let mut sink =
+                ErofsSink::create(path, mode, limits, root).map_err(UnpackError::Extract)?;
+            let stats = extract::extract_into(&mut decoded, &mut sink, mode, limits)
+                .map_err(UnpackError::Extract)?;
+            let extracted = sink.entries_done().unwrap_or_else(Instant::now);
+            (stats, sink.written().cloned(), extracted)
+        }
+    };
     drop(decoded);
-    io::copy(&mut raw, &mut io::sink()).map_err(|e| UnpackError::Io(dest.to_owned(), e))?;
-    Ok((format, stats))
+    io::copy(&mut raw, &mut io::sink())
+        .map_err(|e| UnpackError::Io(target.path().to_owned(), e))?;
+    Ok(Unpacked {
+        format,
+        stats,
+        image,
+        extracted,
+        flushed: Instant::now(),
+    })
+}
+
+/// A build's `app/` in an image: what [`extraction_root`] makes on disk, as metadata.
+fn app_dir_meta(uid: u32, gid: u32) -> Metadata {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Metadata {
+        mode: APP_DIR_MODE,
+        uid,
+        gid,
+        mtime: now.as_secs() as i64,
+        mtime_nsec: now.subsec_nanos(),
+        xattrs: Vec::new(),
+    }
 }
 
 /// The unpack thread's end of the channel: the bytes of an interrupted download first
@@ -216,16 +318,6 @@ impl Read for TeeReader {
     }
 }
 
-/// What the unpack thread hands back.
-pub(super) struct Unpacked {
-    pub(super) format: decode::Format,
-    pub(super) stats: ExtractStats,
-    /// Every entry written (into the page cache) and the stream drained.
-    pub(super) extracted: Instant,
-    /// The background flush that was running then has finished too.
-    pub(super) flushed: Instant,
-}
-
 pub(super) type Worker = JoinHandle<Result<Unpacked, UnpackError>>;
 
 /// The fetcher's end: a bounded channel into a fresh unpack thread, restartable.
@@ -237,7 +329,7 @@ pub(super) struct UnpackSink {
     /// Bytes of the partial blob to replay through the decoder before the network's.
     replay: u64,
     url: String,
-    staging: PathBuf,
+    target: Target,
     mode: Mode,
     limits: Limits,
 }
@@ -247,7 +339,7 @@ impl UnpackSink {
         partial: Option<Partial>,
         replay: u64,
         url: String,
-        staging: &Path,
+        target: Target,
         mode: Mode,
         limits: Limits,
     ) -> io::Result<Self> {
@@ -257,7 +349,7 @@ impl UnpackSink {
             partial,
             replay,
             url,
-            staging: staging.to_owned(),
+            target,
             mode,
             limits,
         };
@@ -266,7 +358,7 @@ impl UnpackSink {
     }
 
     fn spawn(&mut self) -> io::Result<()> {
-        let dest = extraction_root(self.mode, &self.staging)?;
+        let target = self.target.clone();
         let blob_path = self.partial.as_ref().map(|p| p.blob_path().to_owned());
         let (blob, replay) = match &blob_path {
             Some(path) => {
@@ -300,19 +392,14 @@ impl UnpackSink {
                     blob_error: None,
                     flusher,
                 };
-                let unpacked = unpack(&mut reader, &dest, mode, &limits);
+                let unpacked = unpack(&mut reader, &target, mode, &limits);
                 if let (Some(e), Some(path)) = (reader.blob_error.take(), blob_path) {
                     return Err(UnpackError::Io(path, e));
                 }
-                let (format, stats) = unpacked?;
-                let extracted = Instant::now();
+                let mut unpacked = unpacked?;
                 drop(reader); // waits for a flush in progress
-                Ok(Unpacked {
-                    format,
-                    stats,
-                    extracted,
-                    flushed: Instant::now(),
-                })
+                unpacked.flushed = Instant::now();
+                Ok(unpacked)
             })?;
         self.tx = Some(tx);
         self.worker = Some(worker);
@@ -325,7 +412,7 @@ impl UnpackSink {
         let worker = self.worker.take()?;
         Some(worker.join().unwrap_or_else(|_| {
             Err(UnpackError::Io(
-                self.staging.clone(),
+                self.target.path().to_owned(),
                 io::Error::other("unpack thread panicked"),
             ))
         }))
@@ -335,9 +422,8 @@ impl UnpackSink {
 impl BodySink for UnpackSink {
     fn reset(&mut self) -> Result<(), SinkError> {
         let _ = self.finish();
-        // Start from an empty staging dir and an empty blob.
-        std::fs::remove_dir_all(&self.staging)?;
-        std::fs::create_dir(&self.staging)?;
+        // Start from an empty staging dir (or no image) and an empty blob.
+        self.target.reset()?;
         self.replay = 0;
         if let Some(p) = &self.partial {
             p.clear().map_err(SinkError::new)?;

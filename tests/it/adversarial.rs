@@ -35,7 +35,10 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use testkit::serve::{Server, ServerOptions};
 use vrun::decode::{self, Format};
-use vrun::extract::{extract, ExtractStats, Limits, Mode};
+// Every archive here is extracted by both sinks (`twin`): the directory tree the tests
+// inspect, and an EROFS image that must mount as the same tree, or refuse alike.
+use crate::common::twin::extract;
+use vrun::extract::{ExtractStats, Limits, Mode};
 use vrun::fetch::{HttpClient, HttpOptions};
 use vrun::pipeline::{self, Artifact, PipelineError};
 use vrun_cache::{LayerKind, Store};
@@ -287,10 +290,18 @@ struct Arena {
     before: BTreeMap<PathBuf, Node>,
 }
 
+/// The pipeline's EROFS layers are mounted in the arena's store: they go with it.
+impl Drop for Arena {
+    fn drop(&mut self) {
+        crate::common::unmount_all_below(&self.base);
+    }
+}
+
 impl Arena {
     /// A fresh arena in `base` (emptied first), so every run of the corpus can use the
     /// same absolute sentinel path and the archives are built once.
     fn at(base: &Path) -> Arena {
+        crate::common::unmount_all_below(base);
         if base.exists() {
             fs::remove_dir_all(base).unwrap();
         }
@@ -1260,7 +1271,7 @@ fn judge(expect: &Expect, result: Result<(), String>, tree: &Path) -> Result<(),
 /// Everything under the store's work dirs (must be empty after a reject).
 fn store_leftovers(store: &Path) -> Vec<String> {
     let mut out = Vec::new();
-    for sub in ["blobs-v1", "layers-v1", "ingest-v1"] {
+    for sub in ["blobs-v1", "layers-v1", "layers-erofs-v1", "ingest-v1"] {
         let mut todo = vec![store.join(sub)];
         while let Some(d) = todo.pop() {
             let Ok(rd) = fs::read_dir(&d) else { continue };
@@ -1307,6 +1318,7 @@ fn run_pipeline(
         uid: if matches!(mode, Mode::Image) { 0 } else { UID },
         gid: if matches!(mode, Mode::Image) { 0 } else { GID },
         keep_blob: true,
+        layers: vrun::layers::LayersRequest::Force(crate::common::layer_storage()),
     };
     let r = rt.block_on(pipeline::prepare(
         store,
@@ -1316,10 +1328,15 @@ fn run_pipeline(
         None,
     ));
     match r {
-        Ok(p) => Ok(match mode {
-            Mode::Build { .. } => p.layer.join("app"),
-            Mode::Image => p.layer,
-        }),
+        Ok(p) => {
+            // As setup does: an EROFS layer is mounted on its root (the caller's temp
+            // store goes with its mounts: `Arena`).
+            vrun::layers::ensure_ready(&p.layer).map_err(|e| e.to_string())?;
+            Ok(match mode {
+                Mode::Build { .. } => p.layer.join("app"),
+                Mode::Image => p.layer,
+            })
+        }
         Err(e) => Err(pipeline_message(&e)),
     }
 }

@@ -48,8 +48,12 @@ fn proc_yaml(t: &TestDir, server: &Server, name: &str, which: &str) -> PathBuf {
     t.write(&format!("{name}.yaml"), &doc.to_string())
 }
 
+/// Layers of either storage (directory trees, EROFS images).
 fn layers(t: &TestDir) -> Vec<PathBuf> {
-    dir_entries(&t.root().join("cache/layers-v1"))
+    let mut v = dir_entries(&t.root().join("cache/layers-v1"));
+    v.extend(dir_entries(&t.root().join("cache/layers-erofs-v1")));
+    v.sort();
+    v
 }
 
 fn blobs(t: &TestDir) -> Vec<PathBuf> {

@@ -8,10 +8,15 @@
 //! span), and then look at what a reader would find. The server is throttled so a setup
 //! lasts long enough (about a second) for the kills to land in every stage.
 //!
-//! After every kill: every blob under `blobs-v1/` hashes to its name, and every entry of
-//! `layers-v1/` is a complete layer (`layer.json`, manifest, `root/`). After the following
+//! After every kill: every blob under `blobs-v1/` hashes to its name, every entry of
+//! `layers-v1/` is a complete layer (`layer.json`, manifest, `root/`), every entry of
+//! `layers-erofs-v1/` is a complete EROFS layer (`layer.json`, an `image.erofs` with the
+//! sha256 it records, `root/`), and nothing is mounted under the root but a published
+//! EROFS layer's image on its own `root/` and a proc's overlay — no stale mount (of an
+//! ingest dir, a probe image, a layer not or no longer published). After the following
 //! setup: the same, and the build layer, the image layer and the proc's files are
-//! identical (content, modes, owners, links) to the ones of a clean setup.
+//! identical (content, modes, owners, links) to the ones of a clean setup. The layers
+//! are those of the storage under test (`VRUN_LAYERS`; EROFS by default).
 
 use crate::common::image;
 
@@ -91,6 +96,34 @@ fn store_problems(cache: &Path) -> Vec<String> {
             }
         }
     }
+    if let Ok(rd) = fs::read_dir(cache.join("layers-erofs-v1")) {
+        for e in rd {
+            let p = e.unwrap().path();
+            let meta = fs::read(p.join("layer.json"))
+                .ok()
+                .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok());
+            let Some(meta) = meta else {
+                bad.push(format!("layer {} has no valid layer.json", p.display()));
+                continue;
+            };
+            match fs::read(p.join("image.erofs")) {
+                Ok(img) => {
+                    let sum = hex::encode(Sha256::digest(&img));
+                    if meta["image_sha256"] != sum.as_str() {
+                        bad.push(format!(
+                            "layer {}: image hashes to {sum}, layer.json says {}",
+                            p.display(),
+                            meta["image_sha256"]
+                        ));
+                    }
+                }
+                Err(e) => bad.push(format!("layer {} has no image: {e}", p.display())),
+            }
+            if !p.join("root").is_dir() {
+                bad.push(format!("layer {} has no root/", p.display()));
+            }
+        }
+    }
     if let Ok(rd) = fs::read_dir(cache.join("layers-v1")) {
         for e in rd {
             let p = e.unwrap().path();
@@ -108,6 +141,39 @@ fn store_problems(cache: &Path) -> Vec<String> {
             if !p.join("root").is_dir() {
                 bad.push(format!("layer {} has no root/", p.display()));
             }
+        }
+    }
+    bad
+}
+
+/// Mounts under `root` that are neither a published EROFS layer's image on its `root/`
+/// nor a proc's overlay on its `rootfs/`: stale mounts a crash must never leave.
+fn stale_mounts(root: &Path) -> Vec<String> {
+    let Ok(root) = root.canonicalize() else {
+        return Vec::new();
+    };
+    let layers = root.join("cache/layers-erofs-v1");
+    let mut bad = Vec::new();
+    for m in vrun::mounts::mounts().unwrap() {
+        if !m.mount_point.starts_with(&root) {
+            continue;
+        }
+        let layer = m.mount_point.parent().filter(|d| {
+            m.fs_type == "erofs"
+                && d.parent() == Some(layers.as_path())
+                && m.mount_point.file_name() == Some("root".as_ref())
+                && d.join("layer.json").is_file()
+                && d.join("image.erofs").is_file()
+        });
+        let overlay = m.fs_type == "overlay"
+            && m.mount_point.file_name() == Some("rootfs".as_ref())
+            && m.mount_point.starts_with(root.join("procs"));
+        if layer.is_none() && !overlay {
+            bad.push(format!(
+                "{} mounted on {}",
+                m.fs_type,
+                m.mount_point.display()
+            ));
         }
     }
     bad
@@ -260,8 +326,10 @@ impl Fixture {
             return;
         }
         let _ = fs::remove_dir_all(self.root.join("procs"));
-        let _ = fs::remove_dir_all(self.root.join("cache/layers-v1"));
-        let _ = fs::create_dir(self.root.join("cache/layers-v1"));
+        for bucket in ["cache/layers-v1", "cache/layers-erofs-v1"] {
+            let _ = fs::remove_dir_all(self.root.join(bucket));
+            let _ = fs::create_dir(self.root.join(bucket));
+        }
     }
 }
 
@@ -282,6 +350,14 @@ fn kill_9_at_random_points_never_exposes_a_partial_blob_or_layer() {
     assert!(
         clean.keys().any(|k| k.starts_with("build:app/lib6/")),
         "{clean:?}"
+    );
+    let bucket = crate::common::layers_bucket();
+    assert_eq!(
+        fs::read_dir(fx.root.join("cache").join(bucket))
+            .unwrap()
+            .count(),
+        2,
+        "the clean setup's build and image layers are in {bucket}"
     );
     let mut rng = rand::rng();
     let mut killed = 0;
@@ -309,6 +385,8 @@ fn kill_9_at_random_points_never_exposes_a_partial_blob_or_layer() {
             }
             let bad = store_problems(&fx.root.join("cache"));
             assert!(bad.is_empty(), "after kill at {at:?}: {bad:?}\n{log:?}");
+            let stale = stale_mounts(&fx.root);
+            assert!(stale.is_empty(), "after kill at {at:?}: {stale:?}\n{log:?}");
         }
         let tree = fx.complete();
         let leftovers = fs::read_dir(fx.root.join("cache/ingest-v1"))
@@ -319,6 +397,8 @@ fn kill_9_at_random_points_never_exposes_a_partial_blob_or_layer() {
         ));
         let bad = store_problems(&fx.root.join("cache"));
         assert!(bad.is_empty(), "after recovery: {bad:?}");
+        let stale = stale_mounts(&fx.root);
+        assert!(stale.is_empty(), "after recovery: {stale:?}");
         if tree != clean {
             let diff: Vec<_> = clean
                 .iter()

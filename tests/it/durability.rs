@@ -162,6 +162,8 @@ fn publish_does_not_write_back_another_process_s_dirty_data() {
         "setup wrote back the bystander's data: {dirty_after} of {dirty_before} pages still dirty ({cached} cached)"
     );
     // And the build is published, durably, on that filesystem.
-    let layers = fs::read_dir(root.join("cache/layers-v1")).unwrap().count();
+    let layers = fs::read_dir(root.join("cache").join(common::layers_bucket()))
+        .unwrap()
+        .count();
     assert_eq!(layers, 1);
 }

@@ -21,6 +21,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::common::fstree::{walk, xattrs};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use vrun::erofs::mount::{self, Method, MountOptions};
@@ -265,156 +266,7 @@ fn apply_dir(ops: &[Op], root: &Path, implicit: &Metadata) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Walking and comparing trees.
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Node {
-    kind: &'static str,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: (i64, i64),
-    size: u64,
-    nlink: u64,
-    content: Option<Vec<u8>>,
-    target: Option<Vec<u8>>,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Data runs (SEEK_DATA/SEEK_HOLE), for regular files.
-    data_map: Vec<(u64, u64)>,
-    /// First path (in walk order) of this node's hard-link group.
-    group: Vec<u8>,
-}
-
-fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let cp = c(p);
-    let mut buf = vec![0u8; 65536];
-    let n = unsafe { libc::llistxattr(cp.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(n >= 0, "llistxattr {}", p.display());
-    let mut out = Vec::new();
-    for name in buf[..n as usize]
-        .split(|&b| b == 0)
-        .filter(|n| !n.is_empty())
-    {
-        let cn = CString::new(name).unwrap();
-        let mut v = vec![0u8; 65536];
-        let k =
-            unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-        assert!(
-            k >= 0,
-            "lgetxattr {} {}",
-            p.display(),
-            String::from_utf8_lossy(name)
-        );
-        v.truncate(k as usize);
-        out.push((name.to_vec(), v));
-    }
-    out.sort();
-    out
-}
-
-fn data_map(f: &fs::File, size: u64) -> Vec<(u64, u64)> {
-    use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = 0i64;
-    while (pos as u64) < size {
-        let d = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if d < 0 {
-            break;
-        }
-        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
-        out.push((d as u64, h as u64));
-        pos = h;
-    }
-    out
-}
-
-fn walk(root: &Path) -> BTreeMap<Vec<u8>, Node> {
-    let mut out = BTreeMap::new();
-    let mut groups: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    let mut stack = vec![(root.to_owned(), Vec::<u8>::new())];
-    while let Some((p, rel)) = stack.pop() {
-        let m = fs::symlink_metadata(&p).unwrap();
-        let ft = m.file_type();
-        let kind = if ft.is_dir() {
-            "dir"
-        } else if ft.is_file() {
-            "file"
-        } else if ft.is_symlink() {
-            "symlink"
-        } else if std::os::unix::fs::FileTypeExt::is_fifo(&ft) {
-            "fifo"
-        } else {
-            "other"
-        };
-        let group = groups.entry(m.ino()).or_insert_with(|| rel.clone()).clone();
-        let (content, map) = if ft.is_file() {
-            // Only the data runs are read: a 5 GiB sparse file costs its few blocks.
-            let f = fs::File::open(&p).unwrap();
-            let map = data_map(&f, m.size());
-            let mut v = Vec::new();
-            for &(s, e) in &map {
-                let mut b = vec![0u8; (e - s) as usize];
-                f.read_exact_at(&mut b, s).unwrap();
-                v.extend_from_slice(&b);
-            }
-            (Some(v), map)
-        } else {
-            (None, Vec::new())
-        };
-        let node = Node {
-            kind,
-            mode: m.mode(),
-            uid: m.uid(),
-            gid: m.gid(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            size: if ft.is_dir() { 0 } else { m.size() },
-            nlink: m.nlink(),
-            content,
-            target: ft
-                .is_symlink()
-                .then(|| fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
-            xattrs: xattrs(&p),
-            data_map: map,
-            group: if ft.is_dir() { Vec::new() } else { group },
-        };
-        if ft.is_dir() {
-            let mut kids: Vec<_> = fs::read_dir(&p)
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .collect();
-            kids.sort();
-            for k in kids {
-                let mut r = rel.clone();
-                if !r.is_empty() {
-                    r.push(b'/');
-                }
-                r.extend_from_slice(k.as_bytes());
-                stack.push((p.join(&k), r));
-            }
-        }
-        out.insert(rel, node);
-    }
-    // Groups are named by walk order, which differs between filesystems: rename each group
-    // by its smallest path.
-    let mut smallest: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-    for (path, n) in &out {
-        if n.kind != "dir" {
-            let e = smallest
-                .entry(n.group.clone())
-                .or_insert_with(|| path.clone());
-            if path < e {
-                *e = path.clone();
-            }
-        }
-    }
-    for n in out.values_mut() {
-        if n.kind != "dir" {
-            n.group = smallest[&n.group].clone();
-        }
-    }
-    out
-}
+// Comparing trees (the walk is `common::fstree`'s).
 
 fn assert_same_tree(want: &Path, got: &Path) {
     let a = walk(want);
@@ -1018,6 +870,131 @@ fn find_mounts_sees_both_kinds_and_probe_says_what_works() {
         .file_name()
         .to_string_lossy()
         .starts_with(".erofs-probe")));
+}
+
+/// A vrun-written image published as an EROFS layer of a store in `dir`.
+fn published_image_layer(
+    dir: &Path,
+    kind: vrun_cache::LayerKind,
+) -> (vrun_cache::Store, vrun_cache::LayerKey, PathBuf) {
+    use vrun_cache::{LayerKey, LayerStorage, Store, TreeStats};
+    let store = Store::open(&dir.join("cache")).unwrap();
+    let ingest = store.new_ingest().unwrap();
+    write_image(
+        &[
+            op("app", Kind::Dir, meta(0o755, 1000, 1000, 1, 0)),
+            op(
+                "app/run",
+                Kind::File(b"#!/bin/sh\n".to_vec()),
+                meta(0o4755, 1000, 1000, 1, 0),
+            ),
+        ],
+        &ingest.image_path(),
+        WriterOptions::default(),
+    )
+    .unwrap();
+    let sha = vrun_cache::sha256_hex(&fs::read(ingest.image_path()).unwrap());
+    let key = LayerKey::new("a".repeat(64), kind, 1000, 1000).stored_as(LayerStorage::Erofs);
+    let root = store
+        .publish_image_layer(&key, &ingest.image_path(), &sha, TreeStats::default())
+        .unwrap();
+    (store, key, root)
+}
+
+fn mount_line(target: &Path) -> Vec<String> {
+    let target = target.canonicalize().unwrap();
+    vrun::mounts::mounts()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mount_point == target)
+        .map(|m| format!("{} {}", m.fs_type, m.source))
+        .collect()
+}
+
+#[test]
+fn a_layer_is_mounted_once_on_its_store_root_and_again_after_a_reboot() {
+    use vrun::erofs::mount::Method;
+    let t = TempDir::new("layers");
+    let (store, key, root) = published_image_layer(&t.0, vrun_cache::LayerKind::Build);
+    let image = store.layer_image(&key);
+    assert!(!vrun_cache::is_mounted(&root));
+    // The first use mounts the image on the layer's own root, file-backed on this kernel.
+    let method = vrun::layers::ensure_ready(&root).unwrap();
+    assert_eq!(method, Some(Method::FileBacked));
+    assert_eq!(
+        mount_line(&root),
+        [format!("erofs {}", image.canonicalize().unwrap().display())]
+    );
+    assert_eq!(fs::read(root.join("app/run")).unwrap(), b"#!/bin/sh\n");
+    // Builds are nosuid and nodev, read-only.
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.contains(&*root.canonicalize().unwrap().to_string_lossy()))
+        .unwrap();
+    assert!(line.contains(" ro,nosuid,nodev"), "{line}");
+    // Every later use finds it: still one mount.
+    for _ in 0..3 {
+        assert_eq!(
+            vrun::layers::ensure_ready(&root).unwrap(),
+            Some(Method::FileBacked)
+        );
+    }
+    assert_eq!(mount_line(&root).len(), 1);
+    // A reboot drops every mount; the next use mounts it again.
+    vrun::mounts::unmount(&root).unwrap();
+    assert!(!vrun_cache::is_mounted(&root));
+    vrun::layers::ensure_ready(&root).unwrap();
+    assert_eq!(mount_line(&root).len(), 1);
+    // Something else mounted there is named, never used.
+    vrun::mounts::unmount(&root).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let e = vrun::layers::ensure_ready(&root).unwrap_err().to_string();
+    assert!(e.contains("mounted over by tmpfs"), "{e}");
+    vrun::mounts::unmount(&root).unwrap();
+    // A directory layer, or a path outside any store, needs nothing.
+    assert_eq!(vrun::layers::ensure_ready(&t.0).unwrap(), None);
+    // gc takes the image off its root before removing the layer (the store owns it).
+    vrun::layers::ensure_ready(&root).unwrap();
+    drop(store);
+    let store = vrun_cache::Store::open_exclusive(&t.0.join("cache")).unwrap();
+    let report = store
+        .gc(
+            &vrun_cache::GcOptions::default(),
+            &vrun_cache::References::new(),
+        )
+        .unwrap();
+    assert_eq!(report.removed.len(), 1, "{:?}", report.removed);
+    assert!(!root.exists());
+    assert!(vrun::erofs::mount::find_mounts(&t.0).unwrap().is_empty());
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!info.contains(&key.dir_name()), "{info}");
+}
+
+#[test]
+fn image_layers_are_mounted_without_nosuid_and_the_quick_probe_stops_at_file_backed() {
+    let t = TempDir::new("layers-image");
+    let (_store, _key, root) = published_image_layer(&t.0, vrun_cache::LayerKind::Image);
+    vrun::layers::ensure_ready(&root).unwrap();
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.contains(&*root.canonicalize().unwrap().to_string_lossy()))
+        .unwrap();
+    assert!(
+        line.contains(" ro,nodev") && !line.contains("nosuid"),
+        "{line}"
+    );
+    let p = mount::probe_first(&t.0);
+    assert_eq!(p.file_backed, Ok(()));
+    assert_eq!(p.loop_device, Err("not tried".to_string()));
 }
 
 // ---------------------------------------------------------------------------------------

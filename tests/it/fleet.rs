@@ -97,7 +97,7 @@ fn free_port() -> u16 {
 }
 
 fn layer_roots(t: &TestDir) -> Vec<PathBuf> {
-    let layers = t.root().join("cache/layers-v1");
+    let layers = t.root().join("cache").join(common::layers_bucket());
     let mut v: Vec<PathBuf> = fs::read_dir(&layers)
         .unwrap()
         .map(|e| e.unwrap().path().join("root"))

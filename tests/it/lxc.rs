@@ -363,7 +363,7 @@ fn teardown_refuses_while_a_shell_runs_then_cleans_everything() {
     // A shell started now waits for the lock, then finds the proc gone.
     let (late_pid, _, late_err) = p.spawn(["shell", "--", "true"], &[]);
     vrun::mounts::unmount(&p.rootfs()).unwrap();
-    assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
+    assert!(lxc_proc::proc_mounts_under(p.root.dir()).is_empty());
     vrun::mounts::remove_dir_on_one_fs(&p.proc.paths.dir).unwrap();
     drop(lock);
     assert_eq!(p.wait_child(late_pid), 1);
@@ -577,7 +577,7 @@ fn teardown_cleans_a_killed_runs_orphan_and_keeps_the_layers() {
         "{:?}",
         p.leftover_cgroups()
     );
-    assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
+    assert!(lxc_proc::proc_mounts_under(p.root.dir()).is_empty());
     assert!(!p.proc.paths.dir.exists());
     // The cached layers were lower dirs only: untouched.
     let build = p.proc.state.build_layer.clone().unwrap();
@@ -641,7 +641,7 @@ fn vrun_teardown_refuses_while_running_then_removes_all_but_the_cache() {
     let r = p.vrun(["teardown"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!p.proc.paths.dir.exists());
-    assert!(lxc_proc::mounts_under(p.root.dir()).is_empty());
+    assert!(lxc_proc::proc_mounts_under(p.root.dir()).is_empty());
     assert!(
         p.leftover_cgroups().is_empty(),
         "{:?}",
@@ -816,4 +816,181 @@ fn a_volume_whose_host_dir_is_missing_warns_at_setup_and_refuses_at_run() {
     let r = p.vrun(["run"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(p.leftover_cgroups().is_empty());
+}
+
+/// EROFS mounts of `root` (a layer root), from the mount table.
+fn erofs_mounts_on(root: &std::path::Path) -> usize {
+    let root = root.canonicalize().unwrap();
+    vrun::mounts::mounts()
+        .unwrap()
+        .iter()
+        .filter(|m| m.fs_type == "erofs" && m.mount_point == root)
+        .count()
+}
+
+/// Issue 15: EROFS layers are mounted once per host and shared. Two procs of one build
+/// and image set up with `--layers erofs` stack the same two layer mounts (one mount
+/// each, whatever the number of procs); tearing one down leaves the other running on
+/// them; a reboot (every mount under the root dropped) and `vrun run` mount them again;
+/// once no proc uses them, `vrun cache gc` unmounts and removes them.
+#[test]
+fn erofs_layers_are_mounted_once_shared_remounted_after_a_reboot_and_gc_unmounts_them() {
+    let _lxc = crate::common::lxc_suite(module_path!());
+    let mut p = TestProc::new("erofs-first", ProcOpts::default());
+    let root = p.root.dir().to_owned();
+    let (port_a, port_b) = (lxc_proc::free_port(), lxc_proc::free_port());
+    let files = [
+        p.sibling_file_on_port("erofs-a", port_a),
+        p.sibling_file_on_port("erofs-b", port_b),
+    ];
+    let vrun = |cmd: &str, file: &std::path::Path, extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vrun"))
+            .arg(cmd)
+            .arg(file)
+            .args(extra)
+            .env("VR_ROOT", &root)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    /// Stops the runs and tears both procs down even when an assertion fails.
+    struct Procs<'a> {
+        runs: Vec<(usize, std::process::Child)>,
+        vrun: &'a dyn Fn(&str, &std::path::Path, &[&str]) -> std::process::Output,
+        files: &'a [std::path::PathBuf; 2],
+    }
+    impl Procs<'_> {
+        fn run(&mut self, i: usize, root: &std::path::Path) {
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_vrun"))
+                .arg("run")
+                .arg(&self.files[i])
+                .args(["--grace", "2"])
+                .env("VR_ROOT", root)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            self.runs.push((i, child));
+        }
+        fn stop(&mut self, i: usize) {
+            let Some(k) = self.runs.iter().position(|(j, _)| *j == i) else {
+                return;
+            };
+            let (_, mut child) = self.runs.remove(k);
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+    impl Drop for Procs<'_> {
+        fn drop(&mut self) {
+            for i in 0..2 {
+                self.stop(i);
+                (self.vrun)("teardown", &self.files[i], &[]);
+            }
+        }
+    }
+    let mut procs = Procs {
+        runs: Vec::new(),
+        vrun: &vrun,
+        files: &files,
+    };
+    let state = |file: &std::path::Path| {
+        let config = vrun::config::ProcConfig::load(file).unwrap();
+        let name = config.container_name().unwrap();
+        vrun::state::ProcState::load(&p.root.proc(&name).state()).unwrap()
+    };
+    for file in &files {
+        let out = vrun("setup", file, &["--layers", "erofs", "--timings"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(t["build"]["layers"], "erofs", "{t}");
+        assert_eq!(t["image"]["layers"], "erofs", "{t}");
+    }
+    let (a, b) = (state(&files[0]), state(&files[1]));
+    assert_eq!(
+        (&a.build_layer, &a.image_layer),
+        (&b.build_layer, &b.image_layer)
+    );
+    let layers: Vec<std::path::PathBuf> = [a.build_layer.clone(), a.image_layer.clone()]
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(layers.len(), 2);
+    for l in &layers {
+        assert!(l.to_string_lossy().contains("/layers-erofs-v1/"), "{l:?}");
+        assert_eq!(erofs_mounts_on(l), 1, "one mount of {l:?} for both procs");
+    }
+    procs.run(0, &root);
+    procs.run(1, &root);
+    for port in [port_a, port_b] {
+        let page = wait_for(READY, || lxc_proc::http_get(port));
+        assert_eq!(page.as_deref(), Some(image::APP_PAGE), "port {port}");
+    }
+    // Teardown of b: a goes on running on the shared layers, still mounted once.
+    procs.stop(1);
+    let out = vrun("teardown", &files[1], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lxc_proc::http_get(port_a).as_deref(), Some(image::APP_PAGE));
+    for l in &layers {
+        assert_eq!(erofs_mounts_on(l), 1, "{l:?} after b's teardown");
+    }
+    // Reboot: every mount under the root goes (a's run first, as a reboot stops it).
+    procs.stop(0);
+    let mut below = lxc_proc::mounts_under(&root);
+    below.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in below {
+        nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    }
+    assert!(lxc_proc::mounts_under(&root).is_empty());
+    procs.run(0, &root);
+    let page = wait_for(READY, || lxc_proc::http_get(port_a));
+    assert_eq!(
+        page.as_deref(),
+        Some(image::APP_PAGE),
+        "run after the reboot"
+    );
+    for l in &layers {
+        assert_eq!(erofs_mounts_on(l), 1, "{l:?} mounted again, once");
+    }
+    // No proc left on the layers (the first proc's own may be directories or the same
+    // EROFS layers): gc unmounts them and removes them, one image file each.
+    procs.stop(0);
+    let out = vrun("teardown", &files[0], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = p.vrun(["teardown"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let gc = std::process::Command::new(env!("CARGO_BIN_EXE_vrun"))
+        .args(["cache", "gc"])
+        .env("VR_ROOT", &root)
+        .output()
+        .unwrap();
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    for l in &layers {
+        assert!(!l.exists(), "{l:?} removed");
+    }
+    assert!(
+        lxc_proc::mounts_under(&root).is_empty(),
+        "{:?}",
+        lxc_proc::mounts_under(&root)
+    );
+    let bucket = root.join("cache/layers-erofs-v1");
+    assert_eq!(std::fs::read_dir(&bucket).unwrap().count(), 0);
 }

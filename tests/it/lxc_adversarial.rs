@@ -131,6 +131,12 @@ impl Drop for Proc {
             lock.pop();
         }
         let tmp = self.tmp.take().unwrap();
+        // The cache's EROFS layer mounts outlive teardown by design; they are ours here.
+        let mut below = mounts_under(tmp.path());
+        below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in below {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
         let mounted = mounts_under(tmp.path());
         if mounted.is_empty() {
             drop(tmp);

@@ -172,7 +172,10 @@ fn partial_name(url: &str) -> String {
 fn assert_left_only(t: &TestDir, ingest: &[String]) {
     let c = cache(t);
     assert_eq!(names(&c.join("blobs-v1/sha256")), Vec::<String>::new());
-    assert_eq!(names(&c.join("layers-v1")), Vec::<String>::new());
+    assert_eq!(
+        names(&c.join(common::layers_bucket())),
+        Vec::<String>::new()
+    );
     assert_eq!(names(&c.join("index-v1/md5")), Vec::<String>::new());
     assert_eq!(names(&c.join("index-v1/url")), Vec::<String>::new());
     assert_eq!(names(&c.join("ingest-v1")), ingest);
@@ -872,11 +875,11 @@ fn a_tar_without_end_blocks_is_taken_when_something_proves_it_whole() {
         let url = server.url(path);
         let (r, _) = timed(setup(&t, &proc_yaml(&t, &url, md5.as_deref(), None)));
         assert_eq!(r.code, Some(0), "{path}: {r:#?}");
-        let layers = names(&cache(&t).join("layers-v1"));
+        let layers = names(&cache(&t).join(common::layers_bucket()));
         assert_eq!(layers.len(), 1, "{path}: {layers:?}");
         let got = fs::read(
             cache(&t)
-                .join("layers-v1")
+                .join(common::layers_bucket())
                 .join(&layers[0])
                 .join("root/app/Procfile"),
         );

@@ -30,7 +30,10 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use vrun::decode::{self, Format};
-use vrun::extract::{extract, Limits, Mode};
+// Every generated archive is extracted by both sinks (`twin`): the directory tree the
+// properties are checked on, and an EROFS image that must mount as the same tree.
+use crate::common::twin::extract;
+use vrun::extract::{Limits, Mode};
 
 const UID: u32 = 4321;
 const GID: u32 = 4322;

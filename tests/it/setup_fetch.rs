@@ -379,7 +379,7 @@ impl Cache {
         names(&self.0.join("blobs-v1/sha256"))
     }
     fn layers(&self) -> Vec<String> {
-        names(&self.0.join("layers-v1"))
+        names(&self.0.join(common::layers_bucket()))
     }
     fn md5_index(&self) -> Vec<String> {
         names(&self.0.join("index-v1/md5"))
@@ -422,7 +422,7 @@ impl Cache {
                 .unwrap();
         assert_eq!(rec["url"], url);
         assert_eq!(rec["sha256"], a.sha256.as_str());
-        let layer_name = format!("build-{}-{OWNER}-{OWNER}", a.sha256);
+        let layer_name = common::layer_name(&format!("build-{}-{OWNER}-{OWNER}", a.sha256));
         assert_eq!(self.layers(), vec![layer_name.clone()], "layers");
         assert_eq!(self.ingest(), Vec::<String>::new(), "ingest leftovers");
 
@@ -434,7 +434,7 @@ impl Cache {
             layer,
             fs::canonicalize(&self.0)
                 .unwrap()
-                .join("layers-v1")
+                .join(common::layers_bucket())
                 .join(&layer_name)
                 .join("root")
         );
@@ -823,7 +823,8 @@ fn kill_9_half_way_then_setup_again_resumes_the_partial_download() {
     let clean_app = Cache::of(&clean).assert_published(&clean, &a, &url, 5000);
     let app = t
         .root()
-        .join("cache/layers-v1")
+        .join("cache")
+        .join(common::layers_bucket())
         .join(&blobs_and_layers.1[0])
         .join("root/app");
     assert_same_tree(&walk(&app), &walk(&clean_app));
@@ -879,15 +880,28 @@ fn first_file_before_last_byte(fmt: Fmt) {
     let running = setup(&t, &file).spawn();
 
     let ingest = t.root().join("cache/ingest-v1");
+    // A directory layer: the file itself in the staging tree. An EROFS layer: half of
+    // big.bin in the image being written (file data goes in as it arrives; a small
+    // file's tail waits in the metadata block beside its inode, so 0-first.txt may not).
     let first_in_staging = || {
-        names(&ingest).iter().any(|d| {
-            fs::read(ingest.join(d).join("staging/app/0-first.txt"))
-                .ok()
-                .as_deref()
-                == Some(b"the first file\n")
-        })
+        names(&ingest)
+            .iter()
+            .any(|d| match common::layer_storage() {
+                vrun_cache::LayerStorage::Dir => {
+                    fs::read(ingest.join(d).join("staging/app/0-first.txt"))
+                        .ok()
+                        .as_deref()
+                        == Some(b"the first file\n")
+                }
+                vrun_cache::LayerStorage::Erofs => fs::metadata(ingest.join(d).join("layer.erofs"))
+                    .is_ok_and(|m| m.len() >= big_len as u64 / 2),
+            })
     };
-    wait_until("0-first.txt in the staging dir", PATIENCE, first_in_staging);
+    wait_until(
+        "0-first.txt in the staging dir, or half of big.bin in the image",
+        PATIENCE,
+        first_in_staging,
+    );
     let sent = server.bytes_sent(path);
     assert!(
         sent < a.len(),
@@ -910,8 +924,13 @@ fn first_file_before_last_byte(fmt: Fmt) {
     );
     let app = t
         .root()
-        .join("cache/layers-v1")
-        .join(format!("build-{}-{OWNER}-{OWNER}/root/app", a.sha256));
+        .join("cache")
+        .join(common::layers_bucket())
+        .join(common::layer_name(&format!(
+            "build-{}-{OWNER}-{OWNER}",
+            a.sha256
+        )))
+        .join("root/app");
     assert_eq!(
         fs::read(app.join("0-first.txt")).unwrap(),
         b"the first file\n"
@@ -927,8 +946,12 @@ fn first_file_before_last_byte(fmt: Fmt) {
 /// The layer dir of `a` built for `uid:gid`, as the store names it.
 fn build_layer_app(t: &TestDir, a: &Archive, uid: u32, gid: u32) -> PathBuf {
     t.root()
-        .join("cache/layers-v1")
-        .join(format!("build-{}-{uid}-{gid}", a.sha256))
+        .join("cache")
+        .join(common::layers_bucket())
+        .join(common::layer_name(&format!(
+            "build-{}-{uid}-{gid}",
+            a.sha256
+        )))
         .join("root/app")
 }
 
@@ -1092,12 +1115,25 @@ fn cache_verify_finds_damage_and_the_next_setup_heals_it() {
     bytes[last] ^= 0x01;
     fs::write(&blob, &bytes).unwrap();
     let app = build_layer_app(&t, &a, 65534, 65534);
-    let victim = walk(&app)
-        .into_iter()
-        .find(|(_, n)| n.kind == 'f')
-        .map(|(path, _)| app.join(path))
-        .expect("the build has a regular file");
-    fs::remove_file(&victim).unwrap();
+    match common::layer_storage() {
+        vrun_cache::LayerStorage::Dir => {
+            let victim = walk(&app)
+                .into_iter()
+                .find(|(_, n)| n.kind == 'f')
+                .map(|(path, _)| app.join(path))
+                .expect("the build has a regular file");
+            fs::remove_file(&victim).unwrap();
+        }
+        // Read-only when mounted: the damage is one flipped byte of the image itself.
+        vrun_cache::LayerStorage::Erofs => {
+            let image = app.parent().unwrap().parent().unwrap().join("image.erofs");
+            let mut img = fs::read(&image).unwrap();
+            let mid = img.len() / 2;
+            img[mid] ^= 0xff;
+            fs::set_permissions(&image, fs::Permissions::from_mode(0o644)).unwrap();
+            fs::write(&image, &img).unwrap();
+        }
+    }
 
     let verify = t.vrun(["cache", "verify", "--deep"]).run();
     assert_ne!(verify.code, Some(0), "{verify:#?}");
@@ -1243,8 +1279,8 @@ fn build_and_image_download_at_the_same_time_into_their_own_layers() {
             .unwrap();
     let store = fs::canonicalize(t.root().join("cache")).unwrap();
     let image_root = store
-        .join("layers-v1")
-        .join(format!("image-{}-0-0", image.sha256))
+        .join(common::layers_bucket())
+        .join(common::layer_name(&format!("image-{}-0-0", image.sha256)))
         .join("root");
     assert_eq!(state["image_layer"].as_str(), image_root.to_str());
     assert_same_tree(
@@ -1380,7 +1416,8 @@ fn builds_with_the_same_file_name_on_different_paths_do_not_collide() {
         )
         .unwrap();
         let layer = PathBuf::from(state["build_layer"].as_str().unwrap());
-        assert!(layer.ends_with(format!("build-{}-{OWNER}-{OWNER}/root", archive.sha256)));
+        let name = common::layer_name(&format!("build-{}-{OWNER}-{OWNER}", archive.sha256));
+        assert!(layer.ends_with(format!("{name}/root")));
     }
 }
 
@@ -1468,7 +1505,10 @@ fn two_mirrors_of_one_build_set_up_together_publish_one_blob_and_one_layer() {
     assert_eq!(cache.blobs(), vec![a.sha256.clone()]);
     assert_eq!(
         cache.layers(),
-        vec![format!("build-{}-{OWNER}-{OWNER}", a.sha256)]
+        vec![common::layer_name(&format!(
+            "build-{}-{OWNER}-{OWNER}",
+            a.sha256
+        ))]
     );
     assert_eq!(cache.ingest(), Vec::<String>::new());
     let app = build_layer_app(&t, &a, OWNER, OWNER);
@@ -1773,8 +1813,8 @@ fn images_keep_capabilities_and_timings_count_what_was_dropped() {
     assert!(j["image"].get("dropped_xattrs").is_none(), "{j}");
     let store = fs::canonicalize(t.root().join("cache")).unwrap();
     let image = store
-        .join("layers-v1")
-        .join(format!("image-{}-0-0", a.sha256))
+        .join(common::layers_bucket())
+        .join(common::layer_name(&format!("image-{}-0-0", a.sha256)))
         .join("root/app");
     let cap = get_xattr(&image.join("ping"), "security.capability").expect("capability kept");
     assert_eq!(cap, want_cap);
@@ -1787,4 +1827,119 @@ fn images_keep_capabilities_and_timings_count_what_was_dropped() {
         get_xattr(&build.join("app/ping"), "security.capability"),
         None
     );
+}
+
+// ---------------------------------------------------------------- layer storage
+
+/// `vrun setup --timings FILE ARGS…` in a user namespace of its own (root mapped to root,
+/// a private mount namespace): overlayfs may be mounted there, EROFS may not (neither
+/// file-backed nor through a loop device) — a host where EROFS cannot be used.
+fn setup_without_erofs(t: &TestDir, file: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("unshare")
+        .args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--propagation",
+            "private",
+        ])
+        .arg(env!("CARGO_BIN_EXE_vrun"))
+        .args(["setup", "--timings"])
+        .arg(file)
+        .args(args)
+        .env("VR_ROOT", t.root())
+        .env_remove(vrun::layers::LAYERS_ENV)
+        .output()
+        .unwrap()
+}
+
+/// Issue 15: where EROFS cannot be used, auto mode makes directory layers and says why in
+/// one line (one for the build and the image together), and the layers record it; forced
+/// EROFS refuses in one line before anything is downloaded.
+#[test]
+fn where_erofs_cannot_mount_auto_uses_directories_says_why_once_and_forced_erofs_refuses() {
+    // One all-root archive serves as build and image (a user namespace with only root
+    // mapped can set no other owner).
+    let src = tempdir("vrun-src-");
+    fs::write(src.path().join("Procfile"), b"web: ./run\n").unwrap();
+    fs::create_dir(src.path().join("bin")).unwrap();
+    fs::write(src.path().join("bin/run"), b"#!/bin/sh\n").unwrap();
+    let tar = run(Command::new("tar")
+        .args(["--format=gnu", "--owner=0", "--group=0", "-cf", "-", "-C"])
+        .arg(src.path())
+        .args(["Procfile", "bin"]));
+    let a = Archive::new(compress(Fmt::Gzip, &tar), src);
+    let server = serve_paths(&[
+        ("/builds/app.tar.gz", &a.bytes),
+        ("/images/os.tar.gz", &a.bytes),
+    ]);
+    let extra = format!(
+        "user: root\ngroup: root\nimage_url: \"{}\"\n",
+        server.url("/images/os.tar.gz")
+    );
+
+    let t = TestDir::new();
+    let file = proc_yaml_as(
+        &t,
+        5000,
+        &server.url("/builds/app.tar.gz"),
+        Some(&a.md5),
+        &extra,
+    );
+    let out = setup_without_erofs(&t, &file, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("directory layers"))
+        .collect();
+    assert_eq!(said.len(), 1, "one line for both artifacts: {stderr}");
+    assert!(
+        said[0].starts_with("vrun: EROFS unavailable: file-backed mount: Operation not permitted")
+            && said[0].contains("loop device:")
+            && said[0].ends_with("; using directory layers"),
+        "{}",
+        said[0]
+    );
+    let j = timings(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        (&j["build"]["layers"], &j["image"]["layers"]),
+        (&"dir".into(), &"dir".into())
+    );
+    let cache = t.root().join("cache");
+    assert_eq!(names(&cache.join("layers-v1")).len(), 2);
+    assert!(names(&cache.join("layers-erofs-v1")).is_empty());
+    for name in names(&cache.join("layers-v1")) {
+        let meta: serde_json::Value = serde_json::from_slice(
+            &fs::read(cache.join("layers-v1").join(&name).join("layer.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(meta["key"]["storage"], "dir", "{name}: {meta}");
+    }
+
+    let forced = TestDir::new();
+    let file = proc_yaml_as(
+        &forced,
+        5000,
+        &server.url("/builds/app.tar.gz"),
+        Some(&a.md5),
+        &extra,
+    );
+    let before = gets(&server, &server.url("/builds/app.tar.gz")).len();
+    let out = setup_without_erofs(&forced, &file, &["--layers", "erofs"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "ERROR: EROFS layers were asked for (--layers erofs or VRUN_LAYERS=erofs), but EROFS unavailable"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        gets(&server, &server.url("/builds/app.tar.gz")).len(),
+        before,
+        "nothing downloaded"
+    );
+    Cache::of(&forced).assert_nothing_published(&forced);
 }

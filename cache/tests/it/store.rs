@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -15,8 +15,8 @@ use testkit::ChildGuard;
 use md5::Md5;
 use sha2::{Digest, Sha256};
 use vrun_cache::{
-    BlobDigest, EntryKind, GcOptions, Ingest, LayerKey, LayerKind, References, Store, StoreError,
-    UrlRecord,
+    BlobDigest, EntryKind, GcOptions, Ingest, LayerKey, LayerKind, LayerStorage, References, Store,
+    StoreError, TreeStats, UrlRecord,
 };
 
 const CHILD_ENV: &str = "VRUN_CACHE_TEST_CHILD";
@@ -809,4 +809,207 @@ fn shallow_manifest_still_catches_structural_damage() {
         report.bad[0].problems,
         ["changed app/bin/run: mode 755 → 777"]
     );
+}
+
+/// An EROFS image of a small tree, made by Debian's `mkfs.erofs` (the store only moves
+/// and hashes it; vrun's own writer is tested in the root crate), and its sha256.
+fn erofs_image(dir: &Path, tag: &str) -> (PathBuf, String) {
+    let tree = dir.join(format!("tree-{tag}"));
+    fill_tree(&tree, tag);
+    let image = dir.join(format!("{tag}.erofs"));
+    let out = Command::new("mkfs.erofs")
+        .arg(&image)
+        .arg(&tree)
+        .output()
+        .expect("mkfs.erofs (erofs-utils) runs");
+    assert!(out.status.success(), "{out:?}");
+    let sha = hex::encode(Sha256::digest(std::fs::read(&image).unwrap()));
+    (image, sha)
+}
+
+fn publish_image(store: &Store, sha: &str, tag: &str) -> (LayerKey, PathBuf, String) {
+    let key = LayerKey::new(sha, LayerKind::Build, 1000, 1000).stored_as(LayerStorage::Erofs);
+    let ingest = store.new_ingest().unwrap();
+    let (image, image_sha) = erofs_image(ingest.dir(), tag);
+    std::fs::rename(&image, ingest.image_path()).unwrap();
+    let stats = TreeStats {
+        files: 52,
+        ..TreeStats::default()
+    };
+    let root = store
+        .publish_image_layer(&key, &ingest.image_path(), &image_sha, stats)
+        .unwrap();
+    (key, root, image_sha)
+}
+
+/// Mounts an image read-only through util-linux (a loop device): the store must cope
+/// with however vrun mounted it.
+fn mount_ro(image: &Path, on: &Path) -> bool {
+    Command::new("mount")
+        .args(["-t", "erofs", "-o", "ro,loop"])
+        .arg(image)
+        .arg(on)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Unmounts whatever a test left mounted under `dir`, even when it failed.
+struct UnmountAll(PathBuf);
+
+impl Drop for UnmountAll {
+    fn drop(&mut self) {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for line in text.lines().rev() {
+            if let Some(point) = line.split(' ').nth(4) {
+                if Path::new(point).starts_with(&self.0) {
+                    let _ = Command::new("umount").arg("-l").arg(point).status();
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn erofs_layer_is_published_as_one_file_beside_dir_layers_of_the_same_blob() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let store = Store::open(&cache).unwrap();
+    let d = publish_blob_bytes(&store, b"erofs build", None);
+    let (dir_key, dir_root) = publish_layer(&store, &d.sha256, LayerKind::Build, 1000);
+    let (key, root, image_sha) = publish_image(&store, &d.sha256, "one");
+    assert_ne!(key, dir_key, "the storage is part of the key");
+    assert_eq!(
+        key.dir_name(),
+        format!("build-{}-1000-1000.erofs", d.sha256)
+    );
+    assert_eq!(LayerKey::parse(&key.dir_name()), Some(key.clone()));
+    assert_eq!(LayerKey::from_root(&root), Some(key.clone()));
+    assert_eq!(LayerKey::from_root(&dir_root), Some(dir_key.clone()));
+    let dir = cache.join("layers-erofs-v1").join(key.dir_name());
+    assert_eq!(root, dir.join("root"));
+    assert_eq!(names(&dir), ["image.erofs", "layer.json", "root"]);
+    assert!(names(&root).is_empty(), "the mount point is empty");
+    let image = store.layer_image(&key);
+    assert_eq!(
+        std::fs::metadata(&image).unwrap().permissions().mode() & 0o777,
+        0o444
+    );
+    let meta = store.layer_meta(&key).unwrap();
+    assert_eq!(meta.key.storage, LayerStorage::Erofs);
+    assert_eq!(meta.image_sha256.as_deref(), Some(image_sha.as_str()));
+    let json = std::fs::read_to_string(dir.join("layer.json")).unwrap();
+    assert!(json.contains("\"storage\": \"erofs\""), "{json}");
+    assert_eq!(store.layer(&key), Some(root.clone()));
+    assert!(
+        ingest_names(&cache).is_empty(),
+        "{:?}",
+        ingest_names(&cache)
+    );
+    // A directory tree cannot be published under an EROFS key, nor an image under a
+    // directory key.
+    let ingest = store.new_ingest().unwrap();
+    assert!(matches!(
+        store.publish_layer(&key, ingest.staging_dir()),
+        Err(StoreError::WrongStorage { .. })
+    ));
+    let entries = store.entries(&References::new()).unwrap();
+    let e = entries.iter().find(|e| e.key == key.dir_name()).unwrap();
+    assert_eq!(e.storage, Some(LayerStorage::Erofs));
+    assert_eq!(e.path, root);
+    let image_blocks = std::fs::metadata(&image).unwrap().blocks() * 512;
+    assert!(e.size >= image_blocks, "{} < {image_blocks}", e.size);
+    // Missing image: not a layer any more.
+    std::fs::remove_file(&image).unwrap();
+    assert_eq!(store.layer(&key), None);
+}
+
+#[test]
+fn gc_unmounts_an_unreferenced_erofs_layer_and_removes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let _cleanup = UnmountAll(tmp.path().to_owned());
+    let store = Store::open(&cache).unwrap();
+    let a = publish_blob_bytes(&store, b"build a", None);
+    let b = publish_blob_bytes(&store, b"build b", None);
+    let (ka, root_a, _) = publish_image(&store, &a.sha256, "a");
+    let (kb, root_b, _) = publish_image(&store, &b.sha256, "b");
+    assert!(
+        mount_ro(&store.layer_image(&ka), &root_a),
+        "mount -t erofs -o ro,loop (needs root and a kernel with EROFS)"
+    );
+    assert!(mount_ro(&store.layer_image(&kb), &root_b));
+    assert!(vrun_cache::is_mounted(&root_a) && vrun_cache::is_mounted(&root_b));
+    assert!(root_a.join("app/Procfile").is_file());
+    // b is in use by a proc: it stays, mounted. a goes: unmounted first, then removed.
+    let mut refs = References::new();
+    refs.add(&root_b, "proc-b");
+    drop(store);
+    let store = Store::open_exclusive(&cache).unwrap();
+    let report = store.gc(&GcOptions::default(), &refs).unwrap();
+    let removed: Vec<&str> = report.removed.iter().map(|e| e.key.as_str()).collect();
+    assert!(removed.contains(&ka.dir_name().as_str()), "{removed:?}");
+    assert!(!removed.contains(&kb.dir_name().as_str()), "{removed:?}");
+    assert!(!root_a.exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&ka.dir_name()),
+        "the removed layer is not mounted anywhere"
+    );
+    assert!(vrun_cache::is_mounted(&root_b));
+    assert!(root_b.join("app/Procfile").is_file());
+    assert!(
+        ingest_names(&cache).is_empty(),
+        "{:?}",
+        ingest_names(&cache)
+    );
+}
+
+#[test]
+fn verify_deep_checks_an_erofs_image_by_its_recorded_sha256() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let _cleanup = UnmountAll(tmp.path().to_owned());
+    let store = Store::open(&cache).unwrap();
+    let a = publish_blob_bytes(&store, b"build a", None);
+    let b = publish_blob_bytes(&store, b"build b", None);
+    let (ka, root_a, image_sha) = publish_image(&store, &a.sha256, "a");
+    let (kb, _, _) = publish_image(&store, &b.sha256, "b");
+    assert!(mount_ro(&store.layer_image(&ka), &root_a));
+    drop(store);
+    let report = Store::open_exclusive(&cache).unwrap().verify(true).unwrap();
+    assert!(report.bad.is_empty(), "{:?}", report.bad);
+    assert_eq!(report.layers_checked, 2);
+    // One flipped byte in the middle of the image (file data, not the superblock): the
+    // shallow check cannot see it, the deep one can.
+    let image = cache
+        .join("layers-erofs-v1")
+        .join(ka.dir_name())
+        .join("image.erofs");
+    let mut bytes = std::fs::read(&image).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&image, &bytes).unwrap();
+    let shallow = Store::open_exclusive(&cache)
+        .unwrap()
+        .verify(false)
+        .unwrap();
+    assert!(shallow.bad.is_empty(), "{:?}", shallow.bad);
+    let deep = Store::open_exclusive(&cache).unwrap().verify(true).unwrap();
+    assert_eq!(deep.bad.len(), 1, "{:?}", deep.bad);
+    assert_eq!(deep.bad[0].key, ka.dir_name());
+    assert!(
+        deep.bad[0].problems[0].starts_with(&format!(
+            "image sha256 mismatch: expected {image_sha}, got "
+        )),
+        "{:?}",
+        deep.bad[0].problems
+    );
+    // Quarantined, unmounted first; the intact layer is untouched.
+    assert!(!root_a.exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&ka.dir_name()), "{mounts}");
+    let store = Store::open(&cache).unwrap();
+    assert_eq!(store.layer(&ka), None);
+    assert!(store.layer(&kb).is_some());
 }

@@ -235,6 +235,17 @@ impl TestProc {
         file
     }
 
+    /// [`TestProc::sibling_file`] listening on `port` (so both can run at once).
+    pub fn sibling_file_on_port(&self, tag: &str, port: u16) -> PathBuf {
+        let file = self.dir().join(format!("{tag}.yaml"));
+        let opts = ProcOpts {
+            port,
+            ..self.opts.clone()
+        };
+        write_proc_yaml(&file, &unique(tag), &opts, &self.tarballs);
+        file
+    }
+
     /// The test's temp dir (proc.yaml, layers, child outputs).
     pub fn dir(&self) -> &Path {
         self.tmp.as_ref().unwrap().path()
@@ -433,6 +444,12 @@ impl Drop for TestProc {
             lock.pop();
         }
         let tmp = self.tmp.take().unwrap();
+        // The cache's EROFS layer mounts outlive teardown by design; they are ours here.
+        let mut below = mounts_under(tmp.path());
+        below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for m in below {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
         let still_mounted = mounts_under(tmp.path());
         if still_mounted.is_empty() {
             drop(tmp);
@@ -449,4 +466,12 @@ impl Drop for TestProc {
 /// Mount points below `dir` (from /proc/self/mountinfo).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     vrun::mounts::mounts_below(dir).unwrap_or_default()
+}
+
+/// [`mounts_under`] but the cache's own mounts of its EROFS layers, which outlive a
+/// teardown by design (the next proc of the layer shares them; gc takes them off).
+pub fn proc_mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut v = mounts_under(dir);
+    v.retain(|m| vrun_cache::LayerKey::from_root(m).is_none());
+    v
 }

@@ -4,8 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod fstree;
 pub mod image;
 pub mod lxc_proc;
+pub mod twin;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -334,5 +336,32 @@ impl Drop for LxcSuite {
             state.suite = None;
             LXC_SUITE_FREE.notify_all();
         }
+    }
+}
+
+/// How the vrun under test stores layers: as `VRUN_LAYERS` says (the test process's
+/// environment reaches every vrun it starts, so `VRUN_LAYERS=dir cargo test` runs a
+/// suite on directory layers), else what auto picks on the hosts CI runs on: EROFS.
+pub fn layer_storage() -> vrun_cache::LayerStorage {
+    match std::env::var(vrun::layers::LAYERS_ENV).as_deref() {
+        Ok("dir") => vrun_cache::LayerStorage::Dir,
+        _ => vrun_cache::LayerStorage::Erofs,
+    }
+}
+
+/// The store bucket holding this run's layers (`layers-v1` or `layers-erofs-v1`).
+pub fn layers_bucket() -> &'static str {
+    match layer_storage() {
+        vrun_cache::LayerStorage::Dir => "layers-v1",
+        vrun_cache::LayerStorage::Erofs => "layers-erofs-v1",
+    }
+}
+
+/// A layer's name in this run's storage: `base` (`<kind>-<sha256>-<uid>-<gid>`), with
+/// `.erofs` for an EROFS layer.
+pub fn layer_name(base: &str) -> String {
+    match layer_storage() {
+        vrun_cache::LayerStorage::Dir => base.to_string(),
+        vrun_cache::LayerStorage::Erofs => format!("{base}.erofs"),
     }
 }
