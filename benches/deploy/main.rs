@@ -28,7 +28,7 @@ use bytes::Bytes;
 use clap::Parser;
 
 use corpus::{Corpus, CorpusSpec, Format};
-use runner::{Artifact, Only, RunCtx, Scenario};
+use runner::{Artifact, Layers, Only, RunCtx, Scenario};
 use sys::{FsKind, SlowDisk};
 use testkit::serve::{Server, ServerOptions};
 
@@ -74,6 +74,10 @@ struct Opts {
     /// Skip the build+image scenario.
     #[arg(long)]
     no_image: bool,
+    /// How vrun stores layers (`vrun setup --layers`): each is a run set of its own,
+    /// against the same baseline.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "dir,erofs")]
+    layers: Vec<Layers>,
     /// The vrun binary (default: the one cargo built for this bench).
     #[arg(long)]
     vrun: Option<PathBuf>,
@@ -321,15 +325,18 @@ fn run(opts: &Opts) -> Result<()> {
                     f,
                     false,
                 )];
-                let target = runner::target_for(fs, &work, corpus.build.stats.bytes, slow)?;
-                sets.push(runner::run_set(
-                    &ctx,
-                    &target,
-                    f,
-                    Scenario::Build,
-                    &a,
-                    opts.pairs,
-                )?);
+                for &layers in &opts.layers {
+                    let target = runner::target_for(fs, &work, corpus.build.stats.bytes, slow)?;
+                    sets.push(runner::run_set(
+                        &ctx,
+                        &target,
+                        f,
+                        Scenario::Build,
+                        layers,
+                        &a,
+                        opts.pairs,
+                    )?);
+                }
             }
             for &f in image_formats {
                 let a = vec![
@@ -343,15 +350,18 @@ fn run(opts: &Opts) -> Result<()> {
                     artifact(&server, &url_name("image", &corpus.key, f), image, f, true),
                 ];
                 let bytes = corpus.build.stats.bytes + image.stats.bytes;
-                let target = runner::target_for(fs, &work, bytes, slow)?;
-                sets.push(runner::run_set(
-                    &ctx,
-                    &target,
-                    f,
-                    Scenario::BuildImage,
-                    &a,
-                    opts.pairs,
-                )?);
+                for &layers in &opts.layers {
+                    let target = runner::target_for(fs, &work, bytes, slow)?;
+                    sets.push(runner::run_set(
+                        &ctx,
+                        &target,
+                        f,
+                        Scenario::BuildImage,
+                        layers,
+                        &a,
+                        opts.pairs,
+                    )?);
+                }
             }
         }
         if let (Some(b), Some(&fs)) = (&big, opts.fs.first()) {
@@ -362,15 +372,18 @@ fn run(opts: &Opts) -> Result<()> {
                 Format::Gz,
                 false,
             )];
-            let target = runner::target_for(fs, &work, b.build.stats.bytes, slow)?;
-            sets.push(runner::run_set(
-                &ctx,
-                &target,
-                Format::Gz,
-                Scenario::Big,
-                &a,
-                1,
-            )?);
+            for &layers in &opts.layers {
+                let target = runner::target_for(fs, &work, b.build.stats.bytes, slow)?;
+                sets.push(runner::run_set(
+                    &ctx,
+                    &target,
+                    Format::Gz,
+                    Scenario::Big,
+                    layers,
+                    &a,
+                    1,
+                )?);
+            }
         }
         Ok(())
     })();

@@ -43,6 +43,9 @@ pub fn stat(v: &[f64]) -> Option<Stat> {
 #[derive(Clone, Debug, Serialize)]
 pub struct SideSummary {
     pub wall_s: Stat,
+    /// Baseline: the same runs timed up to their `sync -f`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nosync_s: Option<Stat>,
     pub maxrss_mib_max: f64,
     pub user_s_median: f64,
     pub sys_s_median: f64,
@@ -60,6 +63,7 @@ pub struct SetSummary {
     pub fs: &'static str,
     pub format: &'static str,
     pub scenario: &'static str,
+    pub layers: &'static str,
     pub vrun: Option<SideSummary>,
     pub baseline: Option<SideSummary>,
     pub warm: Option<SideSummary>,
@@ -67,6 +71,9 @@ pub struct SetSummary {
     pub ratio: Option<f64>,
     /// median(warm) / median(vrun cold).
     pub warm_ratio: Option<f64>,
+    /// median(vrun cold) / median(baseline up to its sync): against the pipeline
+    /// without `sync -f`.
+    pub nosync_ratio: Option<f64>,
 }
 
 fn flatten(
@@ -118,6 +125,12 @@ fn summarize(set: &RunSet, side: Side) -> Option<SideSummary> {
     let med = |v: Vec<f64>| stat(&v).map(|s| s.median).unwrap_or(0.0);
     Some(SideSummary {
         wall_s: wall,
+        nosync_s: stat(
+            &samples
+                .iter()
+                .filter_map(|s| s.nosync_s)
+                .collect::<Vec<_>>(),
+        ),
         maxrss_mib_max: samples.iter().map(|s| s.maxrss_kib).max().unwrap_or(0) as f64 / 1024.0,
         user_s_median: med(samples.iter().map(|s| s.user_s).collect()),
         sys_s_median: med(samples.iter().map(|s| s.sys_s).collect()),
@@ -138,6 +151,10 @@ pub fn summarize_set(set: &RunSet) -> SetSummary {
         (Some(a), Some(b)) if b.wall_s.median > 0.0 => Some(a.wall_s.median / b.wall_s.median),
         _ => None,
     };
+    let nosync_ratio = match (&vrun, baseline.as_ref().and_then(|b| b.nosync_s.as_ref())) {
+        (Some(a), Some(b)) if b.median > 0.0 => Some(a.wall_s.median / b.median),
+        _ => None,
+    };
     let warm_ratio = match (&warm, &vrun) {
         (Some(w), Some(a)) if a.wall_s.median > 0.0 => Some(w.wall_s.median / a.wall_s.median),
         _ => None,
@@ -146,11 +163,13 @@ pub fn summarize_set(set: &RunSet) -> SetSummary {
         fs: set.fs,
         format: set.format,
         scenario: set.scenario,
+        layers: set.layers,
         vrun,
         baseline,
         warm,
         ratio,
         warm_ratio,
+        nosync_ratio,
     }
 }
 
@@ -168,29 +187,38 @@ fn cell(s: &Option<SideSummary>) -> String {
 pub fn print_table(sums: &[SetSummary], out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:<6} {:<4} {:<12} {:>26} {:>26} {:>6} {:>8} {:>9} {:>9}",
+        "{:<6} {:<4} {:<12} {:<6} {:>26} {:>26} {:>6} {:>10} {:>7} {:>8} {:>9} {:>9}",
         "fs",
         "fmt",
         "scenario",
+        "layers",
         "vrun cold s (min–max)",
         "baseline s (min–max)",
         "ratio",
+        "base nosync",
+        "ratio2",
         "warm s",
         "vrun MiB",
         "base MiB"
     )?;
+    let ratio = |r: Option<f64>| r.map(|r| format!("{r:.2}")).unwrap_or_else(|| "—".into());
     for s in sums {
         writeln!(
             out,
-            "{:<6} {:<4} {:<12} {:>26} {:>26} {:>6} {:>8} {:>9} {:>9}",
+            "{:<6} {:<4} {:<12} {:<6} {:>26} {:>26} {:>6} {:>10} {:>7} {:>8} {:>9} {:>9}",
             s.fs,
             s.format,
             s.scenario,
+            s.layers,
             cell(&s.vrun),
             cell(&s.baseline),
-            s.ratio
-                .map(|r| format!("{r:.2}"))
+            ratio(s.ratio),
+            s.baseline
+                .as_ref()
+                .and_then(|b| b.nosync_s.as_ref())
+                .map(|n| format!("{:.3}", n.median))
                 .unwrap_or_else(|| "—".into()),
+            ratio(s.nosync_ratio),
             s.warm
                 .as_ref()
                 .map(|w| format!("{:.3}", w.wall_s.median))
@@ -228,10 +256,11 @@ pub fn print_table(sums: &[SetSummary], out: &mut impl Write) -> std::io::Result
                 .collect();
             writeln!(
                 out,
-                "  {} {} {} {label}: {} {}",
+                "  {} {} {} {} {label}: {} {}",
                 s.fs,
                 s.format,
                 s.scenario,
+                s.layers,
                 stages.join(" "),
                 labels.join(" ")
             )?;

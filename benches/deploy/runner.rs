@@ -77,6 +77,10 @@ pub struct Sample {
     pub maxrss_kib: u64,
     /// GET requests the server saw during this run.
     pub gets: usize,
+    /// Baseline only: the same run's time up to `sync -f` (the pipeline without its
+    /// sync: whatever the page cache absorbed counts as done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nosync_s: Option<f64>,
     /// vrun's `--timings` JSON, as printed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timings: Option<serde_json::Value>,
@@ -88,6 +92,8 @@ pub struct RunSet {
     pub fs_detail: String,
     pub format: &'static str,
     pub scenario: &'static str,
+    /// How vrun stored the layers (`setup --layers`).
+    pub layers: &'static str,
     pub pairs: usize,
     pub load_start: f64,
     pub load_end: f64,
@@ -126,11 +132,29 @@ impl RunCtx<'_> {
     }
 }
 
+/// How vrun stores layers in a run set: `vrun setup --layers dir|erofs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layers {
+    Dir,
+    Erofs,
+}
+
+impl Layers {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layers::Dir => "dir",
+            Layers::Erofs => "erofs",
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn run_set(
     ctx: &RunCtx,
     target: &TargetFs,
     format: Format,
     scenario: Scenario,
+    layers: Layers,
     artifacts: &[Artifact],
     pairs: usize,
 ) -> Result<RunSet> {
@@ -139,6 +163,7 @@ pub fn run_set(
         fs_detail: target.detail.clone(),
         format: format.name(),
         scenario: scenario.name(),
+        layers: layers.name(),
         pairs,
         load_start: sys::loadavg(),
         load_end: 0.0,
@@ -146,8 +171,8 @@ pub fn run_set(
         warnings: Vec::new(),
     };
     eprintln!(
-        "run set: {} {} {} ({} pairs) on {}",
-        set.fs, set.format, set.scenario, pairs, target.detail
+        "run set: {} {} {} layers={} ({} pairs) on {}",
+        set.fs, set.format, set.scenario, set.layers, pairs, target.detail
     );
     for pair in 0..pairs {
         let order: &[Side] = if pair % 2 == 0 {
@@ -159,7 +184,8 @@ pub fn run_set(
             sys::check_interrupted()?;
             match side {
                 Side::Vrun if ctx.only != Only::Baseline => {
-                    let (cold, warm) = vrun_pair(ctx, target, artifacts, pair, &mut set.warnings)?;
+                    let (cold, warm) =
+                        vrun_pair(ctx, target, artifacts, layers, pair, &mut set.warnings)?;
                     eprintln!(
                         "  pair {pair}: vrun {:.3}s{}",
                         cold.wall_s,
@@ -172,7 +198,11 @@ pub fn run_set(
                 }
                 Side::Baseline if ctx.only != Only::Vrun => {
                     let s = baseline(ctx, target, artifacts, pair)?;
-                    eprintln!("  pair {pair}: baseline {:.3}s", s.wall_s);
+                    eprintln!(
+                        "  pair {pair}: baseline {:.3}s (before its sync {:.3}s)",
+                        s.wall_s,
+                        s.nosync_s.unwrap_or(f64::NAN)
+                    );
                     set.samples.push(s);
                 }
                 _ => {}
@@ -212,6 +242,7 @@ fn vrun_setup(
     ctx: &RunCtx,
     root: &Path,
     yaml: &Path,
+    layers: Layers,
     tag: &str,
 ) -> Result<(Measured, PathBuf, PathBuf)> {
     let out = ctx.scratch.join(format!("{tag}.stdout"));
@@ -219,6 +250,7 @@ fn vrun_setup(
     let mut c = Command::new(ctx.vrun);
     c.arg("setup")
         .arg("--timings")
+        .args(["--layers", layers.name()])
         .arg(yaml)
         .env("VR_ROOT", root);
     let m = sys::measure(
@@ -296,6 +328,7 @@ fn vrun_pair(
     ctx: &RunCtx,
     target: &TargetFs,
     artifacts: &[Artifact],
+    layers: Layers,
     pair: usize,
     warnings: &mut Vec<String>,
 ) -> Result<(Sample, Option<Sample>)> {
@@ -305,7 +338,7 @@ fn vrun_pair(
     fs_err::write(&yaml, proc_yaml(artifacts, "web", 8000))?;
     ctx.drop_caches(target)?;
     let before = gets(ctx.server, artifacts);
-    let (m, out, err) = vrun_setup(ctx, &root, &yaml, &format!("vrun-{pair}"))?;
+    let (m, out, err) = vrun_setup(ctx, &root, &yaml, layers, &format!("vrun-{pair}"))?;
     let timings = check_vrun(ctx, &m, &out, &err, "vrun cold")
         .context("the vrun side failed (use --only baseline to measure the pipeline alone)")?;
     for a in artifacts {
@@ -330,6 +363,7 @@ fn vrun_pair(
         sys_s: m.sys_s,
         maxrss_kib: m.maxrss_kib,
         gets: gets(ctx.server, artifacts) - before,
+        nosync_s: None,
         timings: Some(timings),
     };
     if !ctx.warm {
@@ -339,7 +373,7 @@ fn vrun_pair(
     let yaml2 = ctx.scratch.join(format!("proc-worker-{pair}.yaml"));
     fs_err::write(&yaml2, proc_yaml(artifacts, "worker", 8001))?;
     let before = gets(ctx.server, artifacts);
-    let (m, out, err) = vrun_setup(ctx, &root, &yaml2, &format!("warm-{pair}"))?;
+    let (m, out, err) = vrun_setup(ctx, &root, &yaml2, layers, &format!("warm-{pair}"))?;
     let timings = check_vrun(ctx, &m, &out, &err, "vrun warm")?;
     let cache = timings
         .pointer("/build/cache")
@@ -359,6 +393,7 @@ fn vrun_pair(
         sys_s: m.sys_s,
         maxrss_kib: m.maxrss_kib,
         gets: gets(ctx.server, artifacts) - before,
+        nosync_s: None,
         timings: Some(timings),
     };
     Ok((cold, Some(warm)))
@@ -377,7 +412,8 @@ pub fn baseline_script(
     dests: &[PathBuf],
     scratch: &Path,
 ) -> String {
-    let mut s = String::from("set -euo pipefail\n");
+    let stamp = |name: &str| quote(&scratch.join(name).display().to_string());
+    let mut s = format!("set -euo pipefail\ndate +%s%N > {}\n", stamp("t-start"));
     for (i, (a, d)) in artifacts.iter().zip(dests).enumerate() {
         let fifo = quote(&scratch.join(format!("fifo{i}")).display().to_string());
         let sum = quote(&scratch.join(format!("md5-{i}")).display().to_string());
@@ -397,8 +433,21 @@ pub fn baseline_script(
     for i in 0..artifacts.len() {
         let _ = writeln!(s, "wait $p{i}; wait $m{i}");
     }
+    let _ = writeln!(s, "date +%s%N > {}", stamp("t-sync"));
     let _ = writeln!(s, "sync -f {}", quote(&dests[0].display().to_string()));
+    let _ = writeln!(s, "date +%s%N > {}", stamp("t-end"));
     s
+}
+
+/// Seconds between two `date +%s%N` stamps the baseline script wrote.
+fn stamp_gap(scratch: &Path, from: &str, to: &str) -> Result<f64> {
+    let read = |name: &str| -> Result<u128> {
+        let t = fs_err::read_to_string(scratch.join(name))?;
+        t.trim()
+            .parse()
+            .with_context(|| format!("stamp {name}: {t:?}"))
+    };
+    Ok((read(to)? - read(from)?) as f64 / 1e9)
 }
 
 /// B = the shell pipeline, caches dropped first, md5 checked after the clock stops.
@@ -444,6 +493,8 @@ fn baseline(
             last_line(&err)
         );
     }
+    // Without its sync: the measured wall time less what the sync took.
+    let nosync_s = m.wall_s - stamp_gap(&scratch, "t-sync", "t-end")?;
     for (i, a) in artifacts.iter().enumerate() {
         let got = fs_err::read_to_string(scratch.join(format!("md5-{i}")))?;
         let got = got.split_whitespace().next().unwrap_or("");
@@ -463,6 +514,7 @@ fn baseline(
         sys_s: m.sys_s,
         maxrss_kib: m.maxrss_kib,
         gets: gets(ctx.server, artifacts) - before,
+        nosync_s: Some(nosync_s),
         timings: None,
     })
 }
