@@ -44,8 +44,10 @@ use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
 
 use crate::config::{ConfigError, ProcConfig};
+use crate::envfiles;
 use crate::mounts;
 use crate::sample::{self, ImageMode, SampleError};
+use crate::units::short_size;
 use server::Server;
 
 mod server;
@@ -303,7 +305,7 @@ impl Artifacts {
         let build_md5 = sample::md5_hex(&build);
         detail(&format!(
             "app build: {} (Procfile, www/, 2 uptests), md5 {build_md5}",
-            human_bytes(build.len() as u64)
+            short_size(build.len() as u64)
         ));
         let image = match mode {
             ImageMode::Busybox => {
@@ -311,7 +313,7 @@ impl Artifacts {
                 let md5 = sample::md5_hex(&image);
                 detail(&format!(
                     "busybox image: {} ({} applets, app user {}), md5 {md5}",
-                    human_bytes(image.len() as u64),
+                    short_size(image.len() as u64),
                     sample::APPLETS.len(),
                     sample::APP_UID
                 ));
@@ -510,7 +512,7 @@ impl Deployment {
         words.push(self.file.clone().into_os_string());
         words
             .iter()
-            .map(|w| shell_quote(w))
+            .map(|w| shell_word(w))
             .collect::<Vec<_>>()
             .join(" ")
     }
@@ -910,12 +912,7 @@ pub fn format_timings(t: &serde_json::Value) -> Vec<String> {
             if text("format").is_none() {
                 line.push(',');
             }
-            let _ = write!(
-                line,
-                " {} → {}",
-                human_bytes(c as u64),
-                human_bytes(b as u64)
-            );
+            let _ = write!(line, " {} → {}", short_size(c as u64), short_size(b as u64));
         }
         if let Some(f) = num("files") {
             let _ = write!(line, " in {f} files");
@@ -942,24 +939,10 @@ pub fn format_timings(t: &serde_json::Value) -> Vec<String> {
     lines
 }
 
-/// 1.5 KiB, 2.0 MiB.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
-/// Quote a word for a POSIX shell when it needs it.
-fn shell_quote(word: &OsStr) -> String {
+/// A word as a POSIX shell reads it, for the commands the demo prints: left bare when
+/// it is plain (a path, a flag), else quoted by [`envfiles::shell_quote`], the one quoting
+/// vrun has (env.sh and proc.sh use it too).
+fn shell_word(word: &OsStr) -> String {
     let s = word.to_string_lossy();
     let plain = !s.is_empty()
         && s.bytes()
@@ -967,14 +950,14 @@ fn shell_quote(word: &OsStr) -> String {
     if plain {
         s.into_owned()
     } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
+        String::from_utf8(envfiles::shell_quote(s.as_bytes())).expect("quoting keeps UTF-8")
     }
 }
 
 fn print_keep_help(opts: &DemoOptions, deploy: &Deployment, pid: u32, port: u16) {
-    let vrun = shell_quote(opts.vrun.as_os_str());
-    let root = shell_quote(deploy.root.as_os_str());
-    let file = shell_quote(deploy.file.as_os_str());
+    let vrun = shell_word(opts.vrun.as_os_str());
+    let root = shell_word(deploy.root.as_os_str());
+    let file = shell_word(deploy.file.as_os_str());
     let base = format!("{vrun} --root {root}");
     say("the demo proc is still running. Inspect it with:");
     for (what, command) in [
@@ -987,7 +970,7 @@ fn print_keep_help(opts: &DemoOptions, deploy: &Deployment, pid: u32, port: u16)
         ("its uptests", format!("{base} uptest {file}")),
         (
             "the app's output",
-            format!("cat {}", shell_quote(deploy.log.as_os_str())),
+            format!("cat {}", shell_word(deploy.log.as_os_str())),
         ),
         (
             "stop it: vrun run passes SIGTERM to the app",
@@ -996,7 +979,7 @@ fn print_keep_help(opts: &DemoOptions, deploy: &Deployment, pid: u32, port: u16)
         ("then tear it down", format!("{base} teardown {file}")),
         (
             "and remove the demo's files",
-            format!("rm -r {}", shell_quote(deploy.work.as_os_str())),
+            format!("rm -r {}", shell_word(deploy.work.as_os_str())),
         ),
     ] {
         eprintln!("    # {what}");
@@ -1112,9 +1095,9 @@ mod tests {
 
     #[test]
     fn words_are_quoted_for_the_shell() {
-        assert_eq!(shell_quote(OsStr::new("/tmp/a.yaml")), "/tmp/a.yaml");
-        assert_eq!(shell_quote(OsStr::new("/tmp/vr root")), "'/tmp/vr root'");
-        assert_eq!(shell_quote(OsStr::new("it's")), "'it'\\''s'");
+        assert_eq!(shell_word(OsStr::new("/tmp/a.yaml")), "/tmp/a.yaml");
+        assert_eq!(shell_word(OsStr::new("/tmp/vr root")), "'/tmp/vr root'");
+        assert_eq!(shell_word(OsStr::new("it's")), "'it'\\''s'");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Sizes and durations as users write them, with one grammar for every place that reads
 //! one (`mem_limit` in proc.yaml, `vrun cache gc --max-size`, `VRUN_CACHE_MAX_SIZE`), and
-//! sizes as vrun prints them (indicatif's `HumanBytes`, the same as the progress bar).
+//! sizes as vrun prints them (indicatif's `HumanBytes`, the same as the progress bar;
+//! one decimal where a size sits inside a sentence).
 //!
 //! Before this module the proc.yaml reader and the gc flags parsed sizes with different
 //! code, so `1.5G` was a valid gc limit and an invalid memory limit.
@@ -68,9 +69,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(value * secs))
 }
 
-/// `1536` → `1.50 KiB`: how every size is shown to a user.
+/// `1536` → `1.50 KiB`: how a size is shown to a user (the progress bar's format).
 pub fn human_size(bytes: u64) -> String {
     indicatif::HumanBytes(bytes).to_string()
+}
+
+/// `1536` → `1.5 KiB`, `2097152` → `2.0 MiB`: one decimal, for sizes inside a sentence
+/// (`vrun demo`'s step lines and timings summary, whose output the README shows).
+pub fn short_size(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]
@@ -103,5 +121,8 @@ mod tests {
         assert_eq!(human_size(512), "512 B");
         assert_eq!(human_size(1536), "1.50 KiB");
         assert_eq!(human_size(200 << 20), "200.00 MiB");
+        assert_eq!(short_size(512), "512 B");
+        assert_eq!(short_size(1536), "1.5 KiB");
+        assert_eq!(short_size(3 << 40), "3072.0 GiB");
     }
 }
