@@ -9,7 +9,8 @@
 //! - [`noise`]: deterministic incompressible bytes (xorshift64) from a seed.
 //! - [`ChildGuard`], [`pipe_through`]: child processes that die with the test, and the
 //!   real command-line compressors that make test archives.
-//! - [`tree`]: a directory tree as a value two trees can be compared by.
+//! - [`walk`], [`tree`]: the one directory walk of the suites, and a tree as a value two
+//!   trees can be compared by.
 
 mod noise;
 mod process;
@@ -18,4 +19,4 @@ mod tree;
 
 pub use noise::{noise, XorShift};
 pub use process::{pipe_through, ChildGuard};
-pub use tree::tree;
+pub use tree::{tree, walk, Found};

@@ -487,20 +487,14 @@ fn same_inode(a: &'static str, b: &'static str) -> Check {
 fn matches_gnu_listing(archive: Vec<u8>) -> Check {
     Box::new(move |root| {
         let gnu = gnu_listing(&archive)?;
-        let mut ours = BTreeMap::new();
-        let mut todo = vec![root.to_path_buf()];
-        while let Some(d) = todo.pop() {
-            for e in fs::read_dir(&d).unwrap() {
-                let p = e.unwrap().path();
-                let m = fs::symlink_metadata(&p).unwrap();
-                if m.is_dir() {
-                    todo.push(p);
-                    continue;
-                }
-                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-                ours.insert(rel, if m.is_file() { m.len() } else { 0 });
-            }
-        }
+        let ours: BTreeMap<String, u64> = testkit::walk(root)
+            .into_iter()
+            .filter(|f| !f.meta.is_dir())
+            .map(|f| {
+                let size = if f.meta.is_file() { f.meta.len() } else { 0 };
+                (f.rel.to_string_lossy().into_owned(), size)
+            })
+            .collect();
         (ours == gnu)
             .then_some(())
             .ok_or_else(|| format!("tree {ours:?} != GNU tar listing {gnu:?}"))
@@ -1272,20 +1266,15 @@ fn judge(expect: &Expect, result: Result<(), String>, tree: &Path) -> Result<(),
 fn store_leftovers(store: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for sub in ["blobs-v1", "layers-v1", "layers-erofs-v1", "ingest-v1"] {
-        let mut todo = vec![store.join(sub)];
-        while let Some(d) = todo.pop() {
-            let Ok(rd) = fs::read_dir(&d) else { continue };
-            for e in rd {
-                let p = e.unwrap().path();
-                if fs::symlink_metadata(&p).unwrap().is_dir() {
-                    todo.push(p.clone());
-                    // Fixed layout dirs (blobs-v1/sha256) are not leftovers.
-                    if p.ends_with("blobs-v1/sha256") {
-                        continue;
-                    }
-                }
-                out.push(p.strip_prefix(store).unwrap().display().to_string());
+        if !store.join(sub).is_dir() {
+            continue;
+        }
+        for f in testkit::walk(&store.join(sub)) {
+            // Fixed layout dirs (blobs-v1/sha256) are not leftovers.
+            if f.path.ends_with("blobs-v1/sha256") {
+                continue;
             }
+            out.push(f.path.strip_prefix(store).unwrap().display().to_string());
         }
     }
     out

@@ -77,7 +77,7 @@ fn image_tarball() -> Vec<u8> {
                 testkit::noise(9000 + i, 1000 + i as u64),
                 0o644,
             )
-            .owned(100 + i as u64 % 3, 200),
+            .owned(100 + i as u32 % 3, 200),
         );
     }
     tar_gz(&e)

@@ -105,45 +105,37 @@ struct Node {
 /// Everything below `root` (not following symlinks), keyed by relative path.
 fn walk(root: &Path) -> BTreeMap<String, Node> {
     let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let ft = m.file_type();
-            let kind = if ft.is_dir() {
-                'd'
-            } else if ft.is_symlink() {
-                'l'
-            } else if ft.is_file() {
-                'f'
-            } else {
-                '?'
-            };
-            let sha256 = if kind == 'f' {
-                hex::encode(Sha256::digest(fs::read(&p).unwrap()))
-            } else {
-                String::new()
-            };
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            out.insert(
-                rel,
-                Node {
-                    kind,
-                    perm: m.mode() & 0o7777,
-                    uid: m.uid(),
-                    gid: m.gid(),
-                    size: if kind == 'f' { m.len() } else { 0 },
-                    mtime: (kind == 'f').then(|| m.mtime()),
-                    nlink: if kind == 'd' { 0 } else { m.nlink() },
-                    sha256,
-                    link: ft.is_symlink().then(|| fs::read_link(&p).unwrap()),
-                },
-            );
-            if ft.is_dir() {
-                stack.push(p);
-            }
-        }
+    for found in testkit::walk(root) {
+        let (p, m) = (&found.path, &found.meta);
+        let ft = m.file_type();
+        let kind = if ft.is_dir() {
+            'd'
+        } else if ft.is_symlink() {
+            'l'
+        } else if ft.is_file() {
+            'f'
+        } else {
+            '?'
+        };
+        let sha256 = if kind == 'f' {
+            hex::encode(Sha256::digest(fs::read(p).unwrap()))
+        } else {
+            String::new()
+        };
+        out.insert(
+            found.rel.to_string_lossy().into_owned(),
+            Node {
+                kind,
+                perm: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                size: if kind == 'f' { m.len() } else { 0 },
+                mtime: (kind == 'f').then(|| m.mtime()),
+                nlink: if kind == 'd' { 0 } else { m.nlink() },
+                sha256,
+                link: ft.is_symlink().then(|| fs::read_link(p).unwrap()),
+            },
+        );
     }
     out
 }

@@ -565,19 +565,16 @@ fn credentials_in_a_url_never_reach_messages_timings_ls_or_the_index() {
     }
     // Every file of the store, index entries included: no secret, and index entries
     // readable by their owner only.
-    let mut todo = vec![cache(&t)];
-    while let Some(dir) = todo.pop() {
-        for e in fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                todo.push(p);
-            } else if let Ok(text) = fs::read(&p) {
-                assert!(
-                    !String::from_utf8_lossy(&text).contains(secret),
-                    "{}",
-                    p.display()
-                );
-            }
+    for f in testkit::walk(&cache(&t)) {
+        if f.meta.is_dir() {
+            continue;
+        }
+        if let Ok(text) = fs::read(&f.path) {
+            assert!(
+                !String::from_utf8_lossy(&text).contains(secret),
+                "{}",
+                f.path.display()
+            );
         }
     }
     use std::os::unix::fs::PermissionsExt;

@@ -402,38 +402,31 @@ impl Arena {
 
 /// A successful build extraction obeys the build rules.
 fn check_build_tree(root: &Path) -> Result<(), TestCaseError> {
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let ft = m.file_type();
-            let rel = p.strip_prefix(root).unwrap().to_path_buf();
-            prop_assert_eq!((m.uid(), m.gid()), (UID, GID), "owner of {:?}", rel);
-            if !ft.is_symlink() {
-                prop_assert_eq!(m.mode() & 0o7022, 0, "mode {:o} of {:?}", m.mode(), rel);
-            }
-            prop_assert!(
-                ft.is_dir() || ft.is_file() || ft.is_symlink(),
-                "special file {:?}",
-                rel
-            );
-            if ft.is_symlink() {
-                let target = fs::read_link(&p).unwrap();
-                prop_assert!(!target.is_absolute(), "{:?} -> {:?}", rel, target);
-                // Lexically, from the link's dir, it never climbs above the root.
-                let mut depth = rel.components().count() as i64 - 1;
-                for c in target.components() {
-                    match c {
-                        Component::ParentDir => depth -= 1,
-                        Component::Normal(_) => depth += 1,
-                        _ => {}
-                    }
-                    prop_assert!(depth >= 0, "{:?} -> {:?} leaves the tree", rel, target);
+    for found in testkit::walk(root) {
+        let (p, m) = (&found.path, &found.meta);
+        let ft = m.file_type();
+        let rel = &found.rel;
+        prop_assert_eq!((m.uid(), m.gid()), (UID, GID), "owner of {:?}", rel);
+        if !ft.is_symlink() {
+            prop_assert_eq!(m.mode() & 0o7022, 0, "mode {:o} of {:?}", m.mode(), rel);
+        }
+        prop_assert!(
+            ft.is_dir() || ft.is_file() || ft.is_symlink(),
+            "special file {:?}",
+            rel
+        );
+        if ft.is_symlink() {
+            let target = fs::read_link(p).unwrap();
+            prop_assert!(!target.is_absolute(), "{:?} -> {:?}", rel, target);
+            // Lexically, from the link's dir, it never climbs above the root.
+            let mut depth = rel.components().count() as i64 - 1;
+            for c in target.components() {
+                match c {
+                    Component::ParentDir => depth -= 1,
+                    Component::Normal(_) => depth += 1,
+                    _ => {}
                 }
-            }
-            if ft.is_dir() {
-                todo.push(p);
+                prop_assert!(depth >= 0, "{:?} -> {:?} leaves the tree", rel, target);
             }
         }
     }

@@ -217,41 +217,35 @@ struct Node {
 /// Everything below `root` (not following symlinks), keyed by relative path.
 fn walk(root: &Path) -> BTreeMap<String, Node> {
     let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let ft = m.file_type();
-            let kind = if ft.is_dir() {
-                stack.push(p.clone());
-                'd'
-            } else if ft.is_symlink() {
-                'l'
-            } else if ft.is_file() {
-                'f'
-            } else {
-                '?'
-            };
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            out.insert(
-                rel,
-                Node {
-                    kind,
-                    perm: if kind == 'l' { 0 } else { m.mode() & 0o7777 },
-                    uid: m.uid(),
-                    gid: m.gid(),
-                    size: if kind == 'f' { m.size() } else { 0 },
-                    nlink: if kind == 'f' { m.nlink() } else { 0 },
-                    sha256: if kind == 'f' {
-                        hex::encode(Sha256::digest(fs::read(&p).unwrap()))
-                    } else {
-                        String::new()
-                    },
-                    link: (kind == 'l').then(|| fs::read_link(&p).unwrap()),
+    for found in testkit::walk(root) {
+        let (p, m) = (&found.path, &found.meta);
+        let ft = m.file_type();
+        let kind = if ft.is_dir() {
+            'd'
+        } else if ft.is_symlink() {
+            'l'
+        } else if ft.is_file() {
+            'f'
+        } else {
+            '?'
+        };
+        out.insert(
+            found.rel.to_string_lossy().into_owned(),
+            Node {
+                kind,
+                perm: if kind == 'l' { 0 } else { m.mode() & 0o7777 },
+                uid: m.uid(),
+                gid: m.gid(),
+                size: if kind == 'f' { m.size() } else { 0 },
+                nlink: if kind == 'f' { m.nlink() } else { 0 },
+                sha256: if kind == 'f' {
+                    hex::encode(Sha256::digest(fs::read(p).unwrap()))
+                } else {
+                    String::new()
                 },
-            );
-        }
+                link: (kind == 'l').then(|| fs::read_link(p).unwrap()),
+            },
+        );
     }
     out
 }

@@ -131,52 +131,45 @@ fn extents(p: &Path, len: u64) -> (Vec<(u64, u64)>, String) {
 fn snapshot(root: &Path, cutoff: i64) -> BTreeMap<String, Node> {
     let mut out = BTreeMap::new();
     let mut inodes: BTreeMap<u64, Vec<String>> = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let ft = m.file_type();
-            let kind = match m.mode() & libc::S_IFMT {
-                libc::S_IFDIR => 'd',
-                libc::S_IFLNK => 'l',
-                libc::S_IFREG => 'f',
-                libc::S_IFCHR => 'c',
-                libc::S_IFBLK => 'b',
-                libc::S_IFIFO => 'p',
-                _ => '?',
-            };
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            let (ext, sha256) = if kind == 'f' {
-                extents(&p, m.len())
-            } else {
-                (Vec::new(), String::new())
-            };
-            if kind != 'd' && m.nlink() > 1 {
-                inodes.entry(m.ino()).or_default().push(rel.clone());
-            }
-            let mtime = (kind != 'd' || m.mtime() < cutoff).then(|| (m.mtime(), m.mtime_nsec()));
-            out.insert(
-                rel,
-                Node {
-                    kind,
-                    perm: if kind == 'l' { 0 } else { m.mode() & 0o7777 },
-                    owner: (m.uid(), m.gid()),
-                    size: if kind == 'f' { m.len() } else { 0 },
-                    extents: ext,
-                    sha256,
-                    link: ft
-                        .is_symlink()
-                        .then(|| fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
-                    group: Vec::new(),
-                    mtime,
-                    xattrs: xattrs_of(&p),
-                },
-            );
-            if ft.is_dir() {
-                stack.push(p);
-            }
+    for found in testkit::walk(root) {
+        let (p, m) = (&found.path, &found.meta);
+        let ft = m.file_type();
+        let kind = match m.mode() & libc::S_IFMT {
+            libc::S_IFDIR => 'd',
+            libc::S_IFLNK => 'l',
+            libc::S_IFREG => 'f',
+            libc::S_IFCHR => 'c',
+            libc::S_IFBLK => 'b',
+            libc::S_IFIFO => 'p',
+            _ => '?',
+        };
+        let rel = found.rel.to_string_lossy().into_owned();
+        let (ext, sha256) = if kind == 'f' {
+            extents(p, m.len())
+        } else {
+            (Vec::new(), String::new())
+        };
+        if kind != 'd' && m.nlink() > 1 {
+            inodes.entry(m.ino()).or_default().push(rel.clone());
         }
+        let mtime = (kind != 'd' || m.mtime() < cutoff).then(|| (m.mtime(), m.mtime_nsec()));
+        out.insert(
+            rel,
+            Node {
+                kind,
+                perm: if kind == 'l' { 0 } else { m.mode() & 0o7777 },
+                owner: (m.uid(), m.gid()),
+                size: if kind == 'f' { m.len() } else { 0 },
+                extents: ext,
+                sha256,
+                link: ft
+                    .is_symlink()
+                    .then(|| fs::read_link(p).unwrap().as_os_str().as_bytes().to_vec()),
+                group: Vec::new(),
+                mtime,
+                xattrs: xattrs_of(p),
+            },
+        );
     }
     for names in inodes.values() {
         for n in names {

@@ -435,19 +435,10 @@ fn gnu_list(archive: &Path) -> Option<Vec<(Vec<u8>, u8)>> {
 }
 
 fn tree(root: &Path) -> BTreeSet<Vec<u8>> {
-    let mut out = BTreeSet::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap();
-            out.insert(rel.as_os_str().as_encoded_bytes().to_vec());
-            if fs::symlink_metadata(&p).unwrap().is_dir() {
-                stack.push(p);
-            }
-        }
-    }
-    out
+    testkit::walk(root)
+        .into_iter()
+        .map(|f| f.rel.as_os_str().as_encoded_bytes().to_vec())
+        .collect()
 }
 
 #[test]

@@ -2,12 +2,12 @@
 //! mode, owner, mtime with nanoseconds, size, link count, content (read by data runs, so
 //! a sparse file costs only its data), symlink target, xattrs, data/hole map and
 //! hard-link group. Used by the EROFS writer's tests and by the suites that extract every
-//! archive with both sinks (`twin`).
+//! archive with both sinks (`twin`). The walk itself is `testkit::walk`, the suites' one.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
@@ -80,9 +80,16 @@ pub fn data_map(f: &fs::File, size: u64) -> Vec<(u64, u64)> {
 pub fn walk(root: &Path) -> BTreeMap<Vec<u8>, Node> {
     let mut out = BTreeMap::new();
     let mut groups: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    let mut stack = vec![(root.to_owned(), Vec::<u8>::new())];
-    while let Some((p, rel)) = stack.pop() {
-        let m = fs::symlink_metadata(&p).unwrap();
+    // The root itself (path ""), then everything below it.
+    let below = testkit::walk(root)
+        .into_iter()
+        .map(|f| (f.path, f.rel.into_os_string().into_vec(), f.meta));
+    let top = (
+        root.to_owned(),
+        Vec::new(),
+        fs::symlink_metadata(root).unwrap(),
+    );
+    for (p, rel, m) in std::iter::once(top).chain(below) {
         let ft = m.file_type();
         let kind = if ft.is_dir() {
             "dir"
@@ -126,21 +133,6 @@ pub fn walk(root: &Path) -> BTreeMap<Vec<u8>, Node> {
             data_map: map,
             group: if ft.is_dir() { Vec::new() } else { group },
         };
-        if ft.is_dir() {
-            let mut kids: Vec<_> = fs::read_dir(&p)
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .collect();
-            kids.sort();
-            for k in kids {
-                let mut r = rel.clone();
-                if !r.is_empty() {
-                    r.push(b'/');
-                }
-                r.extend_from_slice(k.as_bytes());
-                stack.push((p.join(&k), r));
-            }
-        }
         out.insert(rel, node);
     }
     // Groups are named by walk order, which differs between filesystems: rename each group

@@ -82,18 +82,10 @@ impl TestDir {
 
     /// Everything under `VR_ROOT`, for "nothing was created" checks.
     pub fn root_entries(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        let mut todo = vec![self.root()];
-        while let Some(dir) = todo.pop() {
-            for entry in std::fs::read_dir(&dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() && !path.is_symlink() {
-                    todo.push(path.clone());
-                }
-                out.push(path);
-            }
-        }
-        out
+        testkit::walk(&self.root())
+            .into_iter()
+            .map(|f| f.path)
+            .collect()
     }
 
     pub fn proc_dir(&self, name: &str) -> PathBuf {
