@@ -12,8 +12,9 @@
 //! for. Waiting for the store lock is announced on stderr. verify returns an error when
 //! it found bad entries, so the binary exits non-zero after listing them.
 //!
-//! This file only uses `vrun::` paths, so it compiles inside the `vrun` binary's
-//! `commands` module, and tests include it as-is.
+//! `tests/it/cache_cmds.rs` drives these commands through the real `vrun` binary and
+//! checks what it prints (stdout, the wait notice on stderr, the exit code); nothing
+//! compiles this file but the binary, so it can be split like any other command.
 
 use std::io::Write;
 use std::path::Path;

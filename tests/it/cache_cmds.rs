@@ -1,13 +1,13 @@
 //! `vrun cache ls | gc | verify` over a real store and real proc state files.
 //!
-//! `src/commands/cache.rs` is compiled into this test as-is (it only uses `vrun::`
-//! paths). The concurrency test runs a "setup" in another process: this binary
-//! re-executes itself (`child_process_entry`, selected by `VRUN_CACHE_CMDS_CHILD`).
+//! The store and the state files are made with the libraries (`vrun_cache`,
+//! `vrun::state`); the commands are the real `vrun` binary (`CARGO_BIN_EXE_vrun`, with
+//! `VR_ROOT` set), so what is checked is what an operator sees: stdout, stderr, exit
+//! code. The concurrency test runs a "setup" in another process: this binary re-executes
+//! itself (`child_process_entry`, selected by `VRUN_CACHE_CMDS_CHILD`), and watches
+//! `vrun cache gc`'s stderr for its notice that it waits for the store lock.
 
-#[allow(dead_code)]
-#[path = "../../src/commands/cache.rs"]
-mod cache_cmd;
-
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -19,7 +19,7 @@ use vrun::paths::Root;
 use vrun::state::{ProcState, STATE_VERSION};
 use vrun_cache::{BlobDigest, LayerKey, LayerKind, Store, UrlRecord};
 
-use cache_cmd::GcArgs;
+use crate::common::TestDir;
 
 const CHILD_ENV: &str = "VRUN_CACHE_CMDS_CHILD";
 
@@ -79,6 +79,15 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The report lines of `vrun cache gc` for removed entries (`removed KIND KEY  SIZE`),
+/// leftovers of crashed setups excluded: one per entry it removed.
+fn removed_lines(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("removed ") && !l.starts_with("removed leftover "))
+        .collect()
+}
+
 fn wait_for(path: &Path) {
     while !path.exists() {
         std::thread::sleep(Duration::from_millis(5));
@@ -111,8 +120,8 @@ fn child_process_entry() {
 
 #[test]
 fn ls_json_parses_and_matches_disk() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = Root::new(tmp.path());
+    let t = TestDir::new();
+    let root = Root::new(t.root());
     let store = Store::open(&root.cache_dir()).unwrap();
     let build = publish_blob(&store, &vec![b'b'; 30_000], "http://127.0.0.1:1/app.tar.gz");
     let image = publish_blob(&store, &vec![b'i'; 50_000], "http://127.0.0.1:1/os.tar.xz");
@@ -123,9 +132,9 @@ fn ls_json_parses_and_matches_disk() {
     set_up_proc(&root, "app-1-prod-abc-worker-0", &broot, Some(&iroot));
     drop(store);
 
-    let mut out = Vec::new();
-    cache_cmd::ls_to(&root, true, &mut out).unwrap();
-    let doc: serde_json::Value = serde_json::from_slice(&out).expect("ls --json is JSON");
+    let ls = t.vrun(["cache", "ls", "--json"]).run();
+    ls.assert_ok();
+    let doc: serde_json::Value = serde_json::from_str(&ls.stdout).expect("ls --json is JSON");
     let entries = doc["entries"].as_array().unwrap();
 
     let cache = std::fs::canonicalize(root.cache_dir()).unwrap();
@@ -174,9 +183,9 @@ fn ls_json_parses_and_matches_disk() {
     assert_eq!(find(&unused.dir_name())["used_by"], serde_json::json!([]));
     assert_eq!(find(&unused.dir_name())["urls"], b["urls"]);
 
-    let mut table = Vec::new();
-    cache_cmd::ls_to(&root, false, &mut table).unwrap();
-    let table = String::from_utf8(table).unwrap();
+    let ls = t.vrun(["cache", "ls"]).run();
+    ls.assert_ok();
+    let table = ls.stdout;
     assert_eq!(table.lines().count(), 1 + 5 + 1, "{table}");
     assert!(table.contains(&build.sha256[..12]), "{table}");
     assert!(table.contains("(unused)"), "{table}");
@@ -185,8 +194,8 @@ fn ls_json_parses_and_matches_disk() {
 
 #[test]
 fn gc_keeps_layers_of_set_up_procs() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = Root::new(tmp.path());
+    let t = TestDir::new();
+    let root = Root::new(t.root());
     let store = Store::open(&root.cache_dir()).unwrap();
     let d = publish_blob(&store, b"build one", "http://127.0.0.1:1/one.tar");
     let (used, used_root) = publish_layer(&store, &d.sha256, LayerKind::Build, 1000);
@@ -194,15 +203,19 @@ fn gc_keeps_layers_of_set_up_procs() {
     set_up_proc(&root, "one-proc", &used_root, None);
     drop(store);
 
-    let mut out = Vec::new();
-    let report = cache_cmd::gc_to(&root, &GcArgs::default(), &mut out, |_| {}).unwrap();
-    let out = String::from_utf8(out).unwrap();
+    let gc = t.vrun(["cache", "gc"]).run();
+    gc.assert_ok();
+    let out = gc.stdout.as_str();
     assert!(
         out.contains(&format!("removed build {}", unused.dir_name())),
         "{out}"
     );
     assert!(out.contains("freed"), "{out}");
-    assert_eq!(report.removed.len(), 2, "the unused layer and the blob");
+    assert_eq!(
+        removed_lines(out).len(),
+        2,
+        "the unused layer and the blob: {out}"
+    );
     let store = Store::open(&root.cache_dir()).unwrap();
     assert!(store.layer(&used).is_some());
     assert!(store.layer(&unused).is_none());
@@ -212,17 +225,16 @@ fn gc_keeps_layers_of_set_up_procs() {
     // A state file gc cannot read: it refuses rather than guess.
     std::fs::create_dir_all(root.proc("broken").dir).unwrap();
     std::fs::write(root.proc("broken").state(), b"{\"version\": 99").unwrap();
-    let err = cache_cmd::gc_to(&root, &GcArgs::default(), &mut Vec::new(), |_| {}).unwrap_err();
-    assert!(format!("{err:#}").contains("broken"), "{err:#}");
+    t.vrun(["cache", "gc"]).run().assert_error(&["broken"]);
 }
 
 #[test]
 fn gc_waits_for_a_running_setup_and_keeps_what_it_published() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = Root::new(tmp.path());
+    let t = TestDir::new();
+    let root = Root::new(t.root());
     drop(Store::open(&root.cache_dir()).unwrap());
-    let published = tmp.path().join("published");
-    let go = tmp.path().join("go");
+    let published = t.path().join("published");
+    let go = t.path().join("go");
     let child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -232,7 +244,7 @@ fn gc_waits_for_a_running_setup_and_keeps_what_it_published() {
         .env(CHILD_ENV, "setup")
         .env(
             "CHILD_ARGS",
-            [tmp.path(), &published, &go]
+            [&t.root(), &published, &go]
                 .map(|p| p.to_str().unwrap().to_owned())
                 .join("\n"),
         )
@@ -242,41 +254,70 @@ fn gc_waits_for_a_running_setup_and_keeps_what_it_published() {
     let mut child = ChildGuard(child);
     // The setup has published its layer but not yet recorded it: unreferenced right now.
     wait_for(&published);
+    let mut gc = t.vrun(["cache", "gc"]).cmd;
+    let mut gc = gc
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(gc.stderr.take().unwrap());
+    let mut gc = ChildGuard(gc);
     let (tx, rx) = std::sync::mpsc::channel();
-    let gc_root = root.clone();
-    let gc = std::thread::spawn(move || {
-        cache_cmd::gc_to(&gc_root, &GcArgs::default(), &mut Vec::new(), |_| {
-            tx.send(()).unwrap()
-        })
+    let notices = std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in stderr.lines() {
+            let line = line.unwrap();
+            if line.contains("waiting for") {
+                let _ = tx.send(());
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        seen
     });
     rx.recv_timeout(Duration::from_secs(60))
         .expect("gc waits for the running setup");
     std::fs::write(&go, b"").unwrap();
-    let report = gc.join().unwrap().unwrap();
+    let mut out = String::new();
+    gc.0.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let status = gc.0.wait().unwrap();
+    let notices = notices.join().unwrap();
+    assert!(status.success(), "{status}: {out}{notices}");
     assert!(child.0.wait().unwrap().success());
-    let removed: Vec<_> = report.removed.iter().map(|e| e.kind).collect();
-    assert_eq!(removed, [vrun_cache::EntryKind::Blob], "only the blob goes");
+    let removed = removed_lines(&out);
+    assert!(
+        removed.len() == 1 && removed[0].starts_with("removed blob "),
+        "only the blob goes: {out}"
+    );
     let state = ProcState::load(&root.proc("concurrent-proc").state()).unwrap();
     assert!(state.build_layer.unwrap().join("app/file3").is_file());
 }
 
 #[test]
 fn verify_lists_bad_entries_and_fails() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = Root::new(tmp.path());
+    let t = TestDir::new();
+    let root = Root::new(t.root());
     let store = Store::open(&root.cache_dir()).unwrap();
     let d = publish_blob(&store, b"a build to damage", "http://127.0.0.1:1/d.tar");
     let (key, layer_root) = publish_layer(&store, &d.sha256, LayerKind::Build, 1000);
     drop(store);
-    let mut out = Vec::new();
-    let report = cache_cmd::verify_to(&root, true, &mut out).unwrap();
-    assert_eq!((report.blobs_checked, report.layers_checked), (1, 1));
+    let verify = t.vrun(["cache", "verify", "--deep"]).run();
+    verify.assert_ok();
+    assert!(
+        verify.stdout.contains("checked 1 blobs, 1 layers (deep),"),
+        "{}",
+        verify.stdout
+    );
 
     std::fs::remove_file(layer_root.join("app/file5")).unwrap();
     std::fs::write(layer_root.join("app/file6"), b"changed").unwrap();
-    let mut out = Vec::new();
-    let err = cache_cmd::verify_to(&root, true, &mut out).unwrap_err();
-    let out = String::from_utf8(out).unwrap();
+    let verify = t.vrun(["cache", "verify", "--deep"]).run();
+    verify.assert_error(&["1 bad entries"]);
+    let out = verify.stdout.as_str();
     assert!(
         out.contains(&format!(
             "BAD layer {}: missing app/file5; changed app/file6",
@@ -285,7 +326,6 @@ fn verify_lists_bad_entries_and_fails() {
         "{out}"
     );
     assert!(out.contains("quarantined to"), "{out}");
-    assert!(err.to_string().contains("1 bad entries"), "{err}");
     let store = Store::open(&root.cache_dir()).unwrap();
     assert!(store.layer(&key).is_none(), "the next setup re-extracts it");
 }
