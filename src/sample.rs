@@ -4,8 +4,10 @@
 //! without internet, and an image has to carry the host's own `/bin/busybox` (a binary we
 //! must not commit). Building both tarballs at run time from a few constants costs a few
 //! milliseconds and keeps the repository free of binaries. The same builders serve the
-//! integration tests of every other issue (`vrun::sample::busybox_image_tar_gz()`), so
-//! "the image the tests use" and "the image the demo uses" cannot drift apart.
+//! integration tests: their image is [`busybox_image`] plus the one applet only a test
+//! runs (`tests/it/common/image.rs`), and their archives are written with [`Archive`], so
+//! "the image the tests use" and "the image the demo uses" cannot drift apart. The
+//! builders live here, not in the test kit, because the demo needs them at run time.
 //!
 //! Why deterministic: every header has a fixed mtime, numeric owners and no user names,
 //! and the gzip header has no timestamp or file name, so the same inputs give the same
@@ -18,12 +20,14 @@
 //!   a page that says it was deployed by vrun, a `/health` file, and two uptests under
 //!   `uptests/web/`. The scripts are POSIX sh and only use tools both roots have, so the
 //!   same build runs on the busybox image and in host-rootfs mode.
-//! - the **busybox image** ([`busybox_image`]): `/bin/busybox` from the host plus applet
-//!   symlinks, an `app` user and group 1000, empty `/etc/hostname`, `hosts` and
-//!   `resolv.conf` (LXC bind-mounts the host's over them; a missing target would be
-//!   created mode 0000), the usual empty mount points and a sticky `/tmp`. It follows
-//!   `lxc-recipe/build_image.sh`. When busybox-static is not installed there is no image:
-//!   [`ImageMode::HostRootfs`] runs the proc on the host's system directories read-only.
+//! - the **busybox image** ([`busybox_image`]): an OS root with no distribution in it.
+//!   `/bin/busybox` from the host plus applet symlinks (and `/usr/bin/env`, and a
+//!   `/bin/bash` that runs `sh`), a passwd and group with root, an `app` user and group
+//!   1000 and nobody/nogroup, empty `/etc/hostname`, `hosts` and `resolv.conf` (LXC
+//!   bind-mounts the host's over them; a missing target would be created mode 0000), the
+//!   usual empty mount points, `/root` 0700 and a sticky `/tmp`. When busybox-static is
+//!   not installed there is no image: [`ImageMode::HostRootfs`] runs the proc on the
+//!   host's system directories read-only.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -37,7 +41,7 @@ use tar::{EntryType, Header};
 /// Where busybox-static puts its binary on Debian; the image copies it from here.
 pub const BUSYBOX: &str = "/bin/busybox";
 
-/// The image's `app` user and group: the first regular id on Debian, as in build_image.sh.
+/// The image's `app` user and group: the first regular id on Debian.
 pub const APP_UID: u32 = 1000;
 pub const APP_GID: u32 = 1000;
 
@@ -54,7 +58,7 @@ pub const PAGE_MARKER: &str = "deployed by vrun";
 pub const HEALTH_BODY: &str = "ok\n";
 
 /// Busybox applets the image links into `/bin`: what the sample app, the uptests, `vrun
-/// shell` users and the LXC tests reach for (build_image.sh's list plus everyday tools).
+/// shell` users and the LXC tests reach for, plus everyday tools.
 pub const APPLETS: &[&str] = &[
     "sh",
     "ash",

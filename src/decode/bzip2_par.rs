@@ -31,7 +31,7 @@
 //! same offset as it would have.
 //!
 //! The brief was to start in the parallel phase and stay sequential after any hand-over.
-//! Measured on tests/setup_fetch.rs's throttled 2 MB single-stream `bzip2 -1` archive,
+//! Measured on tests/it/setup_fetch.rs's throttled 2 MB single-stream `bzip2 -1` archive,
 //! that put the first file on disk after 1,083,630 of 2,114,415 bytes had been sent
 //! (26 kB for the other formats): the 1 MiB of read-ahead before giving up on finding a
 //! second stream. Starting sequential costs pbzip2 files only their first stream on one

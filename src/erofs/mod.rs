@@ -108,7 +108,7 @@
 //! and either `CONFIG_EROFS_FS_BACKED_BY_FILE` (Linux ≥ 6.12) for a file-backed mount or
 //! a usable `/dev/loop-control`. [`mount::probe`] tries both on a tiny image and says which
 //! works and why not. overlayfs accepts an EROFS lower (copy-up, new files and whiteouts
-//! tested in `tests/erofs.rs`). A policy feeding this writer should refuse or strip
+//! tested in `tests/it/erofs.rs`). A policy feeding this writer should refuse or strip
 //! `trusted.overlay.*` xattrs from archives: stored in a lower, overlayfs would obey them.
 
 mod format;

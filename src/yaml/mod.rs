@@ -19,9 +19,8 @@
 //!   string double-quoted** with YAML double-quoted escapes, and **only ASCII** in the
 //!   output (everything else escaped as `\xXX`/`\uXXXX`/`\UXXXXXXXX`) so neither YAML 1.1
 //!   line breaks nor the app's locale can garble it. Floats are written so PyYAML's float
-//!   regex matches them: always a `.`, a signed
-//!   exponent, `.inf`/`-.inf`/`.nan`. `tests/foundation.rs` checks the result against the
-//!   real PyYAML.
+//!   regex matches them: always a `.`, a signed exponent, `.inf`/`-.inf`/`.nan`.
+//!   `tests/it/foundation.rs` checks the result against the real PyYAML.
 //!
 //! The module is the three stages of that round trip, each in its own file, around the
 //! one [`Value`] type they share (defined here with [`YamlError`]):

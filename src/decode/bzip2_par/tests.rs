@@ -1,6 +1,6 @@
 //! The parallel decoder's own parts: the candidate scan, the segment decoder, the path a
 //! file takes (parallel or handed over), and hand-overs forced by false candidates and by
-//! input errors. Files come from the real `bzip2` and `pbzip2`; tests/decode_bzip2.rs
+//! input errors. Files come from the real `bzip2` and `pbzip2`; tests/it/decode_bzip2.rs
 //! covers the public API.
 
 use std::io::{self, Read, Write};
@@ -256,7 +256,7 @@ fn false_candidates_over_bad_input_fail_as_the_sequential_decoder_does() {
             let got = outcome(ParallelBzip2::with_cuts(&data[..], options(2), cuts));
             assert_same_error(&got.1, &expected.1, what);
             // A corrupt block's bytes come out before its CRC is checked, as many as the
-            // reads happened to take (see tests/decode_bzip2.rs `same_output`).
+            // reads happened to take (see tests/it/decode_bzip2.rs `same_output`).
             let n = got.0.len().min(expected.0.len());
             let same = match what {
                 "corrupt" => got.0[..n] == expected.0[..n],
