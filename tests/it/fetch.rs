@@ -16,8 +16,8 @@ use bytes::Bytes;
 use md5::Digest;
 use testkit::serve::{Fault, Server, ServerOptions};
 use vrun::fetch::{
-    verify_md5, BodyHasher, BodySink, FetchErrorKind, FetchRequest, HttpClient, HttpOptions,
-    Progress, Resume, SinkError, TimeoutKind,
+    verify_md5, BodyHasher, BodySink, FetchError, FetchErrorKind, FetchOutcome, FetchRequest,
+    HttpClient, HttpOptions, Progress, Resume, SinkError, TimeoutKind,
 };
 
 /// A sink that keeps every byte and counts resets.
@@ -60,6 +60,12 @@ fn quick() -> HttpOptions {
 
 fn client(opts: HttpOptions) -> HttpClient {
     HttpClient::new(opts).expect("client")
+}
+
+/// One plain fetch of `url` into `sink` by a new client with [`quick`]'s options: the
+/// request most of these tests make.
+async fn quick_fetch<S: BodySink>(url: &str, sink: &mut S) -> Result<FetchOutcome, FetchError> {
+    client(quick()).fetch(url, sink).await
 }
 
 fn md5_hex(b: &[u8]) -> String {
@@ -171,8 +177,7 @@ async fn plain_download_has_right_bytes_and_digests() {
 async fn final_statuses_fail_at_once_naming_url_and_status() {
     let server = serve_one("/b.tar.gz", body(1000, 2), ServerOptions::default());
     let url = server.url("/missing.tar.gz");
-    let err = client(quick())
-        .fetch(&url, &mut Collect::default())
+    let err = quick_fetch(&url, &mut Collect::default())
         .await
         .unwrap_err();
     assert_eq!(err.to_string(), format!("GET {url}: 404 Not Found"));
@@ -183,8 +188,7 @@ async fn final_statuses_fail_at_once_naming_url_and_status() {
         server.set_fault("/b.tar.gz", Fault::new().fail(1, status));
         let before = server.request_count("/b.tar.gz");
         let url = server.url("/b.tar.gz");
-        let err = client(quick())
-            .fetch(&url, &mut Collect::default())
+        let err = quick_fetch(&url, &mut Collect::default())
             .await
             .unwrap_err();
         assert_eq!(err.status().map(|s| s.as_u16()), Some(status), "{err}");
@@ -205,10 +209,7 @@ async fn server_errors_are_retried_until_success() {
     let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
     server.set_fault("/b.tgz", Fault::new().fail(2, 500));
     let mut sink = Collect::default();
-    let out = client(quick())
-        .fetch(&server.url("/b.tgz"), &mut sink)
-        .await
-        .unwrap();
+    let out = quick_fetch(&server.url("/b.tgz"), &mut sink).await.unwrap();
     assert_eq!(out.attempts, 3);
     let statuses: Vec<u16> = server.requests("/b.tgz").iter().map(|r| r.status).collect();
     assert_eq!(statuses, [500, 500, 200]);
@@ -219,8 +220,7 @@ async fn server_errors_are_retried_until_success() {
     server.set_fault("/b.tgz", Fault::new().fail(10, 503));
     let before = server.request_count("/b.tgz");
     let url = server.url("/b.tgz");
-    let err = client(quick())
-        .fetch(&url, &mut Collect::default())
+    let err = quick_fetch(&url, &mut Collect::default())
         .await
         .unwrap_err();
     assert_eq!(
@@ -231,10 +231,7 @@ async fn server_errors_are_retried_until_success() {
 
     // 408 is transient too.
     server.set_fault("/b.tgz", Fault::new().fail(1, 408));
-    let out = client(quick())
-        .fetch(&url, &mut Collect::default())
-        .await
-        .unwrap();
+    let out = quick_fetch(&url, &mut Collect::default()).await.unwrap();
     assert_eq!(out.attempts, 2);
 }
 
@@ -245,10 +242,7 @@ async fn dropped_connection_resumes_with_range_and_if_range() {
     let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
     server.set_fault("/b.tgz", Fault::new().drop_after(CUT, 1));
     let mut sink = Collect::default();
-    let out = client(quick())
-        .fetch(&server.url("/b.tgz"), &mut sink)
-        .await
-        .unwrap();
+    let out = quick_fetch(&server.url("/b.tgz"), &mut sink).await.unwrap();
     assert!(sink.data == data, "resumed body differs");
     assert_eq!(
         (out.sha256_hex.as_str(), out.bytes),
@@ -276,10 +270,7 @@ async fn resume_uses_last_modified_when_there_is_no_etag() {
     let server = serve_one("/b.tgz", data.clone(), opts);
     server.set_fault("/b.tgz", Fault::new().drop_after(123_457, 1));
     let mut sink = Collect::default();
-    let out = client(quick())
-        .fetch(&server.url("/b.tgz"), &mut sink)
-        .await
-        .unwrap();
+    let out = quick_fetch(&server.url("/b.tgz"), &mut sink).await.unwrap();
     assert!(sink.data == data);
     let reqs = server.requests("/b.tgz");
     assert_eq!(reqs[1].range.as_deref(), Some("bytes=123457-"));
@@ -297,10 +288,7 @@ async fn chunked_body_cut_is_detected_and_resumed() {
     let server = serve_one("/b.tgz", data.clone(), opts);
     server.set_fault("/b.tgz", Fault::new().drop_after(250_000, 1));
     let mut sink = Collect::default();
-    let out = client(quick())
-        .fetch(&server.url("/b.tgz"), &mut sink)
-        .await
-        .unwrap();
+    let out = quick_fetch(&server.url("/b.tgz"), &mut sink).await.unwrap();
     assert!(sink.data == data);
     assert_eq!(out.resumed, 1);
     assert_eq!(
@@ -315,10 +303,7 @@ async fn ignored_range_restarts_the_sink_cleanly() {
     let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
     server.set_fault("/b.tgz", Fault::new().drop_after(400_000, 1).ignore_range());
     let mut sink = Collect::default();
-    let out = client(quick())
-        .fetch(&server.url("/b.tgz"), &mut sink)
-        .await
-        .unwrap();
+    let out = quick_fetch(&server.url("/b.tgz"), &mut sink).await.unwrap();
     assert_eq!(sink.resets, 1);
     assert!(sink.data == data, "restarted body differs");
     assert_eq!(out.md5_hex, md5_hex(&data));
@@ -337,10 +322,7 @@ async fn changed_resource_fails_if_range_and_restarts() {
     let v2 = body(450_000, 9);
     let server = serve_one("/b.tgz", v1.clone(), ServerOptions::default());
     let url = server.url("/b.tgz");
-    let first = client(quick())
-        .fetch(&url, &mut Collect::default())
-        .await
-        .unwrap();
+    let first = quick_fetch(&url, &mut Collect::default()).await.unwrap();
     server.insert("/b.tgz", v2.clone()).unwrap();
 
     let mut sink = Collect {
@@ -370,8 +352,7 @@ async fn resume_from_a_partial_blob_sends_only_the_rest() {
     let data = body(600_000, 10);
     let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
     let url = server.url("/b.tgz");
-    let etag = client(quick())
-        .fetch(&url, &mut Collect::default())
+    let etag = quick_fetch(&url, &mut Collect::default())
         .await
         .unwrap()
         .etag;
@@ -407,10 +388,7 @@ async fn too_many_requests_waits_for_retry_after() {
     server.set_fault("/b.tgz", Fault::new().fail(1, 429).retry_after("1"));
     let started = Instant::now();
     let mut sink = Collect::default();
-    let out = client(quick())
-        .fetch(&server.url("/b.tgz"), &mut sink)
-        .await
-        .unwrap();
+    let out = quick_fetch(&server.url("/b.tgz"), &mut sink).await.unwrap();
     // The test backoff is 10-50 ms; only Retry-After explains a full second.
     assert!(
         started.elapsed() >= Duration::from_secs(1),
@@ -463,8 +441,7 @@ async fn connection_refused_names_url_after_retries() {
 
 #[tokio::test]
 async fn bad_urls_are_refused_before_any_request() {
-    let err = client(quick())
-        .fetch("ftp://h/b.tgz", &mut Collect::default())
+    let err = quick_fetch("ftp://h/b.tgz", &mut Collect::default())
         .await
         .unwrap_err();
     assert_eq!(
@@ -544,10 +521,7 @@ async fn a_short_stall_within_the_idle_timeout_is_fine() {
         Fault::new().stall_after(50_000, Duration::from_millis(300), 1),
     );
     let mut sink = Collect::default();
-    let out = client(quick())
-        .fetch(&server.url("/b.tgz"), &mut sink)
-        .await
-        .unwrap();
+    let out = quick_fetch(&server.url("/b.tgz"), &mut sink).await.unwrap();
     assert_eq!(out.attempts, 1);
     assert!(sink.data == data);
 }
@@ -628,10 +602,7 @@ fn http_proxy_is_used_and_no_proxy_bypasses_it() {
 async fn child_fetch_expecting() {
     let url = std::env::var("VRUN_TEST_URL").unwrap();
     let want = std::env::var("VRUN_TEST_SHA256").unwrap();
-    let out = client(quick())
-        .fetch(&url, &mut Collect::default())
-        .await
-        .unwrap();
+    let out = quick_fetch(&url, &mut Collect::default()).await.unwrap();
     assert_eq!(out.sha256_hex, want);
 }
 
@@ -678,8 +649,7 @@ async fn a_slow_sink_stops_the_network_instead_of_filling_memory() {
         received: 0,
         seen: None,
     };
-    let err = client(quick())
-        .fetch(&server.url("/big.tgz"), &mut sink)
+    let err = quick_fetch(&server.url("/big.tgz"), &mut sink)
         .await
         .unwrap_err();
     assert!(matches!(err.kind, FetchErrorKind::Sink(_)), "{err}");
@@ -744,10 +714,7 @@ async fn throttled_server_still_delivers_exactly() {
     let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
     server.set_fault("/b.tgz", Fault::new().throttle(256 * 1024));
     let mut sink = Collect::default();
-    let out = client(quick())
-        .fetch(&server.url("/b.tgz"), &mut sink)
-        .await
-        .unwrap();
+    let out = quick_fetch(&server.url("/b.tgz"), &mut sink).await.unwrap();
     assert!(sink.data == data);
     // The last of 64 KiB at 256 KiB/s leaves the server 0.2 s after the first.
     assert!(out.wall >= Duration::from_millis(200));
@@ -762,10 +729,7 @@ async fn serves_files_from_disk() {
     let server = Server::start([("/f.tgz", path)], ServerOptions::default()).unwrap();
     server.set_fault("/f.tgz", Fault::new().drop_after(777_777, 1));
     let mut sink = Collect::default();
-    let out = client(quick())
-        .fetch(&server.url("/f.tgz"), &mut sink)
-        .await
-        .unwrap();
+    let out = quick_fetch(&server.url("/f.tgz"), &mut sink).await.unwrap();
     assert!(sink.data == data);
     assert_eq!(out.resumed, 1);
 }
@@ -952,8 +916,7 @@ async fn a_resume_that_does_not_continue_where_we_stopped_is_refused() {
         Fault::new().drop_after(300_000, 1).shift_range(10),
     );
     let url = server.url("/b.tgz");
-    let err = client(quick())
-        .fetch(&url, &mut Collect::default())
+    let err = quick_fetch(&url, &mut Collect::default())
         .await
         .unwrap_err();
     assert_eq!(
@@ -999,10 +962,7 @@ async fn pipe_carries_the_body_and_its_restart_to_a_blocking_reader() {
     server.set_fault("/b.tgz", Fault::new().drop_after(900_000, 1).ignore_range());
     let (mut sink, reader) = pipe::body_pipe(4);
     let consumer = drain_pipe(reader);
-    let out = client(quick())
-        .fetch(&server.url("/b.tgz"), &mut sink)
-        .await
-        .unwrap();
+    let out = quick_fetch(&server.url("/b.tgz"), &mut sink).await.unwrap();
     sink.finish().await.unwrap();
     let (got, restarts, end) = consumer.join().unwrap();
     end.unwrap();
@@ -1015,8 +975,7 @@ async fn pipe_reader_sees_a_failed_download_as_an_error_not_eof() {
     let server = serve_one("/b.tgz", body(10, 24), ServerOptions::default());
     let (mut sink, reader) = pipe::body_pipe(4);
     let consumer = drain_pipe(reader);
-    client(quick())
-        .fetch(&server.url("/nope.tgz"), &mut sink)
+    quick_fetch(&server.url("/nope.tgz"), &mut sink)
         .await
         .unwrap_err();
     drop(sink);
@@ -1091,8 +1050,7 @@ async fn resuming_a_complete_or_oversized_partial() {
     let data = body(300_000, 27);
     let server = serve_one("/b.tgz", data.clone(), ServerOptions::default());
     let url = server.url("/b.tgz");
-    let etag = client(quick())
-        .fetch(&url, &mut Collect::default())
+    let etag = quick_fetch(&url, &mut Collect::default())
         .await
         .unwrap()
         .etag;
