@@ -26,6 +26,12 @@ pub struct Found {
 /// name order, subdirectories depth first, never following a symlink. Panics naming the
 /// path that could not be read: a test's tree that cannot be walked is a failed test.
 pub fn walk(root: &Path) -> Vec<Found> {
+    walk_except(root, &[])
+}
+
+/// [`walk`] without the paths in `skip` and without anything below them: the watched
+/// surroundings of an extraction root, say, with the root itself left out.
+pub fn walk_except(root: &Path, skip: &[PathBuf]) -> Vec<Found> {
     let mut out = Vec::new();
     let mut todo = vec![root.to_path_buf()];
     while let Some(dir) = todo.pop() {
@@ -40,6 +46,9 @@ pub fn walk(root: &Path) -> Vec<Found> {
         let first_child = todo.len();
         for name in names {
             let path = dir.join(name);
+            if skip.contains(&path) {
+                continue;
+            }
             let meta =
                 fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let rel = path.strip_prefix(root).unwrap().to_path_buf();

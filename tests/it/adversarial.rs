@@ -260,21 +260,14 @@ fn node(p: &Path) -> Node {
 
 /// Every path under `top` (itself included) except the subtrees in `skip`.
 fn snapshot(top: &Path, skip: &[PathBuf]) -> BTreeMap<PathBuf, Node> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![top.to_path_buf()];
-    while let Some(p) = todo.pop() {
-        if skip.contains(&p) {
-            continue;
-        }
-        let n = node(&p);
-        if n.kind == 'd' {
-            for e in fs::read_dir(&p).unwrap() {
-                todo.push(e.unwrap().path());
-            }
-        }
-        out.insert(p, n);
-    }
-    out
+    let below = testkit::walk_except(top, skip).into_iter().map(|f| f.path);
+    std::iter::once(top.to_path_buf())
+        .chain(below)
+        .map(|p| {
+            let n = node(&p);
+            (p, n)
+        })
+        .collect()
 }
 
 /// A temp dir holding the extraction target(s) and a sentinel beside them.

@@ -177,13 +177,10 @@ struct Sentinel {
 
 fn describe(top: &Path) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
-    let mut todo = vec![top.to_path_buf()];
-    while let Some(p) = todo.pop() {
+    let below = testkit::walk(top).into_iter().map(|f| f.path);
+    for p in std::iter::once(top.to_path_buf()).chain(below) {
         let m = fs::symlink_metadata(&p).unwrap();
         let body = if m.is_dir() {
-            for e in fs::read_dir(&p).unwrap() {
-                todo.push(e.unwrap().path());
-            }
             String::new()
         } else if m.file_type().is_symlink() {
             fs::read_link(&p).unwrap().display().to_string()

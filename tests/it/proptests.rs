@@ -315,16 +315,12 @@ struct Arena {
 
 fn outside(base: &Path) -> Snapshot {
     let mut out = BTreeMap::new();
-    let mut todo = vec![base.to_path_buf()];
-    while let Some(p) = todo.pop() {
-        if p == base.join("root") {
-            continue;
-        }
+    let below = testkit::walk_except(base, &[base.join("root")])
+        .into_iter()
+        .map(|f| f.path);
+    for p in std::iter::once(base.to_path_buf()).chain(below) {
         let m = fs::symlink_metadata(&p).unwrap();
         let content = if m.is_dir() {
-            for e in fs::read_dir(&p).unwrap() {
-                todo.push(e.unwrap().path());
-            }
             Vec::new()
         } else if m.file_type().is_symlink() {
             fs::read_link(&p)
