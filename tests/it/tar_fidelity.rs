@@ -455,19 +455,9 @@ fn make_source(dir: &Path, long: bool) {
         std::os::unix::fs::chown(dir.join("app/bigid"), Some(3_000_000_000), Some(7)).unwrap();
     }
     // mtimes last, deepest first, with nanoseconds.
-    let mut all = Vec::new();
-    let mut stack = vec![dir.join("app")];
-    while let Some(d) = stack.pop() {
-        all.push(d.clone());
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() && !p.is_symlink() {
-                stack.push(p);
-            } else {
-                all.push(p);
-            }
-        }
-    }
+    let app = dir.join("app");
+    let below = testkit::walk(&app).into_iter().map(|f| f.path);
+    let mut all: Vec<PathBuf> = std::iter::once(app.clone()).chain(below).collect();
     all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for (i, p) in all.iter().enumerate() {
         touch(p, MTIME + i as i64, 123_456_789);
