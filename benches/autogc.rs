@@ -15,11 +15,6 @@
 //!
 //! `cargo bench --bench autogc -- --fs ext4` (as root). Prints medians and min–max.
 
-// Its unit tests come along under cfg(test), without the harness that would use them.
-#[allow(dead_code, unused_imports)]
-#[path = "../src/commands/cache.rs"]
-mod cache_cmd;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
