@@ -71,7 +71,7 @@ pub enum UptestError {
     Lxc(#[from] LxcError),
     #[error("invalid proc_name {0:?} for uptests")]
     ProcName(String),
-    #[error("cannot list uptests in {}: {source}", path.display())]
+    #[error("cannot list uptests in {}", path.display())]
     List {
         path: PathBuf,
         source: std::io::Error,
@@ -192,7 +192,10 @@ async fn run_in_container(proc: &LxcProc, opts: &UptestOptions, u: &UptestEntry)
     );
     let mut container = match exec_tmp(proc, &cmd) {
         Ok(c) => c,
-        Err(e) => return (false, format!("vrun: cannot start uptest {}: {e}", u.name)),
+        Err(e) => {
+            let e = crate::errors::chain(&e);
+            return (false, format!("vrun: cannot start uptest {}: {e}", u.name));
+        }
     };
     let pipe = container.take_output().expect("capture has an output pipe");
     let reader = tokio::spawn(read_capped(pipe, MAX_OUTPUT));
@@ -227,7 +230,7 @@ async fn run_in_container(proc: &LxcProc, opts: &UptestOptions, u: &UptestEntry)
             (false, output)
         }
         Err(e) => {
-            output.push_str(&format!("\n[vrun: {e}]"));
+            output.push_str(&format!("\n[vrun: {}]", crate::errors::chain(&e)));
             (false, output)
         }
     }
