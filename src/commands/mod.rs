@@ -33,6 +33,12 @@ mod uptest;
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = Root::new(cli.root);
+    // The library's notes go to stderr, except during `vrun uptest` without -v (its
+    // stderr must stay empty; see `vrun::notice`).
+    match &cli.command {
+        Command::Uptest(args) if !args.verbose => vrun::notice::uninstall(),
+        _ => notices_to_stderr(),
+    }
     match cli.command {
         Command::Setup(args) => setup::setup(&root, &args),
         Command::Run(args) => run::run(&root, &args),
@@ -42,6 +48,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cache { command } => cache::dispatch(&root, &command).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::demo(cli.root_given.then_some(root), &args),
     }
+}
+
+/// Print the library's notes (`vrun::notice::emit`) on stderr, one `vrun: ` line each.
+fn notices_to_stderr() {
+    vrun::notice::install(Box::new(|text| eprintln!("vrun: {text}")));
 }
 
 /// The runner contract's lock on FILE, named as the user typed it.

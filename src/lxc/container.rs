@@ -174,14 +174,14 @@ fn mount_rootfs(proc: &LxcProc) -> Result<(), LxcError> {
 pub fn clean_run_leftovers(name: &str) -> Result<Vec<i32>, LxcError> {
     let killed = cgroups::kill_all(name)?;
     if !killed.is_empty() {
-        crate::notice!(
-            "vrun: killed {} leftover process(es) of a previous run of {name} (pids {killed:?})",
+        crate::notice::emit(&format!(
+            "killed {} leftover process(es) of a previous run of {name} (pids {killed:?})",
             killed.len()
-        );
+        ));
     }
     if !cgroups::cgroup_dirs(name).is_empty() {
         cgroups::remove(name)?;
-        crate::notice!("vrun: removed leftover cgroups of {name}");
+        crate::notice::emit(&format!("removed leftover cgroups of {name}"));
     }
     Ok(killed)
 }
@@ -231,28 +231,30 @@ pub async fn run_foreground(proc: &LxcProc, grace: Duration) -> Result<i32, LxcE
             _ = int.recv() => "SIGINT",
             _ = hup.recv() => "SIGHUP",
             _ = sleep_until(kill_at), if kill_at.is_some() && !killed => {
-                crate::notice!("vrun: {} did not stop within {grace:?}, killing it", proc.name);
+                let name = &proc.name;
+                crate::notice::emit(&format!("{name} did not stop within {grace:?}, killing it"));
                 kill_workload(&proc.name, lxc_pid, Signal::SIGKILL);
                 killed = true;
                 kill_at = Some(tokio::time::Instant::now() + EXIT_AFTER_KILL);
                 continue;
             }
             _ = sleep_until(kill_at), if kill_at.is_some() && killed => {
-                crate::notice!("vrun: {} still running after SIGKILL, killing its container", proc.name);
+                let name = &proc.name;
+                crate::notice::emit(&format!("{name} still running after SIGKILL, killing its container"));
                 cgroups::kill_all(&proc.name)?;
                 kill_at = None;
                 continue;
             }
         };
         if kill_at.is_none() {
-            crate::notice!(
-                "vrun: got {sig}, sending SIGTERM to {} (grace {grace:?})",
+            crate::notice::emit(&format!(
+                "got {sig}, sending SIGTERM to {} (grace {grace:?})",
                 proc.name
-            );
+            ));
             kill_workload(&proc.name, lxc_pid, Signal::SIGTERM);
             kill_at = Some(tokio::time::Instant::now() + grace);
         } else if !killed {
-            crate::notice!("vrun: got {sig} again, killing {} now", proc.name);
+            crate::notice::emit(&format!("got {sig} again, killing {} now", proc.name));
             kill_at = Some(tokio::time::Instant::now());
         }
     };
@@ -512,7 +514,7 @@ fn sweep_stale_tmp(paths: &ProcPaths, name: &str) -> Result<(), LxcError> {
         cgroups::kill_all(&tmp)?;
         cgroups::remove(&tmp)?;
         fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
-        crate::notice!("vrun: removed leftovers of {tmp} (its vrun is gone)");
+        crate::notice::emit(&format!("removed leftovers of {tmp} (its vrun is gone)"));
     }
     Ok(())
 }

@@ -187,9 +187,9 @@ impl LxcProc {
     /// A note when memsw_limit cannot be applied the cgroup v1 way on this host.
     fn warn_about_limits(&self) {
         if self.memsw_limit.is_some() && !config::v1_memsw_supported() {
-            crate::notice!(
-                "vrun: warning: this host's memory cgroup has no swap accounting; \
-                 memsw_limit is applied on cgroup2 only"
+            crate::notice::emit(
+                "warning: this host's memory cgroup has no swap accounting; \
+                 memsw_limit is applied on cgroup2 only",
             );
         }
     }
