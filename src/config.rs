@@ -85,12 +85,12 @@ pub struct Owner {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Yaml {
         path: PathBuf,
         source: yaml::YamlError,
@@ -118,7 +118,7 @@ pub enum ConfigError {
     UnknownUser { path: PathBuf, user: String },
     #[error("{path}: group {group:?} does not exist on this host")]
     UnknownGroup { path: PathBuf, group: String },
-    #[error("cannot look up {what}: {source}")]
+    #[error("cannot look up {what}")]
     Lookup {
         what: String,
         source: nix::errno::Errno,

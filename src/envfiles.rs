@@ -54,11 +54,11 @@ pub enum EnvFilesError {
     NulInValue { key: String },
     #[error("cmd contains a NUL byte, which a shell command cannot hold")]
     NulInCommand,
-    #[error("settings: {0}")]
-    Settings(yaml::YamlError),
+    #[error("settings")]
+    Settings(#[source] yaml::YamlError),
     #[error("{path} is not a directory (a symlink?); refusing to write through it")]
     NotADirectory { path: PathBuf },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,

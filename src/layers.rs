@@ -102,7 +102,7 @@ pub enum LayersError {
     BadRequest { from: &'static str, value: String },
     #[error("EROFS layers were asked for (--layers erofs or VRUN_LAYERS=erofs), but {why}")]
     Unusable { why: String },
-    #[error("cannot lock layer {dir}: {source}")]
+    #[error("cannot lock layer {dir}")]
     Lock {
         dir: PathBuf,
         source: std::io::Error,

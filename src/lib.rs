@@ -9,6 +9,7 @@ pub mod decode;
 pub mod demo;
 pub mod envfiles;
 pub mod erofs;
+pub mod errors;
 pub mod extract;
 pub mod fetch;
 pub mod layers;

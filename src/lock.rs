@@ -25,12 +25,12 @@ pub enum LockError {
     /// The exact wording of the runner contract.
     #[error("{shown} is locked by another process.")]
     Busy { shown: String },
-    #[error("cannot open {path} to lock it: {source}")]
+    #[error("cannot open {path} to lock it")]
     Open {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot lock {path}: {source}")]
+    #[error("cannot lock {path}")]
     Flock { path: PathBuf, source: Errno },
 }
 

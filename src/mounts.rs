@@ -46,13 +46,13 @@ pub struct MountEntry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("cannot read {MOUNTINFO}: {0}")]
-    MountInfo(std::io::Error),
-    #[error("cannot unmount {path}: {source}")]
+    #[error("cannot read {MOUNTINFO}")]
+    MountInfo(#[source] std::io::Error),
+    #[error("cannot unmount {path}")]
     Unmount { path: PathBuf, source: Errno },
     #[error("{path} is still mounted after unmounting it")]
     StillMounted { path: PathBuf },
-    #[error("cannot remove {path}: {source}")]
+    #[error("cannot remove {path}")]
     Remove { path: PathBuf, source: Errno },
     #[error(
         "left {dir} in place: {} on another filesystem (still mounted?): {}",

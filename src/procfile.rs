@@ -18,7 +18,7 @@ use crate::yaml::{self, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcfileError {
-    #[error("cannot read Procfile {path}: {source}")]
+    #[error("cannot read Procfile {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

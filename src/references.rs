@@ -17,12 +17,12 @@ use crate::state::{ProcState, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReferencesError {
-    #[error("cannot list {path}: {source}")]
+    #[error("cannot list {path}")]
     List {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot tell which layers proc {name} uses, so gc removes nothing: {source}")]
+    #[error("cannot tell which layers proc {name} uses, so gc removes nothing")]
     State { name: String, source: StateError },
 }
 
@@ -59,7 +59,7 @@ pub fn references(
                 }
             }
             Err(source) if strict => return Err(ReferencesError::State { name, source }),
-            Err(e) => warnings.push(e.to_string()),
+            Err(e) => warnings.push(crate::errors::chain(&e)),
         }
     }
     if let Ok(mounts) = crate::mounts::mounts() {

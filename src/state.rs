@@ -26,17 +26,17 @@ pub struct ProcState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot read proc state {path}: {source}")]
+    #[error("cannot read proc state {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write proc state {path}: {source}")]
+    #[error("cannot write proc state {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("proc state {path} is not valid: {source}")]
+    #[error("proc state {path} is not valid")]
     Parse {
         path: PathBuf,
         source: serde_json::Error,

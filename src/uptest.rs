@@ -17,8 +17,9 @@
 //! UTF-8; a script that failed and printed nothing gets Go's `exit status 3` /
 //! `signal: killed`, as the Go uptester's `err.Error()` gave. A script that cannot start
 //! (not executable, not a file, container failure) is a failed result whose Output says
-//! why — never a missing entry. Progress notes go to stderr only with `uptest -v`
-//! ([`crate::notice`]): vr.server merges stderr into the output it parses.
+//! why — never a missing entry. Progress notes go through [`crate::notice::emit`], which
+//! `vrun uptest` sends to stderr only with `-v`: vr.server merges stderr into the output
+//! it parses.
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
@@ -71,7 +72,7 @@ pub enum UptestError {
     Lxc(#[from] LxcError),
     #[error("invalid proc_name {0:?} for uptests")]
     ProcName(String),
-    #[error("cannot list uptests in {}: {source}", path.display())]
+    #[error("cannot list uptests in {}", path.display())]
     List {
         path: PathBuf,
         source: std::io::Error,
@@ -145,13 +146,13 @@ pub async fn run_uptests(
     crate::lxc::render_config(&proc.spec())?;
     crate::lxc::ensure_mounted(&proc.paths, &proc.state, &proc.spec().host_system_dirs)?;
     let uptests = list_uptests(&proc.paths.rootfs(), &opts.proc_name)?;
-    crate::notice!(
-        "vrun: running {} uptest(s) of {} ({} at a time, timeout {:?})",
+    crate::notice::emit(&format!(
+        "running {} uptest(s) of {} ({} at a time, timeout {:?})",
         uptests.len(),
         opts.proc_name,
         opts.jobs.max(1),
         opts.timeout
-    );
+    ));
     // Unordered: a slow uptest must not hold a slot after the ones behind it finished
     // (ordered buffering would); the name order is restored afterwards.
     let mut results: Vec<(usize, UptestResult)> =
@@ -170,12 +171,12 @@ async fn run_one(proc: &LxcProc, opts: &UptestOptions, u: UptestEntry) -> Uptest
         Some(why) => (false, format!("vrun: cannot run uptest {}: {why}", u.name)),
         None => run_in_container(proc, opts, &u).await,
     };
-    crate::notice!(
-        "vrun: uptest {} {} ({:.1}s)",
+    crate::notice::emit(&format!(
+        "uptest {} {} ({:.1}s)",
         u.name,
         if passed { "passed" } else { "FAILED" },
         started.elapsed().as_secs_f64()
-    );
+    ));
     UptestResult {
         name: u.name,
         output,
@@ -192,7 +193,10 @@ async fn run_in_container(proc: &LxcProc, opts: &UptestOptions, u: &UptestEntry)
     );
     let mut container = match exec_tmp(proc, &cmd) {
         Ok(c) => c,
-        Err(e) => return (false, format!("vrun: cannot start uptest {}: {e}", u.name)),
+        Err(e) => {
+            let e = crate::errors::chain(&e);
+            return (false, format!("vrun: cannot start uptest {}: {e}", u.name));
+        }
     };
     let pipe = container.take_output().expect("capture has an output pipe");
     let reader = tokio::spawn(read_capped(pipe, MAX_OUTPUT));
@@ -227,7 +231,7 @@ async fn run_in_container(proc: &LxcProc, opts: &UptestOptions, u: &UptestEntry)
             (false, output)
         }
         Err(e) => {
-            output.push_str(&format!("\n[vrun: {e}]"));
+            output.push_str(&format!("\n[vrun: {}]", crate::errors::chain(&e)));
             (false, output)
         }
     }

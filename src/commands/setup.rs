@@ -100,7 +100,7 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
         art.check().with_context(|| format!("{}", file.display()))?;
     }
     // The environment's tunables too, before anything is created.
-    let notify: vrun::fetch::Notify = Arc::new(|text: &str| vrun::notice!("vrun: {text}"));
+    let notify: vrun::fetch::Notify = Arc::new(vrun::notice::emit);
     let http = HttpClient::from_env()?.with_notices(notify);
     vrun::decode::decode_memory_from_env().map_err(anyhow::Error::msg)?;
     // The store (and its shared lock) stays open until state.json names the layers:

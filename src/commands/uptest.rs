@@ -6,7 +6,8 @@
 //! the error is returned before anything was written, stdout stays empty and `main`
 //! prints the one `ERROR:` line. vr.server merges stderr into what it parses, and any
 //! text before the `[` becomes a failed `uptester` result, so progress notes appear only
-//! with `-v`. No lock: uptests run beside `run`.
+//! with `-v` (`dispatch` installs the stderr notice sink only then). No lock: uptests
+//! run beside `run`.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -21,7 +22,6 @@ use super::run::block_on;
 use crate::cli::UptestArgs;
 
 pub fn uptest(root: &Root, args: &UptestArgs) -> anyhow::Result<ExitCode> {
-    vrun::notice::set_quiet(!args.verbose);
     let file = &args.proc.file;
     let (config, name) = super::load(file)?;
     let Some(proc_name) = config.proc_name.clone() else {

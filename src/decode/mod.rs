@@ -270,9 +270,7 @@ pub enum DecodeError {
         limit >> 20
     )]
     MemoryLimit { format: Format, limit: u64 },
-    #[error(
-        "{format} stream is corrupt in member {member} (at compressed byte {offset}): {source}"
-    )]
+    #[error("{format} stream is corrupt in member {member} (at compressed byte {offset})")]
     Corrupt {
         format: Format,
         member: u64,

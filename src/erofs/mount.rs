@@ -94,7 +94,7 @@ pub struct ErofsMount {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("cannot open image {image}: {source}")]
+    #[error("cannot open image {image}")]
     Image { image: PathBuf, source: io::Error },
     #[error("cannot mount {image} at {target}: file-backed: {file_backed}; loop device: {looped}")]
     Refused {
@@ -546,7 +546,7 @@ fn probe_with(scratch: &Path, both: bool) -> Probe {
                 let m = mount_image(&image, &mnt, &opts).map_err(|e| match e {
                     MountError::Refused { file_backed, .. } if !force_loop => file_backed,
                     MountError::LoopRefused { reason, .. } => reason,
-                    e => e.to_string(),
+                    e => crate::errors::chain(&e),
                 })?;
                 if !force_loop && m.method != Method::FileBacked {
                     let _ = unmount(&mnt);

@@ -136,11 +136,11 @@ pub enum Invalid {
 pub enum ErofsError {
     #[error("entry {entry}: {reason}")]
     Invalid { entry: String, reason: Invalid },
-    #[error("entry {entry}: cannot read its data: {source}")]
+    #[error("entry {entry}: cannot read its data")]
     Read { entry: String, source: io::Error },
     #[error("entry {entry}: data ended after {got} of {size} bytes")]
     ShortData { entry: String, got: u64, size: u64 },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write { path: PathBuf, source: io::Error },
     #[error("image {path}: {what}")]
     Limit { path: PathBuf, what: String },

@@ -117,7 +117,7 @@ impl ErofsSink {
         };
         let image_err = |e: ErofsError| ExtractError::Image {
             path: image.to_owned(),
-            reason: e.to_string(),
+            reason: crate::errors::chain(&e),
         };
         let mut writer = ImageWriter::create(image, opts).map_err(image_err)?;
         writer.add_dir(b"", &implicit(me)).map_err(image_err)?;
@@ -302,7 +302,7 @@ fn writer_error(image: &Path, entry: &str, e: ErofsError) -> ExtractError {
         ErofsError::Write { source, .. } => io_error(entry, "write the image of", source),
         e @ (ErofsError::Limit { .. } | ErofsError::Poisoned { .. }) => ExtractError::Image {
             path: image.to_owned(),
-            reason: e.to_string(),
+            reason: crate::errors::chain(&e),
         },
     }
 }
@@ -433,7 +433,7 @@ impl Sink for ErofsSink {
         })?;
         let written = writer.finish_hashed().map_err(|e| ExtractError::Image {
             path: self.path.clone(),
-            reason: e.to_string(),
+            reason: crate::errors::chain(&e),
         })?;
         self.written = Some(written);
         Ok(self.first_file_done)

@@ -189,17 +189,17 @@ pub struct ExtractStats {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExtractError {
-    #[error("cannot open extraction directory {path}: {source}")]
+    #[error("cannot open extraction directory {path}")]
     Dest { path: PathBuf, source: io::Error },
     #[error("entry {entry}: {reason}")]
     Rejected { entry: String, reason: String },
-    #[error("entry {entry}: cannot {op}: {source}")]
+    #[error("entry {entry}: cannot {op}")]
     Io {
         entry: String,
         op: &'static str,
         source: io::Error,
     },
-    #[error("reading the archive after entry {after}: {source}")]
+    #[error("reading the archive after entry {after}")]
     Read { after: String, source: io::Error },
     #[error("archive is truncated at entry {entry}")]
     Truncated { entry: String },

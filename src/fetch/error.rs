@@ -12,8 +12,11 @@ use reqwest::StatusCode;
 use super::SinkError;
 
 /// A download that failed, after whatever retries its kind allowed.
-#[derive(Debug, thiserror::Error)]
-#[error("GET {url}: {kind}{}", attempts_note(*attempts))]
+///
+/// Its message is `GET <url>: <kind>`; the kind is part of what failed at this level, not
+/// a cause, so [`FetchError::source`] is the kind's own source (a sink's error's cause),
+/// like `#[error(transparent)]` one level down.
+#[derive(Debug)]
 pub struct FetchError {
     pub url: String,
     /// Requests sent for this download (1 when the failure was not retried).
@@ -82,8 +85,26 @@ pub enum FetchErrorKind {
     #[error("{reason}")]
     Request { reason: String },
     /// The consumer of the body (blob file, decoder) failed; never retried.
-    #[error("{0}")]
+    #[error(transparent)]
     Sink(SinkError),
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GET {}: {}{}",
+            self.url,
+            self.kind,
+            attempts_note(self.attempts)
+        )
+    }
+}
+
+impl std::error::Error for FetchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.kind)
+    }
 }
 
 /// Which of the two timeouts fired.

@@ -627,7 +627,8 @@ impl HttpClient {
                     kind: failure.kind,
                 };
                 self.notice(&format!(
-                    "{why}; {} (attempt {})",
+                    "{}; {} (attempt {})",
+                    crate::errors::chain(&why),
                     if delay.is_zero() {
                         "resuming at once".to_string()
                     } else {

@@ -79,14 +79,14 @@ pub enum LxcError {
     MissingVolumeDir { host: String, container: String },
     #[error("invalid layer path {}: {reason}", path.display())]
     BadLayer { path: PathBuf, reason: &'static str },
-    #[error("proc is not set up: {}", source)]
+    #[error("proc is not set up")]
     NotSetUp {
         #[source]
         source: StateError,
     },
     #[error("proc is not set up: {} is missing (run vrun setup)", dir.display())]
     Gone { dir: PathBuf },
-    #[error("cannot mount overlay on {}: {source}", target.display())]
+    #[error("cannot mount overlay on {}", target.display())]
     Mount {
         target: PathBuf,
         source: nix::errno::Errno,
@@ -95,12 +95,12 @@ pub enum LxcError {
     Mounts(#[from] crate::mounts::MountError),
     #[error("{} is already mounted but as {fstype}, not the proc's overlay", target.display())]
     ForeignMount { target: PathBuf, fstype: String },
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot start {}: {source}", program.display())]
+    #[error("cannot start {}", program.display())]
     Spawn {
         program: PathBuf,
         source: std::io::Error,
@@ -109,7 +109,7 @@ pub enum LxcError {
         "container {name} is already running (lxc-info says RUNNING and its lxc-execute is alive)"
     )]
     AlreadyRunning { name: String },
-    #[error("cannot remove cgroup {}: {source}", path.display())]
+    #[error("cannot remove cgroup {}", path.display())]
     Cgroup {
         path: PathBuf,
         source: std::io::Error,
@@ -187,9 +187,9 @@ impl LxcProc {
     /// A note when memsw_limit cannot be applied the cgroup v1 way on this host.
     fn warn_about_limits(&self) {
         if self.memsw_limit.is_some() && !config::v1_memsw_supported() {
-            crate::notice!(
-                "vrun: warning: this host's memory cgroup has no swap accounting; \
-                 memsw_limit is applied on cgroup2 only"
+            crate::notice::emit(
+                "warning: this host's memory cgroup has no swap accounting; \
+                 memsw_limit is applied on cgroup2 only",
             );
         }
     }

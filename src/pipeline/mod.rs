@@ -222,16 +222,16 @@ pub enum PipelineError {
     Fetch(#[from] FetchError),
     #[error(transparent)]
     Md5(#[from] Md5Mismatch),
-    #[error("{url}: {source}")]
+    #[error("{url}")]
     Decode { url: String, source: DecodeError },
-    #[error("{url}: {source}")]
+    #[error("{url}")]
     Extract { url: String, source: ExtractError },
-    #[error("{url}: {source}")]
+    #[error("{url}")]
     Store {
         url: String,
         source: vrun_cache::StoreError,
     },
-    #[error("{url}: cannot write {path}: {source}")]
+    #[error("{url}: cannot write {path}")]
     Io {
         url: String,
         path: PathBuf,
@@ -348,7 +348,7 @@ pub async fn prepare(
         // A resume without a validator (allowed because an md5 checks the whole) may
         // have spliced two versions: once more, from byte 0.
         Err(Retry::Clean(e)) => {
-            http.notice(&format!("{e}; the download was resumed without a validator, so it is fetched again from byte 0"));
+            http.notice(&format!("{}; the download was resumed without a validator, so it is fetched again from byte 0", crate::errors::chain(&e)));
             download(
                 &store, &http, &art, storage, &limits, progress, started, false,
             )

@@ -133,7 +133,7 @@ pub enum Error {
     NoEndMarker { after: String },
     #[error("entry {entry}: tar metadata (extended headers, long names, sparse maps) exceeds the limit of {limit} bytes")]
     MetadataLimit { entry: String, limit: u64 },
-    #[error("reading the archive after entry {after}: {source}")]
+    #[error("reading the archive after entry {after}")]
     Read {
         after: String,
         #[source]

@@ -1237,8 +1237,8 @@ fn cases(c: &Ctx) -> Vec<Case> {
 
 /// One run's outcome as a string error, or the stats.
 fn run_library(archive: &[u8], dest: &Path, mode: Mode) -> Result<ExtractStats, String> {
-    let (_, reader) = decode::open(archive).map_err(|e| e.to_string())?;
-    extract(reader, dest, mode, &Limits::default()).map_err(|e| e.to_string())
+    let (_, reader) = decode::open(archive).map_err(|e| vrun::errors::chain(&e))?;
+    extract(reader, dest, mode, &Limits::default()).map_err(|e| vrun::errors::chain(&e))
 }
 
 fn judge(expect: &Expect, result: Result<(), String>, tree: &Path) -> Result<(), String> {
@@ -1289,7 +1289,7 @@ fn run_pipeline(
     mode: Mode,
     limits: &Limits,
 ) -> Result<PathBuf, String> {
-    let store = Arc::new(Store::open(store_dir).map_err(|e| e.to_string())?);
+    let store = Arc::new(Store::open(store_dir).map_err(|e| vrun::errors::chain(&e))?);
     let art = Artifact {
         kind: match mode {
             Mode::Build { .. } => LayerKind::Build,
@@ -1313,7 +1313,7 @@ fn run_pipeline(
         Ok(p) => {
             // As setup does: an EROFS layer is mounted on its root (the caller's temp
             // store goes with its mounts: `Arena`).
-            vrun::layers::ensure_ready(&p.layer).map_err(|e| e.to_string())?;
+            vrun::layers::ensure_ready(&p.layer).map_err(|e| vrun::errors::chain(&e))?;
             Ok(match mode {
                 Mode::Build { .. } => p.layer.join("app"),
                 Mode::Image => p.layer,
@@ -1324,7 +1324,7 @@ fn run_pipeline(
 }
 
 fn pipeline_message(e: &PipelineError) -> String {
-    e.to_string()
+    vrun::errors::chain(e)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -1469,7 +1469,8 @@ fn refused_everywhere(archive: Vec<u8>, limits: &Limits, base: &Path, why: &str)
         let arena = Arena::at(base);
         let (_, reader) = decode::open(&archive[..]).unwrap();
         let e = extract(reader, &arena.root(), mode, limits).unwrap_err();
-        assert!(e.to_string().contains(why), "{mode:?} library: {e}");
+        let e = vrun::errors::chain(&e);
+        assert!(e.contains(why), "{mode:?} library: {e}");
         arena.check().unwrap();
         let store = arena.store_dir().join("s");
         let e = run_pipeline(&rt, &server, "/a", &store, mode, limits).unwrap_err();
@@ -1644,9 +1645,9 @@ fn free_space_reserve_holds_inside_one_file() {
                 let root = fs_dir.join("root");
                 fs::create_dir(&root).unwrap();
                 let (_, r) = decode::open(&archive[..]).unwrap();
-                let e = vrun::extract::extract_with(r, &root, mode, &limits, writers)
-                    .unwrap_err()
-                    .to_string();
+                let e = vrun::errors::chain(
+                    &vrun::extract::extract_with(r, &root, mode, &limits, writers).unwrap_err(),
+                );
                 let used = tmpfs.used();
                 assert!(
                     e.contains("not enough free space") && e.contains("keeping at least"),
@@ -1690,9 +1691,7 @@ fn enospc_mid_extraction_is_a_clean_error() {
         let root = fs_dir.join("root");
         fs::create_dir(&root).unwrap();
         let (_, r) = decode::open(&archive[..]).unwrap();
-        let e = extract(r, &root, mode, &no_reserve)
-            .unwrap_err()
-            .to_string();
+        let e = vrun::errors::chain(&extract(r, &root, mode, &no_reserve).unwrap_err());
         assert!(
             e.contains("part") && e.contains("No space left on device"),
             "{mode:?}: {e}"
@@ -1701,9 +1700,7 @@ fn enospc_mid_extraction_is_a_clean_error() {
         // With the default reserve, refused before anything is written.
         fs::create_dir(&root).unwrap();
         let (_, r) = decode::open(&archive[..]).unwrap();
-        let e = extract(r, &root, mode, &Limits::default())
-            .unwrap_err()
-            .to_string();
+        let e = vrun::errors::chain(&extract(r, &root, mode, &Limits::default()).unwrap_err());
         assert!(e.contains("not enough free space"), "{mode:?}: {e}");
         assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
         fs::remove_dir(&root).unwrap();

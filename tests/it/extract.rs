@@ -334,7 +334,8 @@ fn truncated_and_trailing_garbage_are_errors() {
             let dest = tmp();
             let (_, r) = decode::open(&packed[..cut]).unwrap();
             let e = extract(r, dest.path(), BUILD, &Limits::default()).unwrap_err();
-            assert!(e.to_string().contains(format.name()), "{format}: {e}");
+            let e = vrun::errors::chain(&e);
+            assert!(e.contains(format.name()), "{format}: {e}");
         }
         let garbage = [packed.clone(), b"GARBAGE!".to_vec()].concat();
         let err = decode_all(&garbage).unwrap_err().to_string();

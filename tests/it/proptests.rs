@@ -450,8 +450,10 @@ fn one_case(arena: &Arena, data: &[u8], build: bool, counter: usize) -> Result<(
         ..Limits::default()
     };
     let result = decode::open(data)
-        .map_err(|e| e.to_string())
-        .and_then(|(_, r)| extract(r, &arena.root(), mode, &limits).map_err(|e| e.to_string()));
+        .map_err(|e| vrun::errors::chain(&e))
+        .and_then(|(_, r)| {
+            extract(r, &arena.root(), mode, &limits).map_err(|e| vrun::errors::chain(&e))
+        });
     arena.check()?;
     if result.is_ok() {
         ACCEPTED[counter].fetch_add(1, Ordering::Relaxed);

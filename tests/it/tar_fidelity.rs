@@ -273,10 +273,10 @@ fn vrun_extract(archive: &Path, dest: &Path, mode: Mode) -> Result<(), String> {
         memory_limit: 1 << 30,
         ..decode::DecodeOptions::default()
     };
-    let (_, r) = decode::open_with(f, options).map_err(|e| e.to_string())?;
+    let (_, r) = decode::open_with(f, options).map_err(|e| vrun::errors::chain(&e))?;
     extract(r, dest, mode, &Limits::default())
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| vrun::errors::chain(&e))
 }
 
 struct Verdict {
