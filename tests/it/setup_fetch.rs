@@ -1064,6 +1064,39 @@ fn no_blob_keeps_only_the_layer_and_later_procs_still_find_it() {
     assert_eq!(cache.url_index(), Vec::<String>::new());
 }
 
+/// A blob is renamed into the store without an fsync (it is a cache, not the layer), so
+/// after a power loss it may be torn under its name: zeros where the kernel had not
+/// written it back yet. Without an md5 nothing else would check it, so it is re-hashed
+/// by its sha256 before any reuse. (vr.runners kept no cache: it downloaded every time.)
+#[test]
+fn a_torn_cached_blob_is_caught_by_its_sha256_without_an_md5() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Tar);
+    let (server, url) = serve("shop.tar", &a.bytes);
+    setup(&t, &proc_yaml(&t, 5001, &url, None)).run().assert_ok();
+    let blob = t.root().join("cache/blobs-v1/sha256").join(&a.sha256);
+    let mut bytes = fs::read(&blob).unwrap();
+    let tail = bytes.len() / 2;
+    bytes[tail..].fill(0);
+    fs::write(&blob, &bytes).unwrap();
+
+    let who = "user: \"1234\"\ngroup: \"1234\"\n";
+    let r = setup(&t, &proc_yaml_as(&t, 5002, &url, None, who)).run();
+    r.assert_ok();
+    assert!(
+        r.stderr.contains(&format!(
+            "the cached build of {url} failed its checksum and was quarantined"
+        )),
+        "{r:#?}"
+    );
+    assert_eq!(gets(&server, &url).len(), 2, "fetched again, once");
+    assert_eq!(fs::read(&blob).unwrap(), a.bytes, "the good blob is back");
+    assert_same_tree(
+        &walk(&build_layer_app(&t, &a, 1234, 1234)),
+        &expected_for(&a, 1234, 1234),
+    );
+}
+
 #[test]
 fn a_corrupt_cached_blob_is_quarantined_and_fetched_again() {
     let t = TestDir::new();
@@ -1084,7 +1117,7 @@ fn a_corrupt_cached_blob_is_quarantined_and_fetched_again() {
     r.assert_ok();
     assert!(
         r.stderr.contains(&format!(
-            "the cached build of {url} failed its md5 check and was quarantined"
+            "the cached build of {url} failed its checksum and was quarantined"
         )),
         "{r:#?}"
     );
