@@ -218,6 +218,8 @@ pub struct Prepared {
     /// The layer's root directory (for a build it holds `app/`); an EROFS layer's image
     /// is mounted there by [`crate::layers::ensure_ready`].
     pub layer: PathBuf,
+    /// The layer's key in the store (what the proc's state records).
+    pub key: LayerKey,
     pub timings: ArtifactTimings,
     /// Auto mode made a directory layer because EROFS cannot be used here: why (for
     /// the caller to say once).
@@ -405,6 +407,7 @@ fn layer_hit(store: &Store, art: &Artifact, started: Instant) -> Option<Prepared
                 meta.as_ref().map_or(0, |m| m.stats.files),
             )
             .build(),
+        key,
         fallback: None,
     })
 }
@@ -458,6 +461,7 @@ fn from_blob(
     let layer = publish(store, key, &target, &unpacked).map_err(store_err)?;
     Ok(Some(Prepared {
         layer,
+        key: key.clone(),
         timings: TimingsBuilder::new(url, CacheUse::Blob, compressed_bytes, started)
             .stored(storage)
             .extracted(
