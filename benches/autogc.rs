@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use md5::Md5;
 use sha2::{Digest, Sha256};
 use vrun::paths::Root;
-use vrun::state::{ProcState, STATE_VERSION};
+use vrun::state::ProcState;
+use vrun_cache::layout::layer_key_of_root;
 use vrun_cache::{AutoGc, BlobDigest, LayerKey, LayerKind, Store, UrlRecord};
 
 struct Opts {
@@ -190,13 +191,14 @@ fn main() {
             .proc(&format!("app{n}-v1-prod-abc-web-{}", 5000 + n))
             .dir;
         std::fs::create_dir_all(&dir).unwrap();
-        ProcState {
-            version: STATE_VERSION,
-            build_layer: Some(build_layers[n % build_layers.len()].clone()),
-            image_layer: image_layers.get(n % image_layers.len().max(1)).cloned(),
-            uid: 65534,
-            gid: 65534,
-        }
+        let key = |layer: &PathBuf| layer_key_of_root(&cache, layer).expect("a layer root");
+        ProcState::new(
+            &cache,
+            Some(key(&build_layers[n % build_layers.len()])),
+            image_layers.get(n % image_layers.len().max(1)).map(key),
+            65534,
+            65534,
+        )
         .save(&dir.join("state.json"))
         .unwrap();
     }

@@ -90,7 +90,7 @@ pub enum DemoError {
     Prerequisites { missing: String },
     #[error(transparent)]
     Sample(#[from] SampleError),
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -98,11 +98,11 @@ pub enum DemoError {
     },
     #[error("cannot start the demo's file server on 127.0.0.1: {0}")]
     Serve(io::Error),
-    #[error("the demo's own proc.yaml is not valid: {0}")]
-    ProcYaml(ConfigError),
+    #[error("the demo's own proc.yaml is not valid")]
+    ProcYaml(#[source] ConfigError),
     #[error("cannot pick a free port on 127.0.0.1: {0}")]
     Port(io::Error),
-    #[error("cannot start `{command}`: {source}")]
+    #[error("cannot start `{command}`")]
     Spawn { command: String, source: io::Error },
     #[error("`{command}` failed ({status}): {error}")]
     Failed {
@@ -788,7 +788,7 @@ impl Deployment {
         }
         if stuck.is_empty() {
             if let Err(e) = mounts::remove_dir_on_one_fs(&self.work) {
-                problems.push(DemoError::Leftovers(e.to_string()));
+                problems.push(DemoError::Leftovers(crate::errors::chain(&e)));
             } else if narrate {
                 detail(&format!(
                     "removed {}; nothing mounted under it, no lxc.payload.{}* cgroup",

@@ -1,7 +1,7 @@
 //! Which cached layers are in use, for `vrun cache ls | gc` and the automatic gc.
 //!
 //! The store cannot know which layers are in use; the root can. Every proc dir's
-//! `state.json` names the layers its overlay stacks, and the kernel's mount table names
+//! `state.json` names the keys of the layers its overlay stacks, and the kernel's mount table names
 //! the lower dirs of every overlay mounted right now (a live container whose proc dir
 //! was damaged still counts). Both go into one [`References`], so gc never removes a
 //! layer a proc needs. Callers read them only while holding the store's exclusive lock
@@ -26,7 +26,8 @@ pub enum ReferencesError {
     State { name: String, source: StateError },
 }
 
-/// Layers in use under `root` (their paths under `cache_dir`), and the warnings about
+/// Layers in use under `root` (by key from state files, by path under `cache_dir` from
+/// live overlays), and the warnings about
 /// state files that could not be read (only when not `strict`).
 pub fn references(
     root: &Root,
@@ -52,10 +53,10 @@ pub fn references(
         if !state_path.exists() {
             continue;
         }
-        match ProcState::load(&state_path) {
+        match ProcState::load(&state_path, cache_dir) {
             Ok(state) => {
-                for layer in [state.build_layer, state.image_layer].into_iter().flatten() {
-                    refs.add(layer, name.clone());
+                for (key, _) in state.layers() {
+                    refs.add_key(key, name.clone());
                 }
             }
             Err(source) if strict => return Err(ReferencesError::State { name, source }),

@@ -131,11 +131,11 @@ pub const APPLETS: &[&str] = &[
 /// Why a sample tarball could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum SampleError {
-    #[error("cannot read {path} for the sample image (is busybox-static installed?): {source}")]
+    #[error("cannot read {path} for the sample image (is busybox-static installed?)")]
     ReadBusybox { path: PathBuf, source: io::Error },
-    #[error("sample tarball entry {path}: {source}")]
+    #[error("sample tarball entry {path}")]
     Entry { path: String, source: io::Error },
-    #[error("cannot compress the sample tarball: {source}")]
+    #[error("cannot compress the sample tarball")]
     Compress { source: io::Error },
 }
 

@@ -11,8 +11,9 @@
 //! writeback (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: no wait, no journal commit, and
 //! only this file's pages). It runs on its own thread because starting writeback can
 //! block on block allocation, which on the writer threads made extraction slower (the
-//! earlier per-file attempt: download 1.6 → 2.3 s). The blob gets the same, range by
-//! range, from the pipeline's flusher.
+//! earlier per-file attempt: download 1.6 → 2.3 s). An EROFS image gets the same, range
+//! by range, from its sink; the blob gets none (it is a cache the setup does not wait
+//! for: see the `pipeline` note).
 //!
 //! The hand-over is a dup of the fd into a bounded queue; when the queue is full the hint
 //! is dropped (the fsync at publish still makes the file durable). One thread per

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::StoreError;
 use crate::fsutil;
-use crate::layer::LayerStorage;
+use crate::layer::{LayerKey, LayerStorage};
 
 /// Layout version this code writes and reads. Bump together with the suffixes below.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -75,6 +75,23 @@ pub(crate) const LAYER_IMAGE: &str = "image.erofs";
 pub(crate) const LAYER_META: &str = "layer.json";
 /// and the per-entry manifest `verify --deep` re-checks.
 pub(crate) const LAYER_MANIFEST: &str = "manifest-v1.tsv";
+
+/// Where the root of layer `key` is in the store at `store_dir`, without opening the
+/// store: what a proc's state file (which records keys) resolves to (`vrun::state`).
+pub fn layer_root(store_dir: &Path, key: &LayerKey) -> PathBuf {
+    store_dir
+        .join(layers_bucket(key.storage))
+        .join(key.dir_name())
+        .join(LAYER_ROOT)
+}
+
+/// The key of a layer root in the store at `store_dir`, the inverse of [`layer_root`]:
+/// how a state file of version 1, which recorded paths, is read.
+pub fn layer_key_of_root(store_dir: &Path, root: &Path) -> Option<LayerKey> {
+    let name = root.parent()?.file_name()?.to_str()?;
+    let key = LayerKey::parse(name)?;
+    (layer_root(store_dir, &key) == root).then_some(key)
+}
 
 /// Name of the store-wide lock inside [`LOCKS`] (key locks never start with a dot).
 pub(crate) const STORE_LOCK: &str = ".store.lock";

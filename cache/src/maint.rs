@@ -2,7 +2,8 @@
 //!
 //! The store cannot know which layers are in use (that is in each proc's state file and
 //! in the kernel's mount table, both vrun's business), so callers pass [`References`]:
-//! the layer paths in use and by whom. gc never removes a referenced layer; blobs are
+//! the layers in use and by whom — by key where a proc's state names them, by path
+//! where only the kernel's mount table does. gc never removes a referenced layer; blobs are
 //! never in use once extracted, they only save a download.
 //!
 //! gc and verify require the store opened exclusively ([`Store::open_exclusive`]): they
@@ -31,9 +32,11 @@ pub const LEFTOVER_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// How many manifest differences verify reports per layer (the rest are counted).
 const MAX_DIFFS_REPORTED: usize = 5;
 
-/// Layer paths in use, and who uses them (proc names, "live mount", …).
+/// Layers in use, and who uses them (proc names, "mounted on …"): by key (what a proc's
+/// state file records) or by path (an overlay's lower dir in the mount table).
 #[derive(Debug, Default, Clone)]
 pub struct References {
+    keys: BTreeMap<LayerKey, BTreeSet<String>>,
     users: BTreeMap<PathBuf, BTreeSet<String>>,
 }
 
@@ -49,9 +52,17 @@ impl References {
         self.users.entry(path).or_default().insert(user.into());
     }
 
-    /// Who uses the layer stored in `layer_dir` (`layers-v1/<key>`).
-    pub fn users_of(&self, layer_dir: &Path) -> Vec<String> {
-        let mut out = BTreeSet::new();
+    /// Marks the layer `key` as used by `user`.
+    pub fn add_key(&mut self, key: &LayerKey, user: impl Into<String>) {
+        self.keys
+            .entry(key.clone())
+            .or_default()
+            .insert(user.into());
+    }
+
+    /// Who uses the layer `key`, stored in `layer_dir` (`layers-v1/<key>`).
+    pub fn users_of(&self, key: &LayerKey, layer_dir: &Path) -> Vec<String> {
+        let mut out: BTreeSet<String> = self.keys.get(key).cloned().unwrap_or_default();
         for (path, users) in &self.users {
             if path.starts_with(layer_dir) || layer_dir.starts_with(path) {
                 out.extend(users.iter().cloned());
@@ -61,12 +72,17 @@ impl References {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
+        self.keys.is_empty() && self.users.is_empty()
     }
 
     /// Every path marked as used (canonical where it existed when added).
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
         self.users.keys().map(PathBuf::as_path)
+    }
+
+    /// Every key marked as used.
+    pub fn keys(&self) -> impl Iterator<Item = &LayerKey> {
+        self.keys.keys()
     }
 }
 
@@ -266,7 +282,7 @@ impl Store {
                 files: meta.as_ref().map(|m| m.stats.files),
                 storage: Some(key.storage),
                 complete: meta.is_some(),
-                used_by: refs.users_of(&dir),
+                used_by: refs.users_of(&key, &dir),
             });
         }
         out.sort_by(|a, b| (a.last_used, &a.key).cmp(&(b.last_used, &b.key)));

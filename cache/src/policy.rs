@@ -116,7 +116,8 @@ impl Store {
             self.layout.layers_of(LayerStorage::Erofs),
         ];
         let mut everything_referenced = false;
-        let mut referenced: HashSet<&OsStr> = HashSet::new();
+        let names: Vec<std::ffi::OsString> = refs.keys().map(|k| k.dir_name().into()).collect();
+        let mut referenced: HashSet<&OsStr> = names.iter().map(|n| n.as_os_str()).collect();
         for path in refs.paths() {
             for bucket in &buckets {
                 match path.strip_prefix(bucket) {

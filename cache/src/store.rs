@@ -1,12 +1,16 @@
 //! The store handle: opening (version check, layout, store lock), key locks, ingest dirs,
 //! blobs and their md5/URL indexes.
 //!
-//! Publishing a blob is the rustup/uv recipe: the bytes were written to an ingest file by
-//! the fetch pipeline while it hashed them; here the file is fsynced, made read-only and
-//! renamed to its sha256 name, then the directory is fsynced. Only then do the index
-//! entries (md5 → sha256, url → record) appear, each as temp + rename. A reader that
-//! finds an index entry may therefore rely on the blob having been durable when the entry
-//! was written; if the blob is gone since (gc, quarantine), the lookup is a miss.
+//! Publishing a blob: the bytes were written to an ingest file by the fetch pipeline while
+//! it hashed them; here the file's size is checked, it is made read-only and renamed to
+//! its sha256 name, and then the index entries (md5 → sha256, url → record) appear, each
+//! as temp + rename. Unlike a layer, a blob is *not* fsynced: it is a cache of the
+//! download that only saves a later download, the setup that made it has its layer
+//! durable already, and on a slow disk waiting for the blob's writeback was a quarter of
+//! a cold EROFS setup (issue 15). So after a power loss a blob may be missing or torn
+//! under its name: whoever extracts from it re-hashes it first
+//! ([`Store::rehash_blob`], which sets a bad one aside), and `verify --deep` checks it;
+//! if the blob is gone (gc, quarantine, never written back), the lookup is a miss.
 //!
 //! Index entries are hints, never trusted blindly: a corrupt or foreign file is a miss.
 
@@ -385,7 +389,8 @@ impl Store {
     /// the md5 (and the URL, when given) in the indexes. The digest is the caller's: the
     /// pipeline hashed these bytes as it wrote them; re-reading here would double the I/O.
     /// If the blob already exists (another process won), ours is left for the ingest's
-    /// Drop and the existing one is returned.
+    /// Drop and the existing one is returned. Not fsynced (module note): extract from it
+    /// only after [`Store::rehash_blob`].
     pub fn publish_blob(
         &self,
         ingest: &Ingest,
@@ -416,11 +421,10 @@ impl Store {
                     actual,
                 });
             }
-            f.sync_all()?;
+            // No fsync (module note): the kernel writes the blob back after setup returns.
             fs_err::set_permissions(file, std::fs::Permissions::from_mode(BLOB_MODE))?;
             drop(f);
             fs_err::rename(file, &dest)?;
-            fsutil::fsync_dir(&self.layout.blobs())?;
         }
         self.record_digest(d, url)?;
         Ok(dest)

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use vrun::paths::Root;
 use vrun::state::ProcState;
-use vrun_cache::{AutoGc, LayerKey, Store, MAX_AGE_ENV, MAX_SIZE_ENV};
+use vrun_cache::{AutoGc, Store, MAX_AGE_ENV, MAX_SIZE_ENV};
 
 use vrun::references::references;
 use vrun::units::{human_size, parse_duration, parse_size};
@@ -118,18 +118,9 @@ fn run(
 /// Record a use, now, of the layers (and their blobs) a torn-down proc used.
 fn touch_layers(cache_dir: &std::path::Path, state: &ProcState) -> anyhow::Result<()> {
     let store = Store::open_with(cache_dir, false, |_| {})?;
-    for root in [&state.build_layer, &state.image_layer]
-        .into_iter()
-        .flatten()
-    {
-        let key = root
-            .parent()
-            .and_then(|dir| dir.file_name())
-            .and_then(|name| LayerKey::parse(&name.to_string_lossy()));
-        if let Some(key) = key {
-            let _ = store.touch_layer(&key);
-            let _ = store.touch_blob(&key.blob_sha256);
-        }
+    for (key, _) in state.layers() {
+        let _ = store.touch_layer(key);
+        let _ = store.touch_blob(&key.blob_sha256);
     }
     Ok(())
 }

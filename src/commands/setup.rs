@@ -28,7 +28,7 @@ use vrun::lxc::{
 };
 use vrun::paths::Root;
 use vrun::pipeline::{self, Artifact, ArtifactTimings, CacheUse, Prepared};
-use vrun::state::{ProcState, STATE_VERSION};
+use vrun::state::ProcState;
 use vrun::{envfiles, procfile};
 use vrun_cache::{LayerKind, Store};
 
@@ -63,7 +63,8 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
     // network (the layers are not known yet: only whether there is an image matters).
     envfiles::render(&config, config.cmd.as_deref().unwrap_or("true"), &host_env)?;
     let provisional = ProcState {
-        version: STATE_VERSION,
+        build: None,
+        image: None,
         build_layer: None,
         image_layer: config.image_url.as_ref().map(|_| "image".into()),
         uid: owner.uid,
@@ -121,11 +122,11 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
         };
         (Some(store), prepared)
     };
-    let layer_of = |kind: LayerKind| {
+    let key_of = |kind: LayerKind| {
         prepared
             .iter()
             .find(|(k, _)| *k == kind)
-            .map(|(_, p)| p.layer.clone())
+            .map(|(_, p)| p.key.clone())
     };
     // Said once, even when both artifacts fell back.
     if let Some(why) = prepared.iter().find_map(|(_, p)| p.fallback.as_ref()) {
@@ -136,10 +137,15 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
     for (_, p) in &prepared {
         vrun::layers::ensure_ready(&p.layer)?;
     }
-    let build_layer = layer_of(LayerKind::Build);
-    let image_layer = layer_of(LayerKind::Image);
+    let state = ProcState::new(
+        &root.cache_dir(),
+        key_of(LayerKind::Build),
+        key_of(LayerKind::Image),
+        owner.uid,
+        owner.gid,
+    );
 
-    let command = match (&config.cmd, &build_layer) {
+    let command = match (&config.cmd, &state.build_layer) {
         (Some(cmd), _) => cmd.clone(),
         (None, Some(layer)) => {
             let proc_name = config.proc_name.as_deref().unwrap_or_default();
@@ -148,13 +154,6 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
         (None, None) => unreachable!("checked above: no cmd means a build_url"),
     };
     let files = envfiles::render(&config, &command, &host_env)?;
-    let state = ProcState {
-        version: STATE_VERSION,
-        build_layer,
-        image_layer,
-        uid: owner.uid,
-        gid: owner.gid,
-    };
     let proc = LxcProc::from_config_with_state(root, &name, &config, &owner, state.clone());
     let (lxc_config, missing_volumes) = render_setup_config(&proc.spec())?;
     for warning in &files.warnings {
@@ -172,7 +171,7 @@ pub fn setup(root: &Root, args: &SetupArgs) -> anyhow::Result<ExitCode> {
     {
         // Under the mount lock: no shell/uptest starts on the old root meanwhile.
         let lock = lock_mount(&paths)?;
-        let previous = ProcState::load(&paths.state()).ok();
+        let previous = ProcState::load(&paths.state(), &root.cache_dir()).ok();
         unmount_if_layers_changed(&lock, &proc, previous.as_ref())?;
         state.save(&paths.state())?;
         ensure_mounted_locked(&lock, &paths, &state, &proc.spec().host_system_dirs)?;

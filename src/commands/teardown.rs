@@ -27,7 +27,7 @@ pub fn teardown(root: &Root, file: &Path) -> anyhow::Result<ExitCode> {
         eprintln!("vrun: {name} is not set up; nothing to tear down");
         return Ok(ExitCode::SUCCESS);
     }
-    let used = ProcState::load(&proc.state()).ok();
+    let used = ProcState::load(&proc.state(), &root.cache_dir()).ok();
     vrun::lxc::teardown(&proc, &name)?;
     eprintln!("vrun: {name} is torn down");
     super::autogc::after_teardown(root, &cache_policy, used.as_ref());

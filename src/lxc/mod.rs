@@ -177,8 +177,8 @@ impl LxcProc {
         memsw_limit: Option<u64>,
     ) -> Result<Self, LxcError> {
         let paths = root.proc(name);
-        let state =
-            ProcState::load(&paths.state()).map_err(|source| LxcError::NotSetUp { source })?;
+        let state = ProcState::load(&paths.state(), &root.cache_dir())
+            .map_err(|source| LxcError::NotSetUp { source })?;
         let proc = Self::with_state(root, name, user, volumes, mem_limit, memsw_limit, state);
         proc.warn_about_limits();
         Ok(proc)
@@ -226,8 +226,8 @@ impl LxcProc {
         owner: &Owner,
     ) -> Result<Self, LxcError> {
         let paths = root.proc(name);
-        let state =
-            ProcState::load(&paths.state()).map_err(|source| LxcError::NotSetUp { source })?;
+        let state = ProcState::load(&paths.state(), &root.cache_dir())
+            .map_err(|source| LxcError::NotSetUp { source })?;
         let proc = Self::from_config_with_state(root, name, config, owner, state);
         proc.warn_about_limits();
         Ok(proc)

@@ -181,11 +181,12 @@ pub(super) async fn download(
         last_modified: outcome.last_modified.clone(),
         size: outcome.bytes,
     };
-    // Layer first, then the blob (its writeback started during the download). A crash in
+    // Layer first, then the blob (not fsynced: a cache, see the module note). A crash in
     // between leaves a layer no index points to yet; the next setup downloads again and
     // keeps that layer.
+    let key = art.key(&digest.sha256, storage);
     let layer = tokio::task::block_in_place(|| {
-        let layer = publish(store, &art.key(&digest.sha256, storage), &target, &unpacked)?;
+        let layer = publish(store, &key, &target, &unpacked)?;
         match &partial {
             Some(p) => {
                 store.publish_blob_file(p.blob_path(), &digest, Some(&record))?;
@@ -209,6 +210,7 @@ pub(super) async fn download(
     discard(partial);
     Ok(Prepared {
         layer,
+        key,
         timings: TimingsBuilder::new(url, CacheUse::Miss, outcome.bytes, started)
             .stored(storage)
             .downloaded(outcome.ttfb, download_s)

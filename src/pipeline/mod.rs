@@ -7,7 +7,7 @@
 //!  (fetch::HttpClient)            │                      └──► decoder ─► tar ─► writer(s) ─► staging
 //!                                 │                                    (or) └─► ErofsSink ─► one image
 //!                                 │  writeback kicks: each finished file (the image every
-//!                                 │  8 MiB), the blob every 8 MiB
+//!                                 │  8 MiB); the blob is left to the kernel
 //! ```
 //!
 //! Where the layer goes is the artifact's [`LayersRequest`], resolved only when something
@@ -29,8 +29,9 @@
 //!
 //! Nothing is published until everything checks out: the tar end was reached and the
 //! rest of the stream drained (so the hash covers every byte), the decoder saw a clean
-//! end, and the md5 — when proc.yaml gives one — matches. Then the layer and the blob are
-//! published (fsync + rename + fsync parent, in `vrun-cache`). Any failure drops the
+//! end, and the md5 — when proc.yaml gives one — matches. Then the layer is published
+//! (fsync + rename + fsync parent, in `vrun-cache`) and the blob renamed into the store
+//! without an fsync (below). Any failure drops the
 //! staging tree; the blob is written to the URL's stable partial
 //! (`ingest-v1/partial-<sha256(url)>/`, [`vrun_cache::Partial`]), which a failure that a
 //! later attempt could cure (network trouble, a cancelled or interrupted setup) keeps and
@@ -41,22 +42,29 @@
 //! first version wrote everything to the page cache and flushed it all at publish
 //! (`publish_s` 1.0–1.4 s of a 2.2–3.1 s setup of the 262 MB gz bench build on loop
 //! ext4). Writeback now starts during the download ([`crate::writeback`]: each finished
-//! file, and the blob every `FLUSH_EVERY` input bytes from a `Flusher` thread (`unpack.rs`)), so the
-//! disk writes while the CPU decodes and publish's fsyncs (of vrun's own files only)
-//! find little left. (A background `syncfs` did the same job until issue 14: it also
+//! file, the EROFS image every 8 MiB), so the disk writes while the CPU decodes and
+//! publish's fsyncs (of vrun's own files only) find little left. (A background `syncfs` did the same job until issue 14: it also
 //! flushed every other process's dirty data on the filesystem and made publish wait for
 //! it. Per-file `sync_file_range` kicks *on the writer threads* were slower: they moved
 //! block allocation there; the kicks now run on a thread of their own.)
 //!
-//! On a slow disk the blob is a third more bytes to write (gzip), and the disk is the
-//! bottleneck: `--no-blob` ([`Artifact::keep_blob`]) keeps only the layer (slow-disk
-//! bench: 1.01× → 0.90× the shell pipeline's time).
+//! The blob is not part of the layer: it is a cache of the download, there so that a
+//! proc of the same build for another user, or a layer verify found damaged, is rebuilt
+//! without a download. So setup does not wait for it. It is renamed into the store
+//! without an fsync and the kernel writes it back after setup returns; before any reuse
+//! it is re-hashed (`from_blob`), so a blob torn by a power loss is set aside and
+//! downloaded again, never extracted. On a slow disk the blob is a third more bytes to
+//! write for a gzip build, and the disk is the bottleneck: until issue 15 its writeback
+//! was kicked every 8 MiB during the download and waited for at publish, which put the
+//! bandwidth floor of an EROFS setup above 0.4× the shell pipeline (88 MB blob + 232 MB
+//! image at 40 MiB/s = 7.6 s; measured 8.64 s against 19.13 s). `--no-blob`
+//! ([`Artifact::keep_blob`]) still keeps only the layer, for disk space.
 //!
 //! Reuse, cheapest first, under "lock, then re-check" on the URL's key so that two setups
 //! of the same build download it once:
 //! 1. a published layer for (blob sha256, kind, uid, gid) → `"cache": "layer"`, no I/O;
 //! 2. a published blob (found by md5, else by URL) → extract from it (`"blob"`), after
-//!    re-hashing it when an md5 is given (a bad blob is discarded and refetched once);
+//!    re-hashing it (a bad blob is set aside and downloaded again, once);
 //! 3. otherwise download (`"miss"`).
 //!
 //! Without an md5 the URL index decides reuse: Velociraptor build and image URLs name one
@@ -98,7 +106,7 @@ use crate::fetch::{self, FetchError, HttpClient, Md5Mismatch, Progress};
 use crate::layers::LayersRequest;
 use download::{download, Retry};
 use timings::TimingsBuilder;
-use unpack::{unpack, Flusher, FlushingReader, Target, Unpacked, READ_BUF};
+use unpack::{unpack, Target, Unpacked, READ_BUF};
 use url_lock::lock_url;
 
 pub use timings::ArtifactTimings;
@@ -210,6 +218,8 @@ pub struct Prepared {
     /// The layer's root directory (for a build it holds `app/`); an EROFS layer's image
     /// is mounted there by [`crate::layers::ensure_ready`].
     pub layer: PathBuf,
+    /// The layer's key in the store (what the proc's state records).
+    pub key: LayerKey,
     pub timings: ArtifactTimings,
     /// Auto mode made a directory layer because EROFS cannot be used here: why (for
     /// the caller to say once).
@@ -397,6 +407,7 @@ fn layer_hit(store: &Store, art: &Artifact, started: Instant) -> Option<Prepared
                 meta.as_ref().map_or(0, |m| m.stats.files),
             )
             .build(),
+        key,
         fallback: None,
     })
 }
@@ -420,16 +431,17 @@ fn from_blob(
         path: blob.to_owned(),
         source,
     };
-    if art.md5.is_some()
-        && !store
-            .rehash_blob(sha256, art.md5.as_deref())
-            .map_err(|source| PipelineError::Store {
-                url: url.clone(),
-                source,
-            })?
+    // Always re-hashed: a blob is published without an fsync (see the module note), so
+    // after a power loss it may be torn under its name.
+    if !store
+        .rehash_blob(sha256, art.md5.as_deref())
+        .map_err(|source| PipelineError::Store {
+            url: url.clone(),
+            source,
+        })?
     {
         http.notice(&format!(
-            "warning: the cached {} of {url} failed its md5 check and was quarantined; downloading it again",
+            "warning: the cached {} of {url} failed its checksum and was quarantined; downloading it again",
             art.name()
         ));
         return Ok(None);
@@ -442,23 +454,14 @@ fn from_blob(
     let target = Target::new(storage, &ingest);
     let file = std::fs::File::open(blob).map_err(io_err)?;
     let compressed_bytes = file.metadata().map_err(io_err)?.len();
-    let mut reader = FlushingReader {
-        inner: io::BufReader::with_capacity(READ_BUF, file),
-        flusher: Flusher::start(None).map_err(|source| PipelineError::Io {
-            url: url.clone(),
-            path: ingest.staging_dir().to_owned(),
-            source,
-        })?,
-    };
-    let mut unpacked =
-        unpack(&mut reader, &target, art.mode(), limits).map_err(|e| e.with_url(url))?;
+    let reader = io::BufReader::with_capacity(READ_BUF, file);
+    let unpacked = unpack(reader, &target, art.mode(), limits).map_err(|e| e.with_url(url))?;
     check_whole(art, unpacked.format, &unpacked.stats)?;
-    drop(reader); // waits for a flush in progress
-    unpacked.flushed = Instant::now();
     let publish_started = Instant::now();
     let layer = publish(store, key, &target, &unpacked).map_err(store_err)?;
     Ok(Some(Prepared {
         layer,
+        key: key.clone(),
         timings: TimingsBuilder::new(url, CacheUse::Blob, compressed_bytes, started)
             .stored(storage)
             .extracted(

@@ -2,8 +2,9 @@
 //!
 //! It reads the body's bytes from a bounded channel (or a cached blob file), appends them
 //! to the blob, decodes them and extracts the tar stream into staging, then drains the
-//! rest so the hashers upstream see every byte. The blob's writeback is kicked as it
-//! grows ([`Flusher`]). See the `pipeline` note for why this is one thread per artifact.
+//! rest so the hashers upstream see every byte. The blob is left to the kernel's writeback
+//! (see the `pipeline` note: it is a cache of the download, not part of the layer). See
+//! the `pipeline` note for why this is one thread per artifact.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -119,14 +120,13 @@ pub(super) struct Unpacked {
     pub(super) image: Option<(ImageStats, String)>,
     /// Every entry written (into the page cache) and the stream drained.
     pub(super) extracted: Instant,
-    /// The background flush that was running then has finished too (for an image: its
-    /// one fsync).
+    /// What the target needs on disk is there (for an image: its one fsync; a staging
+    /// tree's files are waited for at publish).
     pub(super) flushed: Instant,
 }
 
 /// decoder → tar → sink, then drain: the hashers upstream must see every byte, and
-/// the channel must close, even when the tar ends early. `flushed` is filled in by
-/// the caller (who owns the flush of the input).
+/// the channel must close, even when the tar ends early.
 pub(super) fn unpack(
     mut raw: impl Read + Send,
     target: &Target,
@@ -197,91 +197,6 @@ pub(super) struct TeeReader {
     /// Why writing the blob failed: reported as such, not as whatever the decoder makes
     /// of the short read that follows ("gzip stream is corrupt" for a full disk).
     blob_error: Option<io::Error>,
-    pub(super) flusher: Flusher,
-}
-
-/// Blob bytes between two writeback kicks. Measured with `syncfs` kicks on the 262 MB /
-/// 12k-file gz bench build on loop ext4: 2, 4, 8 and 32 MiB all cut `publish_s` from
-/// 1.2–1.4 s to 0.2–0.3 s; 8 MiB was best or tied.
-pub(super) const FLUSH_EVERY: u64 = 8 << 20;
-
-/// Writes the blob back *during* the download instead of all of it at publish: a thread
-/// that starts writeback (`sync_file_range`, [`crate::writeback`]) of the blob bytes
-/// written since its last round whenever kicked (kicks while it is busy coalesce). The
-/// extracted files get theirs from the writer threads' hand-over. This only starts
-/// writeback of vrun's own pages; it used to be a `syncfs`, which also wrote whatever
-/// other processes had dirty on the filesystem and made publish wait for it.
-pub(super) struct Flusher {
-    tx: Option<crossbeam_channel::Sender<u64>>,
-    thread: Option<JoinHandle<()>>,
-    /// Input bytes seen, and how many of them had been at the last kick.
-    seen: u64,
-    kicked: u64,
-}
-
-impl Flusher {
-    /// A flusher for `blob` (appended to from its current end), or one that does nothing.
-    pub(super) fn start(blob: Option<std::fs::File>) -> io::Result<Flusher> {
-        let mut flusher = Flusher {
-            tx: None,
-            thread: None,
-            seen: 0,
-            kicked: 0,
-        };
-        let Some(blob) = blob else {
-            return Ok(flusher);
-        };
-        let mut done = blob.metadata()?.len();
-        let (tx, rx) = crossbeam_channel::bounded::<u64>(1);
-        flusher.thread = Some(
-            std::thread::Builder::new()
-                .name("vrun-flush".into())
-                .spawn(move || {
-                    for upto in rx {
-                        let end = done + upto;
-                        crate::writeback::start_writeback(&blob, done, end - done);
-                        done = end;
-                    }
-                })?,
-        );
-        flusher.tx = Some(tx);
-        Ok(flusher)
-    }
-
-    /// `n` more input bytes went through: kick a flush every [`FLUSH_EVERY`].
-    fn advance(&mut self, n: usize) {
-        self.seen += n as u64;
-        if self.seen - self.kicked >= FLUSH_EVERY {
-            if let Some(tx) = &self.tx {
-                if tx.try_send(self.seen - self.kicked).is_ok() {
-                    self.kicked = self.seen;
-                }
-            }
-        }
-    }
-}
-
-/// A cached blob read with the same background flush as a download.
-pub(super) struct FlushingReader<R> {
-    pub(super) inner: R,
-    pub(super) flusher: Flusher,
-}
-
-impl<R: Read> Read for FlushingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.flusher.advance(n);
-        Ok(n)
-    }
-}
-
-impl Drop for Flusher {
-    fn drop(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 impl Read for TeeReader {
@@ -289,10 +204,7 @@ impl Read for TeeReader {
         if let Some(replay) = &mut self.replay {
             match replay.read(buf)? {
                 0 => self.replay = None,
-                n => {
-                    self.flusher.advance(n);
-                    return Ok(n);
-                }
+                n => return Ok(n),
             }
         }
         while self.current.is_empty() {
@@ -305,7 +217,6 @@ impl Read for TeeReader {
                             return Err(io::Error::new(kind, "cannot write the blob"));
                         }
                     }
-                    self.flusher.advance(chunk.len());
                     self.current = chunk;
                 }
                 None => return Ok(0),
@@ -378,7 +289,6 @@ impl UnpackSink {
             }
             None => (None, None),
         };
-        let flusher = Flusher::start(blob.as_ref().map(std::fs::File::try_clone).transpose()?)?;
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let (mode, limits) = (self.mode, self.limits.clone());
         let worker = std::thread::Builder::new()
@@ -390,16 +300,12 @@ impl UnpackSink {
                     current: Bytes::new(),
                     blob,
                     blob_error: None,
-                    flusher,
                 };
                 let unpacked = unpack(&mut reader, &target, mode, &limits);
                 if let (Some(e), Some(path)) = (reader.blob_error.take(), blob_path) {
                     return Err(UnpackError::Io(path, e));
                 }
-                let mut unpacked = unpacked?;
-                drop(reader); // waits for a flush in progress
-                unpacked.flushed = Instant::now();
-                Ok(unpacked)
+                unpacked
             })?;
         self.tx = Some(tx);
         self.worker = Some(worker);

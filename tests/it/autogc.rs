@@ -73,6 +73,7 @@ fn layer_of(t: &TestDir, version: &str) -> PathBuf {
     let state = vrun::state::ProcState::load(
         &t.proc_dir(&format!("gc-{version}-c-r-web-5000"))
             .join("state.json"),
+        &t.root().join("cache"),
     )
     .unwrap();
     state.build_layer.unwrap().parent().unwrap().to_owned()

@@ -16,7 +16,7 @@ use testkit::ChildGuard;
 use md5::Md5;
 use sha2::{Digest, Sha256};
 use vrun::paths::Root;
-use vrun::state::{ProcState, STATE_VERSION};
+use vrun::state::ProcState;
 use vrun_cache::{BlobDigest, LayerKey, LayerKind, Store, UrlRecord};
 
 use crate::common::TestDir;
@@ -59,15 +59,11 @@ fn publish_layer(store: &Store, sha: &str, kind: LayerKind, uid: u32) -> (LayerK
 fn set_up_proc(root: &Root, name: &str, build: &Path, image: Option<&Path>) {
     let proc = root.proc(name);
     std::fs::create_dir_all(&proc.dir).unwrap();
-    ProcState {
-        version: STATE_VERSION,
-        build_layer: Some(build.to_owned()),
-        image_layer: image.map(Path::to_owned),
-        uid: 1000,
-        gid: 1000,
-    }
-    .save(&proc.state())
-    .unwrap();
+    let store = root.cache_dir();
+    let key = |layer: &Path| vrun_cache::layout::layer_key_of_root(&store, layer).unwrap();
+    ProcState::new(&store, Some(key(build)), image.map(key), 1000, 1000)
+        .save(&proc.state())
+        .unwrap();
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -293,7 +289,7 @@ fn gc_waits_for_a_running_setup_and_keeps_what_it_published() {
         removed.len() == 1 && removed[0].starts_with("removed blob "),
         "only the blob goes: {out}"
     );
-    let state = ProcState::load(&root.proc("concurrent-proc").state()).unwrap();
+    let state = ProcState::load(&root.proc("concurrent-proc").state(), &root.cache_dir()).unwrap();
     assert!(state.build_layer.unwrap().join("app/file3").is_file());
 }
 

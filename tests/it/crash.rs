@@ -278,7 +278,8 @@ impl Fixture {
             .unwrap()
             .unwrap()
             .path();
-        let state = ProcState::load(&proc_dir.join("state.json")).unwrap();
+        let state =
+            ProcState::load(&proc_dir.join("state.json"), &self.root.join("cache")).unwrap();
         let mut all = BTreeMap::new();
         for (tag, dir) in [
             ("build", state.build_layer.clone().unwrap()),

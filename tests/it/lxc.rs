@@ -899,7 +899,7 @@ fn erofs_layers_are_mounted_once_shared_remounted_after_a_reboot_and_gc_unmounts
     let state = |file: &std::path::Path| {
         let config = vrun::config::ProcConfig::load(file).unwrap();
         let name = config.container_name().unwrap();
-        vrun::state::ProcState::load(&p.root.proc(&name).state()).unwrap()
+        vrun::state::ProcState::load(&p.root.proc(&name).state(), &p.root.cache_dir()).unwrap()
     };
     for file in &files {
         let out = vrun("setup", file, &["--layers", "erofs", "--timings"]);

@@ -420,10 +420,11 @@ impl Cache {
         assert_eq!(self.layers(), vec![layer_name.clone()], "layers");
         assert_eq!(self.ingest(), Vec::<String>::new(), "ingest leftovers");
 
-        let state_path = t.proc_dir(&proc_name(port)).join("state.json");
-        let state: serde_json::Value =
-            serde_json::from_slice(&fs::read(&state_path).unwrap()).unwrap();
-        let layer = PathBuf::from(state["build_layer"].as_str().unwrap());
+        let layer = state_layers(t, port).0.unwrap();
+        let state: serde_json::Value = serde_json::from_slice(
+            &fs::read(t.proc_dir(&proc_name(port)).join("state.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(
             layer,
             fs::canonicalize(&self.0)
@@ -1058,6 +1059,52 @@ fn no_blob_keeps_only_the_layer_and_later_procs_still_find_it() {
     assert_eq!(cache.url_index(), Vec::<String>::new());
 }
 
+/// A blob is renamed into the store without an fsync (it is a cache, not the layer), so
+/// after a power loss it may be torn under its name: zeros where the kernel had not
+/// written it back yet. Without an md5 nothing else would check it, so it is re-hashed
+/// by its sha256 before any reuse. (vr.runners kept no cache: it downloaded every time.)
+/// The (build, image) layer roots the proc on `port`'s state file names, canonical.
+fn state_layers(t: &TestDir, port: u16) -> (Option<PathBuf>, Option<PathBuf>) {
+    let state = vrun::state::ProcState::load(
+        &t.proc_dir(&proc_name(port)).join("state.json"),
+        &t.root().join("cache"),
+    )
+    .unwrap();
+    let canonical = |p: Option<PathBuf>| p.map(|p| fs::canonicalize(p).unwrap());
+    (canonical(state.build_layer), canonical(state.image_layer))
+}
+
+#[test]
+fn a_torn_cached_blob_is_caught_by_its_sha256_without_an_md5() {
+    let t = TestDir::new();
+    let a = Archive::build(Fmt::Tar);
+    let (server, url) = serve("shop.tar", &a.bytes);
+    setup(&t, &proc_yaml(&t, 5001, &url, None))
+        .run()
+        .assert_ok();
+    let blob = t.root().join("cache/blobs-v1/sha256").join(&a.sha256);
+    let mut bytes = fs::read(&blob).unwrap();
+    let tail = bytes.len() / 2;
+    bytes[tail..].fill(0);
+    fs::write(&blob, &bytes).unwrap();
+
+    let who = "user: \"1234\"\ngroup: \"1234\"\n";
+    let r = setup(&t, &proc_yaml_as(&t, 5002, &url, None, who)).run();
+    r.assert_ok();
+    assert!(
+        r.stderr.contains(&format!(
+            "the cached build of {url} failed its checksum and was quarantined"
+        )),
+        "{r:#?}"
+    );
+    assert_eq!(gets(&server, &url).len(), 2, "fetched again, once");
+    assert_eq!(fs::read(&blob).unwrap(), a.bytes, "the good blob is back");
+    assert_same_tree(
+        &walk(&build_layer_app(&t, &a, 1234, 1234)),
+        &expected_for(&a, 1234, 1234),
+    );
+}
+
 #[test]
 fn a_corrupt_cached_blob_is_quarantined_and_fetched_again() {
     let t = TestDir::new();
@@ -1078,7 +1125,7 @@ fn a_corrupt_cached_blob_is_quarantined_and_fetched_again() {
     r.assert_ok();
     assert!(
         r.stderr.contains(&format!(
-            "the cached build of {url} failed its md5 check and was quarantined"
+            "the cached build of {url} failed its checksum and was quarantined"
         )),
         "{r:#?}"
     );
@@ -1268,15 +1315,12 @@ fn build_and_image_download_at_the_same_time_into_their_own_layers() {
     assert_eq!(j["image"]["skipped_devices"], 1);
     assert_eq!(j["image"]["url"], image_url.as_str());
 
-    let state: serde_json::Value =
-        serde_json::from_slice(&fs::read(t.proc_dir(&proc_name(5000)).join("state.json")).unwrap())
-            .unwrap();
     let store = fs::canonicalize(t.root().join("cache")).unwrap();
     let image_root = store
         .join(common::layers_bucket())
         .join(common::layer_name(&format!("image-{}-0-0", image.sha256)))
         .join("root");
-    assert_eq!(state["image_layer"].as_str(), image_root.to_str());
+    assert_eq!(state_layers(&t, 5000).1.unwrap(), image_root);
     assert_same_tree(
         &walk(&build_layer_app(&t, &build, OWNER, OWNER)),
         &build.expected_build_tree(),
@@ -1405,11 +1449,7 @@ fn builds_with_the_same_file_name_on_different_paths_do_not_collide() {
     blobs.sort();
     assert_eq!(Cache::of(&t).blobs(), blobs);
     for (port, archive) in [(5001, &a), (5002, &b)] {
-        let state: serde_json::Value = serde_json::from_slice(
-            &fs::read(t.proc_dir(&proc_name(port)).join("state.json")).unwrap(),
-        )
-        .unwrap();
-        let layer = PathBuf::from(state["build_layer"].as_str().unwrap());
+        let layer = state_layers(&t, port).0.unwrap();
         let name = common::layer_name(&format!("build-{}-{OWNER}-{OWNER}", archive.sha256));
         assert!(layer.ends_with(format!("{name}/root")));
     }
@@ -1508,12 +1548,8 @@ fn two_mirrors_of_one_build_set_up_together_publish_one_blob_and_one_layer() {
     let app = build_layer_app(&t, &a, OWNER, OWNER);
     assert_same_tree(&walk(&app), &a.expected_build_tree());
     for port in [5001, 5002] {
-        let state: serde_json::Value = serde_json::from_slice(
-            &fs::read(t.proc_dir(&proc_name(port)).join("state.json")).unwrap(),
-        )
-        .unwrap();
         assert_eq!(
-            Path::new(state["build_layer"].as_str().unwrap()),
+            state_layers(&t, port).0.unwrap(),
             fs::canonicalize(&app).unwrap().parent().unwrap()
         );
     }

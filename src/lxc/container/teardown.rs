@@ -62,9 +62,8 @@ pub fn unmount_if_layers_changed(
     previous: Option<&ProcState>,
 ) -> Result<(), LxcError> {
     let rootfs = proc.paths.rootfs();
-    let changed = previous.is_some_and(|p| {
-        p.build_layer != proc.state.build_layer || p.image_layer != proc.state.image_layer
-    });
+    let changed =
+        previous.is_some_and(|p| p.build != proc.state.build || p.image != proc.state.image);
     if changed && mount::is_mount_point(&rootfs)?.is_some() {
         let occupancy = is_running(&proc.paths, &proc.lxcpath, &proc.name);
         if occupancy.any() {

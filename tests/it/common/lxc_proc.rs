@@ -404,13 +404,7 @@ fn placeholder_proc(root: &Root) -> LxcProc {
         name: String::new(),
         lxcpath: root.procs_dir(),
         paths: root.proc("placeholder"),
-        state: ProcState {
-            version: vrun::state::STATE_VERSION,
-            build_layer: None,
-            image_layer: None,
-            uid: 0,
-            gid: 0,
-        },
+        state: ProcState::new(&root.cache_dir(), None, None, 0, 0),
         user: vrun::lxc::ProcUser {
             uid: 0,
             gid: 0,
