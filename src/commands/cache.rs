@@ -254,8 +254,8 @@ fn write_table(entries: &[CacheEntry], out: &mut dyn Write) -> std::io::Result<(
     let now = SystemTime::now();
     writeln!(
         out,
-        "{:<5}  {:<24}  {:>9}  {:>8}  {:<20}  SOURCE",
-        "KIND", "KEY (SHA256, OWNER)", "SIZE", "LAST USE", "USED BY"
+        "{:<5}  {:<6}  {:<24}  {:>9}  {:>8}  {:<20}  SOURCE",
+        "KIND", "STORED", "KEY (SHA256, OWNER)", "SIZE", "LAST USE", "USED BY"
     )?;
     for e in entries {
         let used_by = match e.kind {
@@ -270,8 +270,9 @@ fn write_table(entries: &[CacheEntry], out: &mut dyn Write) -> std::io::Result<(
         }
         writeln!(
             out,
-            "{:<5}  {:<24}  {:>9}  {:>8}  {:<20}  {}",
+            "{:<5}  {:<6}  {:<24}  {:>9}  {:>8}  {:<20}  {}",
             kind_label(e),
+            e.storage.map_or("-", |s| s.as_str()),
             short_key(e),
             human_size(e.size),
             human_age(now, e.last_used),

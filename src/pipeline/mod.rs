@@ -57,7 +57,12 @@
 //! write for a gzip build, and the disk is the bottleneck: until issue 15 its writeback
 //! was kicked every 8 MiB during the download and waited for at publish, which put the
 //! bandwidth floor of an EROFS setup above 0.4× the shell pipeline (88 MB blob + 232 MB
-//! image at 40 MiB/s = 7.6 s; measured 8.64 s against 19.13 s). `--no-blob`
+//! image at 40 MiB/s = 7.6 s; measured 8.64 s against 19.13 s). Not waiting for it
+//! took one more thing: the partial was opened and truncated to its resume point, and on
+//! ext4 a truncate to zero arms `auto_da_alloc`, whose close then starts writeback of the
+//! whole blob — which the layer's fsync (the next journal commit) waited for (strace:
+//! `publish_s` 2.1 s of an 8.6 s setup). A download from byte 0 now starts a new file
+//! (`unpack.rs`), and the slow-disk setup took 6.4 s with `publish_s` 3 ms. `--no-blob`
 //! ([`Artifact::keep_blob`]) still keeps only the layer, for disk space.
 //!
 //! Reuse, cheapest first, under "lock, then re-check" on the URL's key so that two setups

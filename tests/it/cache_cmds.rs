@@ -186,6 +186,13 @@ fn ls_json_parses_and_matches_disk() {
     assert!(table.contains(&build.sha256[..12]), "{table}");
     assert!(table.contains("(unused)"), "{table}");
     assert!(table.contains("2 blobs"), "{table}");
+    // How each layer is stored (the layers here are directories).
+    assert!(table.lines().next().unwrap().contains("STORED"), "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.split_whitespace().nth(1) == Some("dir")).count(),
+        3,
+        "{table}"
+    );
 }
 
 #[test]
