@@ -135,6 +135,18 @@ impl LayerKey {
         }
     }
 
+    /// Refuses a key of another storage than `expected` (publishing a tree under an
+    /// EROFS key, or an image under a directory key).
+    fn check_storage(&self, expected: LayerStorage) -> Result<(), StoreError> {
+        match self.storage == expected {
+            true => Ok(()),
+            false => Err(StoreError::WrongStorage {
+                key: self.dir_name(),
+                expected: expected.as_str(),
+            }),
+        }
+    }
+
     /// The same layer stored as `storage`.
     pub fn stored_as(mut self, storage: LayerStorage) -> LayerKey {
         self.storage = storage;
@@ -333,12 +345,7 @@ impl Store {
         mode: ManifestMode,
     ) -> Result<PathBuf, StoreError> {
         key.validate()?;
-        if key.storage != LayerStorage::Dir {
-            return Err(StoreError::WrongStorage {
-                key: key.dir_name(),
-                expected: LayerStorage::Dir.as_str(),
-            });
-        }
+        key.check_storage(LayerStorage::Dir)?;
         if !fs_err::symlink_metadata(staging)?.is_dir() {
             return Err(StoreError::NotADirectory {
                 path: staging.to_owned(),
@@ -412,12 +419,7 @@ impl Store {
     ) -> Result<PathBuf, StoreError> {
         key.validate()?;
         check_hex("image sha256", image_sha256, 64)?;
-        if key.storage != LayerStorage::Erofs {
-            return Err(StoreError::WrongStorage {
-                key: key.dir_name(),
-                expected: LayerStorage::Erofs.as_str(),
-            });
-        }
+        key.check_storage(LayerStorage::Erofs)?;
         if !fs_err::symlink_metadata(image)?.is_file() {
             return Err(StoreError::NotAFile {
                 path: image.to_owned(),

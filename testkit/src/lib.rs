@@ -19,4 +19,4 @@ mod tree;
 
 pub use noise::{noise, XorShift};
 pub use process::{pipe_through, ChildGuard};
-pub use tree::{tree, walk, walk_except, Found};
+pub use tree::{kind_char, tree, walk, walk_except, Found};

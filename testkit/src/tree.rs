@@ -22,6 +22,20 @@ pub struct Found {
     pub meta: fs::Metadata,
 }
 
+/// One letter for an entry's type, as the suites' tree records write it: `d`irectory,
+/// `l`ink (symlink), `f`ile, `?` anything else.
+pub fn kind_char(ft: fs::FileType) -> char {
+    if ft.is_dir() {
+        'd'
+    } else if ft.is_symlink() {
+        'l'
+    } else if ft.is_file() {
+        'f'
+    } else {
+        '?'
+    }
+}
+
 /// Every entry below `root` (not `root` itself): each directory's entries together and in
 /// name order, subdirectories depth first, never following a symlink. Panics naming the
 /// path that could not be read: a test's tree that cannot be walked is a failed test.

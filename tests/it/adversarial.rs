@@ -229,16 +229,7 @@ struct Node {
 
 fn node(p: &Path) -> Node {
     let m = fs::symlink_metadata(p).unwrap();
-    let ft = m.file_type();
-    let kind = if ft.is_dir() {
-        'd'
-    } else if ft.is_symlink() {
-        'l'
-    } else if ft.is_file() {
-        'f'
-    } else {
-        '?'
-    };
+    let kind = testkit::kind_char(m.file_type());
     Node {
         kind,
         perm: m.mode() & 0o7777,
@@ -250,7 +241,7 @@ fn node(p: &Path) -> Node {
         } else {
             String::new()
         },
-        link: ft.is_symlink().then(|| fs::read_link(p).unwrap()),
+        link: (kind == 'l').then(|| fs::read_link(p).unwrap()),
         nlink: m.nlink(),
         ino: m.ino(),
         mtime_ns: (m.mtime(), m.mtime_nsec()),

@@ -189,7 +189,10 @@ fn ls_json_parses_and_matches_disk() {
     // How each layer is stored (the layers here are directories).
     assert!(table.lines().next().unwrap().contains("STORED"), "{table}");
     assert_eq!(
-        table.lines().filter(|l| l.split_whitespace().nth(1) == Some("dir")).count(),
+        table
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("dir"))
+            .count(),
         3,
         "{table}"
     );

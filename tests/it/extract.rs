@@ -107,16 +107,7 @@ fn walk(root: &Path) -> BTreeMap<String, Node> {
     let mut out = BTreeMap::new();
     for found in testkit::walk(root) {
         let (p, m) = (&found.path, &found.meta);
-        let ft = m.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_symlink() {
-            'l'
-        } else if ft.is_file() {
-            'f'
-        } else {
-            '?'
-        };
+        let kind = testkit::kind_char(m.file_type());
         let sha256 = if kind == 'f' {
             hex::encode(Sha256::digest(fs::read(p).unwrap()))
         } else {
@@ -133,7 +124,7 @@ fn walk(root: &Path) -> BTreeMap<String, Node> {
                 mtime: (kind == 'f').then(|| m.mtime()),
                 nlink: if kind == 'd' { 0 } else { m.nlink() },
                 sha256,
-                link: ft.is_symlink().then(|| fs::read_link(p).unwrap()),
+                link: (kind == 'l').then(|| fs::read_link(p).unwrap()),
             },
         );
     }

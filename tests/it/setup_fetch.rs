@@ -219,16 +219,7 @@ fn walk(root: &Path) -> BTreeMap<String, Node> {
     let mut out = BTreeMap::new();
     for found in testkit::walk(root) {
         let (p, m) = (&found.path, &found.meta);
-        let ft = m.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_symlink() {
-            'l'
-        } else if ft.is_file() {
-            'f'
-        } else {
-            '?'
-        };
+        let kind = testkit::kind_char(m.file_type());
         out.insert(
             found.rel.to_string_lossy().into_owned(),
             Node {
