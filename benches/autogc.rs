@@ -23,7 +23,7 @@ use md5::Md5;
 use sha2::{Digest, Sha256};
 use vrun::paths::Root;
 use vrun::state::ProcState;
-use vrun_cache::layout::layer_key_of_root;
+use vrun_cache::layer_key_of_root;
 use vrun_cache::{AutoGc, BlobDigest, LayerKey, LayerKind, Store, UrlRecord};
 
 struct Opts {

@@ -7,7 +7,7 @@
 //!
 //! Version 2 records each layer by its [`LayerKey`] (blob sha256, kind, owner, storage),
 //! the store's own name for it; the layer's root is resolved from the key and the root's
-//! store (`vrun_cache::layout::layer_root`) when the file is read. Version 1 recorded
+//! store (`vrun_cache::layer_root`) when the file is read. Version 1 recorded
 //! absolute root paths, and gc matched them against store paths by prefix, so a state
 //! file was only as good as the path spelling (a symlinked `VR_ROOT`, a moved store).
 //! Version 1 files are still read (their paths are turned back into keys; a path that
@@ -17,8 +17,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vrun_cache::layout::{layer_key_of_root, layer_root};
 use vrun_cache::LayerKey;
+use vrun_cache::{layer_key_of_root, layer_root};
 
 /// Current state file format.
 pub const STATE_VERSION: u32 = 2;

@@ -49,7 +49,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
 use crate::fsutil::{self, check_hex};
-use crate::layout::{LAYER_IMAGE, LAYER_MANIFEST, LAYER_META, LAYER_ROOT};
+pub use crate::layout::LayerStorage;
+use crate::layout::{layers_bucket, LAYER_IMAGE, LAYER_MANIFEST, LAYER_META, LAYER_ROOT};
 use crate::manifest::{Manifest, TreeStats};
 use crate::store::Store;
 
@@ -70,38 +71,6 @@ impl LayerKind {
         match self {
             LayerKind::Build => "build",
             LayerKind::Image => "image",
-        }
-    }
-}
-
-/// How a layer's tree is stored (`layer.json` and the key record it; see the module note).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum LayerStorage {
-    /// An extracted directory tree, `layers-v1/<name>/root/`.
-    #[default]
-    Dir,
-    /// One EROFS image, `layers-erofs-v1/<name>/image.erofs`, mounted read-only on the
-    /// layer's `root/` (by vrun, once per host).
-    Erofs,
-}
-
-impl LayerStorage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LayerStorage::Dir => "dir",
-            LayerStorage::Erofs => "erofs",
-        }
-    }
-
-    /// `dir` or `erofs` (what `--layers` and `VRUN_LAYERS` take).
-    pub fn parse(s: &str) -> Option<LayerStorage> {
-        match s {
-            "dir" => Some(LayerStorage::Dir),
-            "erofs" => Some(LayerStorage::Erofs),
-            _ => None,
         }
     }
 }
@@ -570,4 +539,21 @@ pub(crate) fn read_meta(layer_dir: &Path) -> Option<LayerMeta> {
     let bytes = std::fs::read(layer_dir.join(LAYER_META)).ok()?;
     let meta: LayerMeta = serde_json::from_slice(&bytes).ok()?;
     (meta.format == LAYER_META_FORMAT).then_some(meta)
+}
+
+/// Where the root of layer `key` is in the store at `store_dir`, without opening the
+/// store: what a proc's state file (which records keys) resolves to (`vrun::state`).
+pub fn layer_root(store_dir: &Path, key: &LayerKey) -> PathBuf {
+    store_dir
+        .join(layers_bucket(key.storage))
+        .join(key.dir_name())
+        .join(LAYER_ROOT)
+}
+
+/// The key of a layer root in the store at `store_dir`, the inverse of [`layer_root`]:
+/// how a state file of version 1, which recorded paths, is read.
+pub fn layer_key_of_root(store_dir: &Path, root: &Path) -> Option<LayerKey> {
+    let name = root.parent()?.file_name()?.to_str()?;
+    let key = LayerKey::parse(name)?;
+    (layer_root(store_dir, &key) == root).then_some(key)
 }

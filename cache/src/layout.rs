@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::StoreError;
 use crate::fsutil;
-use crate::layer::{LayerKey, LayerStorage};
+use serde::{Deserialize, Serialize};
 
 /// Layout version this code writes and reads. Bump together with the suffixes below.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -57,6 +57,40 @@ pub(crate) const ALL_DIRS: [&str; 8] = [
     QUARANTINE,
 ];
 
+/// How a layer's tree is stored (`layer.json` and the key record it; see `layer.rs`'s note). Here
+/// because the storage picks the bucket: the layout names every bucket, and `layer`
+/// builds on the layout, never the other way round.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerStorage {
+    /// An extracted directory tree, `layers-v1/<name>/root/`.
+    #[default]
+    Dir,
+    /// One EROFS image, `layers-erofs-v1/<name>/image.erofs`, mounted read-only on the
+    /// layer's `root/` (by vrun, once per host).
+    Erofs,
+}
+
+impl LayerStorage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerStorage::Dir => "dir",
+            LayerStorage::Erofs => "erofs",
+        }
+    }
+
+    /// `dir` or `erofs` (what `--layers` and `VRUN_LAYERS` take).
+    pub fn parse(s: &str) -> Option<LayerStorage> {
+        match s {
+            "dir" => Some(LayerStorage::Dir),
+            "erofs" => Some(LayerStorage::Erofs),
+            _ => None,
+        }
+    }
+}
+
 /// The bucket holding layers stored as `storage`.
 pub(crate) fn layers_bucket(storage: LayerStorage) -> &'static str {
     match storage {
@@ -75,23 +109,6 @@ pub(crate) const LAYER_IMAGE: &str = "image.erofs";
 pub(crate) const LAYER_META: &str = "layer.json";
 /// and the per-entry manifest `verify --deep` re-checks.
 pub(crate) const LAYER_MANIFEST: &str = "manifest-v1.tsv";
-
-/// Where the root of layer `key` is in the store at `store_dir`, without opening the
-/// store: what a proc's state file (which records keys) resolves to (`vrun::state`).
-pub fn layer_root(store_dir: &Path, key: &LayerKey) -> PathBuf {
-    store_dir
-        .join(layers_bucket(key.storage))
-        .join(key.dir_name())
-        .join(LAYER_ROOT)
-}
-
-/// The key of a layer root in the store at `store_dir`, the inverse of [`layer_root`]:
-/// how a state file of version 1, which recorded paths, is read.
-pub fn layer_key_of_root(store_dir: &Path, root: &Path) -> Option<LayerKey> {
-    let name = root.parent()?.file_name()?.to_str()?;
-    let key = LayerKey::parse(name)?;
-    (layer_root(store_dir, &key) == root).then_some(key)
-}
 
 /// Name of the store-wide lock inside [`LOCKS`] (key locks never start with a dot).
 pub(crate) const STORE_LOCK: &str = ".store.lock";

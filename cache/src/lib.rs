@@ -72,7 +72,10 @@ mod store;
 pub use error::StoreError;
 pub use fsutil::{remove_stale_temps, write_atomic};
 pub use hash::{BodyDigest, BodyHasher};
-pub use layer::{is_mounted, LayerKey, LayerKind, LayerMeta, LayerStorage, ManifestMode};
+pub use layer::{
+    is_mounted, layer_key_of_root, layer_root, LayerKey, LayerKind, LayerMeta, LayerStorage,
+    ManifestMode,
+};
 pub use lock::{lock_holders, KeyLock};
 pub use maint::{
     BadEntry, CacheEntry, EntryKind, GcOptions, GcReport, Leftover, References, VerifyReport,

@@ -60,7 +60,7 @@ fn set_up_proc(root: &Root, name: &str, build: &Path, image: Option<&Path>) {
     let proc = root.proc(name);
     std::fs::create_dir_all(&proc.dir).unwrap();
     let store = root.cache_dir();
-    let key = |layer: &Path| vrun_cache::layout::layer_key_of_root(&store, layer).unwrap();
+    let key = |layer: &Path| vrun_cache::layer_key_of_root(&store, layer).unwrap();
     ProcState::new(&store, Some(key(build)), image.map(key), 1000, 1000)
         .save(&proc.state())
         .unwrap();
