@@ -540,18 +540,26 @@ impl Store {
     }
 }
 
-/// Problems of one layer dir (empty when it is sound).
-fn check_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
-    let Some(meta) = read_meta(dir) else {
-        return vec!["layer.json missing or unreadable (incomplete layer)".into()];
-    };
+/// A layer dir's `layer.json`, if it is there and records `key` (both storages start so).
+fn layer_meta_for(dir: &Path, key: &LayerKey) -> Result<LayerMeta, String> {
+    let meta = read_meta(dir)
+        .ok_or_else(|| "layer.json missing or unreadable (incomplete layer)".to_owned())?;
     if meta.key != *key {
-        return vec![format!(
+        return Err(format!(
             "layer.json records key {}, not {}",
             meta.key.dir_name(),
             key.dir_name()
-        )];
+        ));
     }
+    Ok(meta)
+}
+
+/// Problems of one layer dir (empty when it is sound).
+fn check_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
+    let meta = match layer_meta_for(dir, key) {
+        Ok(meta) => meta,
+        Err(problem) => return vec![problem],
+    };
     let root = dir.join(LAYER_ROOT);
     if !root.is_dir() {
         return vec![format!("{} is missing", root.display())];
@@ -584,16 +592,10 @@ fn check_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
 /// re-hashes the image against the sha256 recorded at publish (every byte of the tree,
 /// its metadata included, is in that one file).
 fn check_image_layer(dir: &Path, key: &LayerKey, deep: bool) -> Vec<String> {
-    let Some(meta) = read_meta(dir) else {
-        return vec!["layer.json missing or unreadable (incomplete layer)".into()];
+    let meta = match layer_meta_for(dir, key) {
+        Ok(meta) => meta,
+        Err(problem) => return vec![problem],
     };
-    if meta.key != *key {
-        return vec![format!(
-            "layer.json records key {}, not {}",
-            meta.key.dir_name(),
-            key.dir_name()
-        )];
-    }
     let Some(expected) = meta.image_sha256.as_deref() else {
         return vec!["layer.json records no image sha256".into()];
     };

@@ -39,7 +39,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::dir::resolve_err;
 use super::policy::{reject, Planned, RelPath, What};
-use super::tree::ResolveError;
+use super::tree::{follow_link, ResolveError};
 use super::{io_error, read_error, ExtractError, Limits, Mode, Sink};
 use crate::erofs::{
     DirId, Entry, EntryKind, ErofsError, Extent, ImageStats, ImageWriter, Metadata, Node,
@@ -221,16 +221,7 @@ impl ErofsSink {
                     if hops > MAX_SYMLINK_HOPS {
                         return Err(ResolveError::Loop);
                     }
-                    if target.starts_with(b"/") {
-                        stack.clear();
-                    }
-                    todo.extend(
-                        target
-                            .split(|&b| b == b'/')
-                            .filter(|c| !c.is_empty())
-                            .rev()
-                            .map(<[u8]>::to_vec),
-                    );
+                    follow_link(target, &mut stack, &mut todo);
                 }
             }
         }

@@ -34,6 +34,22 @@ const MAX_SYMLINK_HOPS: usize = 40;
 /// Cached directory fds before the cache is flushed; well under the default 1024-fd limit.
 const DIR_CACHE_MAX: usize = 256;
 
+/// Goes on through a symlink's `target` inside the root: an absolute target restarts at
+/// the root (`stack` cleared), and its components are walked before the rest (`todo` is
+/// popped from the end). Shared with the EROFS sink's resolver, which walks its own tree.
+pub(super) fn follow_link<T>(target: &[u8], stack: &mut Vec<T>, todo: &mut Vec<Vec<u8>>) {
+    if target.starts_with(b"/") {
+        stack.clear();
+    }
+    todo.extend(
+        target
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .rev()
+            .map(<[u8]>::to_vec),
+    );
+}
+
 /// An open directory inside the root.
 #[derive(Debug)]
 pub struct Dir {
@@ -211,16 +227,7 @@ impl Tree {
                     }
                     let target = readlinkat(cur, &name)
                         .map_err(|e| ResolveError::Io("read symlink", comp.clone(), e))?;
-                    if target.starts_with(b"/") {
-                        stack.clear();
-                    }
-                    todo.extend(
-                        target
-                            .split(|&b| b == b'/')
-                            .filter(|c| !c.is_empty())
-                            .rev()
-                            .map(<[u8]>::to_vec),
-                    );
+                    follow_link(&target, &mut stack, &mut todo);
                 }
                 Err(e) => return Err(ResolveError::Io("open", comp, e)),
             }
